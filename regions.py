@@ -1,0 +1,68 @@
+"""The semantic region table: the one place that maps names, indices, CelebAMask-HQ ids and colours.
+
+The channel order is the order of the training masks, and therefore of the published
+checkpoint's mask channels and local generators (SPEC §1).
+"""
+import numpy as np
+
+# The 19 CelebAMask-HQ label ids, by id.
+CELEBAMASK_CLASSES = (
+    "background", "skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear",
+    "r_ear", "mouth", "u_lip", "l_lip", "hair", "hat", "ear_r", "neck_l", "neck", "cloth",
+)
+
+# (region name, CelebAMask-HQ ids merged into it, display colour RGB), by region index.
+REGIONS = (
+    ("background", (0,), (0, 0, 0)),
+    ("face", (1,), (239, 234, 90)),
+    ("eye", (3, 4, 5), (44, 105, 154)),
+    ("mouth", (10, 11, 12), (4, 139, 168)),
+    ("brow", (6, 7), (13, 179, 158)),
+    ("nose", (2,), (131, 227, 119)),
+    ("ear", (8, 9, 15), (185, 231, 105)),
+    ("hair", (13, 14), (107, 137, 198)),
+    ("neck+cloth", (16, 17, 18), (241, 196, 83)),
+)
+
+NUM_REGIONS = len(REGIONS)
+REGION_NAMES = tuple(name for name, _, _ in REGIONS)
+REGION_COLORS = np.array([color for _, _, color in REGIONS], dtype=np.uint8)  # [9, 3]
+# Aliases accepted on command lines besides the table's names.
+_ALIASES = {"eyes": "eye", "lips": "mouth", "brows": "brow", "eyebrow": "brow", "ears": "ear",
+            "neck": "neck+cloth", "cloth": "neck+cloth", "skin": "face", "bg": "background"}
+
+# Lookup table: CelebAMask-HQ id -> region index.
+CELEBA_TO_REGION = np.zeros(len(CELEBAMASK_CLASSES), dtype=np.int64)
+for _index, (_, _ids, _) in enumerate(REGIONS):
+    CELEBA_TO_REGION[list(_ids)] = _index
+
+
+def valid_region_help():
+    return ", ".join(f"{i}={name}" for i, name in enumerate(REGION_NAMES))
+
+
+def parse_regions(spec):
+    """Parse '2,3' or 'eye,mouth' (or a list of either) into a sorted list of region indices.
+
+    An empty spec gives []. Unknown names or indices raise ValueError listing the valid ones.
+    """
+    if spec is None:
+        return []
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    indices = []
+    for item in items:
+        token = str(item).strip().lower()
+        if not token:
+            continue
+        if token.lstrip("-").isdigit():
+            index = int(token)
+            if not 0 <= index < NUM_REGIONS:
+                raise ValueError(f"unknown region index {token!r}; valid regions: {valid_region_help()}")
+        else:
+            name = _ALIASES.get(token, token)
+            if name not in REGION_NAMES:
+                raise ValueError(f"unknown region {token!r}; valid regions: {valid_region_help()}")
+            index = REGION_NAMES.index(name)
+        if index not in indices:
+            indices.append(index)
+    return sorted(indices)
