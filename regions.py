@@ -66,3 +66,31 @@ def parse_regions(spec):
         if index not in indices:
             indices.append(index)
     return sorted(indices)
+
+
+def label19_to_regions(label):
+    """Map a CelebAMask-HQ label map (ids 0-18, any shape, numpy or torch) to region indices 0-8.
+
+    This is the hard assignment (no dilation): useful for colouring label maps and for checks.
+    """
+    if hasattr(label, "detach"):  # torch tensor: index a tensor copy of the table on its device
+        import torch
+
+        table = torch.as_tensor(CELEBA_TO_REGION, device=label.device)
+        return table[label.long()]
+    return CELEBA_TO_REGION[np.asarray(label).astype(np.int64)]
+
+
+def color_segmap(seg):
+    """Colour a segmentation map by region (SPEC §1): each pixel gets the colour of its argmax channel.
+
+    `seg` holds per-region scores, [K, H, W] or [B, K, H, W] (torch tensor or numpy array, K = 9).
+    Returns a numpy uint8 RGB image [H, W, 3], or [B, H, W, 3] for a batch, ready for PIL/imageio.
+    """
+    if hasattr(seg, "detach"):
+        seg = seg.detach().float().cpu().numpy()
+    seg = np.asarray(seg)
+    if seg.ndim not in (3, 4) or seg.shape[-3] != NUM_REGIONS:
+        raise ValueError(f"color_segmap expects [{NUM_REGIONS},H,W] or [B,{NUM_REGIONS},H,W] scores, "
+                         f"got shape {tuple(seg.shape)}")
+    return REGION_COLORS[seg.argmax(axis=-3)]
