@@ -1,0 +1,53 @@
+"""Losses and regularisers (SPEC §11)."""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import autograd
+
+
+def d_logistic_loss(real_pred, fake_pred):
+    return F.softplus(-real_pred).mean() + F.softplus(fake_pred).mean()
+
+
+def g_nonsaturating_loss(fake_pred):
+    return F.softplus(-fake_pred).mean()
+
+
+def d_r1_loss(real_pred, real_inputs):
+    """R1 penalties, one per real input: (grad²) summed per sample, averaged over the batch."""
+    grads = autograd.grad(outputs=real_pred.sum(), inputs=list(real_inputs), create_graph=True)
+    return [g.pow(2).reshape(g.shape[0], -1).sum(1).mean() for g in grads]
+
+
+def r1_image_and_mask(real_pred, real_img, real_seg, r1_img, r1_seg):
+    """The two-input R1 term: r1_img/2 · P_img + r1_seg/2 · P_seg, and both penalties."""
+    penalty_img, penalty_seg = d_r1_loss(real_pred, (real_img, real_seg))
+    return r1_img * 0.5 * penalty_img + r1_seg * 0.5 * penalty_seg, penalty_img, penalty_seg
+
+
+def viewpoints_loss(viewpoint_pred, viewpoint_target):
+    return F.smooth_l1_loss(viewpoint_pred, viewpoint_target)
+
+
+def eikonal_loss(eikonal_term, sdf=None, beta=100):
+    """(eikonal, minimal surface): ((|∇sdf| - 1)²).mean() and exp(-β |sdf|).mean()."""
+    eik = ((eikonal_term.norm(dim=-1) - 1) ** 2).mean() if eikonal_term is not None else 0.0
+    if sdf is None:
+        device = eikonal_term.device if eikonal_term is not None else None
+        return eik, torch.tensor(0.0, device=device)
+    return eik, torch.exp(-beta * torch.abs(sdf)).mean()
+
+
+def classification_loss(logits, labels):
+    return F.cross_entropy(logits, labels)
+
+
+def g_path_regularize(fake_img, latents, mean_path_length, decay=0.01):
+    """Path-length penalty w.r.t. the decoder latents; returns (penalty, new running mean, lengths)."""
+    noise = torch.randn_like(fake_img) / math.sqrt(fake_img.shape[2] * fake_img.shape[3])
+    grad, = autograd.grad(outputs=(fake_img * noise).sum(), inputs=latents, create_graph=True)
+    path_lengths = torch.sqrt(grad.pow(2).sum(2).mean(1))
+    path_mean = mean_path_length + decay * (path_lengths.mean() - mean_path_length)
+    path_penalty = (path_lengths - path_mean).pow(2).mean()
+    return path_penalty, path_mean.detach(), path_lengths

@@ -1,0 +1,128 @@
+"""The published command-line interface (SPEC §2): one option set for every script.
+
+Parsed with configargparse (`--config FILE` reads the same keys) into a Munch tree grouped as
+dataset / experiment / training / inference / model / camera / rendering. Flags and defaults are
+the published ones; flags added by this project are marked "(new)".
+"""
+import configargparse
+from munch import Munch
+
+
+class BaseOptions:
+    def __init__(self):
+        self.parser = configargparse.ArgumentParser()
+        self.initialized = False
+
+    def initialize(self):
+        p = self.parser
+        dataset = p.add_argument_group("dataset")
+        dataset.add_argument("--dataset_path", type=str, default="./datasets/FFHQ", help="path to the LMDB dataset")
+
+        experiment = p.add_argument_group("experiment")
+        experiment.add_argument("--config", is_config_file=True, help="config file path")
+        experiment.add_argument("--expname", type=str, default="debug", help="experiment name")
+        experiment.add_argument("--ckpt", type=str, default="300000", help="checkpoint iteration to resume from")
+        experiment.add_argument("--continue_training", action="store_true", help="resume training from --ckpt")
+        experiment.add_argument("--seed", type=int, default=None, help="(new) random seed")
+        experiment.add_argument("--device", type=str, default=None,
+                                help="(new) torch device, e.g. cpu or cuda:0 (default: CUDA if available, else CPU)")
+
+        training = p.add_argument_group("training")
+        training.add_argument("--checkpoints_dir", type=str, default="./checkpoints", help="checkpoints directory")
+        training.add_argument("--trained_ckpt", type=str, default="", help="trained checkpoint to load")
+        training.add_argument("--pretrain_render_path", type=str, default="", help="stage-1 renderer checkpoint")
+        training.add_argument("--iter", type=int, default=300000, help="total number of training iterations")
+        training.add_argument("--batch", type=int, default=4, help="batch size per GPU")
+        training.add_argument("--chunk", type=int, default=4, help="generator chunk size (gradient accumulation)")
+        training.add_argument("--val_n_sample", type=int, default=8, help="number of identities in sample grids")
+        training.add_argument("--d_reg_every", type=int, default=16, help="lazy R1 interval")
+        training.add_argument("--g_reg_every", type=int, default=4, help="path-length regularisation interval")
+        training.add_argument("--local_rank", "--local-rank", type=int, default=0, help="local rank (torch.distributed.launch)")
+        training.add_argument("--mixing", type=float, default=0.9, help="style mixing probability")
+        training.add_argument("--lr", type=float, default=0.002, help="learning rate")
+        training.add_argument("--Semantic_D_lambda", type=float, default=1, help="semantic discriminator weight")
+        training.add_argument("--r1_img", type=float, default=10, help="R1 weight on images")
+        training.add_argument("--r1_seg", type=float, default=1000, help="R1 weight on masks")
+        training.add_argument("--view_lambda", type=float, default=15, help="viewpoint loss weight")
+        training.add_argument("--eikonal_lambda", type=float, default=0.1, help="eikonal loss weight")
+        training.add_argument("--min_surf_lambda", type=float, default=0.001, help="minimal surface loss weight")
+        training.add_argument("--min_surf_beta", type=float, default=100.0, help="minimal surface loss beta")
+        training.add_argument("--path_regularize", type=float, default=2, help="path-length regularisation weight")
+        training.add_argument("--path_batch_shrink", type=int, default=2, help="batch shrink for path-length reg.")
+        training.add_argument("--wandb", action="store_true", help="log with Weights & Biases")
+        training.add_argument("--no_sphere_init", action="store_true", help="skip the SDF sphere initialisation")
+        training.add_argument("--sphere_init_iter", type=int, default=10000, help="(new) sphere initialisation iterations")
+        training.add_argument("--sample_every", type=int, default=1000, help="(new) iterations between sample grids")
+        training.add_argument("--save_every", type=int, default=10000, help="(new) iterations between checkpoints")
+        training.add_argument("--num_workers", type=int, default=0, help="(new) data loader workers")
+        training.add_argument("--render_path", type=str, default="fast", choices=["fast", "reference"],
+                              help="(new) renderer implementation: fast (default) or the straightforward reference")
+
+        inference = p.add_argument_group("inference")
+        inference.add_argument("--results_dir", type=str, default="./evaluations", help="results directory")
+        inference.add_argument("--semantics", type=str, default="", help="regions whose features reach the decoder, e.g. 2,3 or eye,mouth")
+        inference.add_argument("--truncation_ratio", type=float, default=0.7, help="truncation psi")
+        inference.add_argument("--truncation_mean", type=int, default=10000, help="latents averaged for the truncation mean")
+        inference.add_argument("--identities", type=int, default=16, help="number of identities")
+        inference.add_argument("--num_views_per_id", type=int, default=1, help="views per identity")
+        inference.add_argument("--no_surface_renderings", action="store_true", help="skip the shape renderings")
+        inference.add_argument("--fixed_camera_angles", action="store_true", help="render a fixed set of views")
+        inference.add_argument("--azim_video", action="store_true", help="azimuth camera path instead of an ellipse")
+        inference.add_argument("--flag", type=str, default="", help="free-form tag")
+        inference.add_argument("--latents", type=str, default="", help="(new) latent file from edit_semantics.py / invert.py")
+
+        model = p.add_argument_group("model")
+        model.add_argument("--size", type=int, default=256, help="output image size")
+        model.add_argument("--style_dim", type=int, default=256, help="style dimension")
+        model.add_argument("--channel_multiplier", type=int, default=2, help="decoder channel multiplier")
+        model.add_argument("--n_mlp", type=int, default=8, help="mapping layers (unused by CNeRF's mappings)")
+        model.add_argument("--lr_mapping", type=float, default=0.01, help="decoder mapping learning-rate multiplier")
+        model.add_argument("--renderer_spatial_output_dim", type=int, default=64, help="volume rendering resolution")
+        model.add_argument("--project_noise", action="store_true", help="project decoder noise from the mesh")
+        model.add_argument("--n_wcode", type=int, default=9, help="number of per-region code pairs")
+
+        camera = p.add_argument_group("camera")
+        camera.add_argument("--uniform", action="store_true", help="uniform instead of normal camera sampling")
+        camera.add_argument("--azim", type=float, default=0.3, help="azimuth range (rad)")
+        camera.add_argument("--elev", type=float, default=0.15, help="elevation range (rad)")
+        camera.add_argument("--fov", type=float, default=6, help="half field of view (degrees)")
+        camera.add_argument("--dist_radius", type=float, default=0.12, help="near/far distance from the unit sphere")
+
+        rendering = p.add_argument_group("rendering")
+        rendering.add_argument("--n_render", type=int, default=9, help="number of semantic regions")
+        rendering.add_argument("--depth", type=int, default=3, help="FiLM layers in the shape trunk")
+        rendering.add_argument("--width", type=int, default=128, help="SIREN width")
+        rendering.add_argument("--no_sdf", action="store_true", help="NeRF density instead of an SDF")
+        rendering.add_argument("--no_z_normalize", action="store_true", help="do not scale points by 2/(far-near)")
+        rendering.add_argument("--static_viewdirs", action="store_true", help="camera-space view directions")
+        rendering.add_argument("--N_samples", type=int, default=24, help="samples per ray")
+        rendering.add_argument("--no_offset_sampling", action="store_true", help="stratified instead of offset sampling")
+        rendering.add_argument("--perturb", type=float, default=1.0, help="training jitter of samples")
+        rendering.add_argument("--raw_noise_std", type=float, default=0.0, help="noise added to the sdf (training)")
+        rendering.add_argument("--force_background", action="store_true", help="force the last sample opaque")
+        rendering.add_argument("--return_xyz", action="store_true", help="return surface points")
+        rendering.add_argument("--return_sdf", action="store_true", help="return the sdf")
+        rendering.add_argument("--ray_chunk", type=int, default=2048, help="(new) rays per renderer chunk")
+        self.initialized = True
+
+    def parse(self, args=None):
+        if not self.initialized:
+            self.initialize()
+        parsed = self.parser.parse_args(args)
+        return group_options(self.parser, parsed)
+
+
+def group_options(parser, parsed):
+    """Munch tree {group title: {flag: value}} from a parsed namespace."""
+    opt = Munch()
+    values = vars(parsed)
+    for group in parser._action_groups:
+        if group.title not in ("dataset", "experiment", "training", "inference", "model", "camera", "rendering"):
+            continue
+        opt[group.title] = Munch({a.dest: values[a.dest] for a in group._group_actions if a.dest in values})
+    return opt
+
+
+def default_options(args=()):
+    """The option tree with defaults (plus `args`), for library use and tests."""
+    return BaseOptions().parse(list(args))
