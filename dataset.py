@@ -36,13 +36,21 @@ def _environment(path):
     """A read-only LMDB environment for `path`, shared within a process.
 
     py-lmdb refuses to open one file twice in a process (two datasets on one LMDB would fail), and an
-    environment must not cross a fork (DataLoader workers), so cache one per (process, path).
+    environment must not be used across a fork (DataLoader workers). So keep one per path, and in a
+    forked child close the inherited handle (this unmaps it in the child only) and open a fresh one;
+    likewise when the LMDB on disk has been replaced since it was opened.
     """
-    key = (os.getpid(), os.path.realpath(path))
-    if key not in _ENVIRONMENTS:
-        _ENVIRONMENTS[key] = lmdb.open(path, max_readers=64, readonly=True, lock=False,
-                                       readahead=False, meminit=False)
-    return _ENVIRONMENTS[key]
+    real = os.path.realpath(path)
+    # The inode tells a replaced LMDB (prepare_data.py --overwrite) from the one already open.
+    inode = os.stat(os.path.join(real, "data.mdb")).st_ino
+    pid, opened_inode, env = _ENVIRONMENTS.get(real, (None, None, None))
+    if pid != os.getpid() or opened_inode != inode:
+        if env is not None:
+            env.close()
+        env = lmdb.open(path, max_readers=64, readonly=True, lock=False, readahead=False,
+                        meminit=False)
+        _ENVIRONMENTS[real] = (os.getpid(), inode, env)
+    return env
 
 
 def image_key(size, index):

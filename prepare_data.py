@@ -196,15 +196,19 @@ def convert_pair(task):
 
 
 def pool_map(function, tasks, n_worker, desc):
-    """Ordered map with a tqdm bar, in a worker pool (or in-process for a single worker)."""
+    """Ordered map with a tqdm bar, in a worker pool (or in-process for a single worker).
+
+    The bar shows on a terminal only (disable=None), so logs and captured stderr keep just messages.
+    """
     from tqdm import tqdm
 
     if n_worker == 1 or len(tasks) <= 1:
-        yield from tqdm(map(function, tasks), total=len(tasks), desc=desc, leave=False)
+        yield from tqdm(map(function, tasks), total=len(tasks), desc=desc, leave=False,
+                        disable=None)
         return
     with Pool(min(n_worker, len(tasks))) as pool:
         yield from tqdm(pool.imap(function, tasks, chunksize=4), total=len(tasks), desc=desc,
-                        leave=False)
+                        leave=False, disable=None)
 
 
 # -- the run --------------------------------------------------------------------------------------
