@@ -42,7 +42,8 @@ RESAMPLE = {"lanczos": Image.LANCZOS, "bilinear": Image.BILINEAR}
 # Masks and images may come from different resolutions (CelebAMask-HQ: 1024px images, 512px masks);
 # a relative aspect difference up to this much is rounding, beyond it the pair does not match.
 ASPECT_TOLERANCE = 0.01
-MAX_LISTED = 10
+MAX_LISTED = 10  # problems named in an error line before '... and N more'
+COMMIT_EVERY = 256  # images per LMDB write transaction
 
 
 class UsageError(Exception):
@@ -298,27 +299,38 @@ def write_lmdb(args, sizes, images, masks):
                   RESAMPLE[args.resample]) for p in images]
         unreadable = []
         index = 0
-        with lmdb.open(temp, map_size=1024 ** 4, readahead=False) as env:
-            for relpath, (image_pngs, mask_pngs, error) in zip(
-                    images, pool_map(convert_pair, tasks, args.n_worker, "writing")):
-                if error:
-                    path = os.path.join(args.path, relpath)
-                    print(f"prepare_data.py: skipping unreadable image {path} ({error})", file=sys.stderr)
-                    unreadable.append(f"{path} ({error})")
-                    continue
-                # Index only images that were written, so the keys stay contiguous.
-                with env.begin(write=True) as txn:
+        # No fsync per commit (sync=False): the LMDB only becomes OUT after the final sync below, so
+        # a crash can never leave a partial one in place; commit in batches to bound memory.
+        with lmdb.open(temp, map_size=1024 ** 4, readahead=False, sync=False) as env:
+            txn = env.begin(write=True)
+            try:
+                for relpath, (image_pngs, mask_pngs, error) in zip(
+                        images, pool_map(convert_pair, tasks, args.n_worker, "writing")):
+                    if error:
+                        path = os.path.join(args.path, relpath)
+                        print(f"prepare_data.py: skipping unreadable image {path} ({error})",
+                              file=sys.stderr)
+                        unreadable.append(f"{path} ({error})")
+                        continue
+                    # Index only images that were written, so the keys stay contiguous.
                     for size in sizes:
                         txn.put(f"{size}-{index:05d}".encode(), image_pngs[size])
                         if mask_pngs is not None:
                             txn.put(f"mask-{size}-{index:05d}".encode(), mask_pngs[size])
-                index += 1
-            if index == 0:
-                raise UsageError(f"none of the images under {args.path} could be decoded")
-            with env.begin(write=True) as txn:
+                    index += 1
+                    if index % COMMIT_EVERY == 0:
+                        txn.commit()
+                        txn = env.begin(write=True)
+                if index == 0:
+                    raise UsageError(f"none of the images under {args.path} could be decoded")
                 txn.put(b"sizes", ",".join(str(s) for s in sizes).encode())
                 txn.put(b"has_masks", b"1" if use_masks else b"0")
                 txn.put(b"length", str(index).encode())  # last: marks the LMDB complete
+                txn.commit()
+            except BaseException:
+                txn.abort()
+                raise
+            env.sync(True)
         if os.path.exists(out):  # validated: an LMDB (or empty folder) and --overwrite given
             shutil.rmtree(out)
         os.rename(temp, out)

@@ -534,12 +534,17 @@ def test_unreadable_image_is_reported_and_skipped(portraits, tmp_path, damage):
         assert np.array_equal(png_array(store[f"48-{i:05d}"]), pairs[source][0])
 
 
-def test_all_images_unreadable(tmp_path):
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_all_images_unreadable(tmp_path, damage):
     (tmp_path / "src").mkdir()
-    (tmp_path / "src" / "a.png").write_bytes(b"junk")
+    bad = tmp_path / "src" / "a.png"
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(bad)
+    bad.write_bytes(b"junk" if damage == "garbage" else bad.read_bytes()[:60])
     out = tmp_path / "o_lmdb"
-    assert_one_line_error(run_prepare("--out_path", out, "--size", 8, tmp_path / "src"),
-                          "none of the 1 images", "a.png")
+    result = run_prepare("--out_path", out, "--size", 8, tmp_path / "src")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    # The last line is the error (a truncated file is found while writing, after its warning line).
+    assert "none of the" in result.stderr.strip().splitlines()[-1] and str(bad) in result.stderr
     assert_nothing_written(out)
 
 
