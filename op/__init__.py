@@ -1,4 +1,8 @@
-"""Custom ops: fused bias+leaky ReLU and upfirdn2d (CUDA when available, PyTorch reference otherwise)."""
+"""Custom ops: fused bias + leaky ReLU and upfirdn2d.
+
+Each has a plain-PyTorch reference (`*_ref`) and CUDA kernels compiled lazily the first time a CUDA
+tensor needs them (see op/build.py); CPU tensors, a failed build or CNERF_OPS=ref use the reference.
+"""
 from .fused_act import FusedLeakyReLU, fused_leaky_relu, fused_leaky_relu_ref
 from .upfirdn2d import upfirdn2d, upfirdn2d_ref
 

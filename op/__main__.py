@@ -1,0 +1,4 @@
+"""`python -m op`: compile check of the CUDA sources (see op/build.py)."""
+from .build import main
+
+main()
