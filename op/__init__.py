@@ -4,6 +4,6 @@ Each has a plain-PyTorch reference (`*_ref`) and CUDA kernels compiled lazily th
 tensor needs them (see op/build.py); CPU tensors, a failed build or CNERF_OPS=ref use the reference.
 """
 from .fused_act import FusedLeakyReLU, fused_leaky_relu, fused_leaky_relu_ref
-from .upfirdn2d import upfirdn2d, upfirdn2d_ref
+from .upfirdn import upfirdn2d, upfirdn2d_ref
 
 __all__ = ["FusedLeakyReLU", "fused_leaky_relu", "fused_leaky_relu_ref", "upfirdn2d", "upfirdn2d_ref"]
