@@ -102,7 +102,7 @@ class BaseOptions:
         rendering.add_argument("--force_background", action="store_true", help="force the last sample opaque")
         rendering.add_argument("--return_xyz", action="store_true", help="return surface points")
         rendering.add_argument("--return_sdf", action="store_true", help="return the sdf")
-        rendering.add_argument("--ray_chunk", type=int, default=2048, help="(new) rays per renderer chunk")
+        rendering.add_argument("--ray_chunk", type=int, default=256, help="(new) rays per renderer chunk")
         self.initialized = True
 
     def parse(self, args=None):

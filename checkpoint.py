@@ -1,0 +1,92 @@
+"""The one place that reads and writes checkpoints.
+
+Reading is tensors-only (`torch.load(..., weights_only=True)`) and strict: every key a model needs
+must be present with its shape; a renderer-only model takes the subset it needs. Problems raise
+CheckpointError with one line naming the file and the first mismatching keys. Writing is atomic.
+"""
+import os
+import tempfile
+
+import torch
+
+# Entries of the published checkpoints that hold a generator, in order of preference.
+GENERATOR_ENTRIES = ("g_ema", "g")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, unreadable or of another configuration (one-line message)."""
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint file (tensors and plain containers only) as a dict."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises many kinds for non-checkpoint files
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path}: not a readable tensors-only checkpoint ({reason[:200]})") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: not a checkpoint (holds a {type(ckpt).__name__}, expected a dict)")
+    return ckpt
+
+
+def generator_state(ckpt, path="checkpoint", entries=GENERATOR_ENTRIES):
+    """The generator state dict inside a published-layout checkpoint ({"g_ema": ...}, {"g": ...}) or a bare one."""
+    for entry in entries:
+        if isinstance(ckpt.get(entry), dict):
+            return ckpt[entry]
+    if ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
+        return ckpt
+    raise CheckpointError(f"{path}: no generator weights (expected one of the entries {list(entries)}; "
+                          f"found {sorted(ckpt)[:8]})")
+
+
+def load_state_strict(module, state, path="checkpoint", what="model", prefix=""):
+    """Copy `state` into `module`: every key the module needs must be there with its shape.
+
+    Keys of `state` the module does not have (e.g. the decoder, for a renderer-only model) are
+    ignored. `prefix` selects a sub-tree of `state` (e.g. "renderer.").
+    """
+    own = module.state_dict()
+    missing, wrong = [], []
+    for key, value in own.items():
+        source = state.get(prefix + key)
+        if source is None:
+            missing.append(prefix + key)
+        elif tuple(source.shape) != tuple(value.shape):
+            wrong.append(f"{prefix + key} {tuple(source.shape)} != {tuple(value.shape)}")
+    if missing or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (first: {', '.join(missing[:3])})")
+        if wrong:
+            parts.append(f"{len(wrong)} shape mismatches (first: {'; '.join(wrong[:3])})")
+        raise CheckpointError(f"{path}: does not fit the {what} at this configuration: {'; '.join(parts)}")
+    module.load_state_dict({key: state[prefix + key] for key in own}, strict=True)
+    return module
+
+
+def load_generator(module, path, entries=GENERATOR_ENTRIES, map_location="cpu"):
+    """Load a generator checkpoint (published `final_model.pt` or this project's) into `module`."""
+    ckpt = load_checkpoint(path, map_location)
+    return load_state_strict(module, generator_state(ckpt, path, entries), path, what="generator")
+
+
+def save_checkpoint(obj, path):
+    """torch.save to a temporary file in the same folder, then atomically rename it into place."""
+    path = str(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
