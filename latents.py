@@ -1,0 +1,49 @@
+"""Latent files: per-region codes and global styles that editing, inversion and inference share.
+
+A latent file is a tensors-only torch file:
+  {"codes": [N, 2K, D] per-region codes (already mapped; code 2k = region k's shape, 2k+1 its texture),
+   "styles_global": [N, D] mapped global styles for the decoder,
+   "style_dim": D, "n_regions": K, "truncated": bool (whether the codes already include truncation),
+   optional "camera": [N, 2] (azimuth, elevation) and "note": str}
+"""
+import os
+
+import torch
+
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+
+class LatentFileError(ValueError):
+    """A latent file that is missing, unreadable or of another configuration (one-line message)."""
+
+
+def save_latents(path, codes, styles_global, truncated=True, camera=None, note=""):
+    codes = codes.detach().cpu().float()
+    styles_global = styles_global.detach().cpu().float()
+    payload = {"codes": codes, "styles_global": styles_global, "style_dim": int(codes.shape[-1]),
+               "n_regions": int(codes.shape[1] // 2), "truncated": bool(truncated), "note": str(note)}
+    if camera is not None:
+        payload["camera"] = camera.detach().cpu().float()
+    save_checkpoint(payload, path)
+
+
+def load_latents(path, style_dim=None, n_regions=None):
+    """Load and validate a latent file; returns the dict. Raises LatentFileError with one line."""
+    try:
+        data = load_checkpoint(path)
+    except CheckpointError as error:
+        raise LatentFileError(str(error).replace("checkpoint", "latent file")) from None
+    for key in ("codes", "styles_global"):
+        if not torch.is_tensor(data.get(key)):
+            raise LatentFileError(f"{path}: not a latent file (no tensor {key!r})")
+    codes, styles_global = data["codes"], data["styles_global"]
+    if codes.ndim != 3 or codes.shape[1] % 2 or styles_global.ndim != 2 or styles_global.shape[0] != codes.shape[0]:
+        raise LatentFileError(f"{path}: malformed latents: codes {tuple(codes.shape)}, "
+                              f"styles_global {tuple(styles_global.shape)}")
+    if style_dim is not None and (codes.shape[2] != style_dim or styles_global.shape[1] != style_dim):
+        raise LatentFileError(f"{path}: latents have style_dim {codes.shape[2]}, the model expects {style_dim}")
+    if n_regions is not None and codes.shape[1] != 2 * n_regions:
+        raise LatentFileError(f"{path}: latents have {codes.shape[1]} codes, the model expects {2 * n_regions} "
+                              f"({n_regions} regions)")
+    data.setdefault("truncated", True)
+    return data
