@@ -1,5 +1,6 @@
 """op/: references against independent implementations, gradients of every order, the dispatcher,
 the CUDA build (nvcc needed, no GPU) and CUDA-vs-reference equality (GPU needed)."""
+import os
 import shutil
 import sys
 import time
@@ -195,6 +196,14 @@ def test_upfirdn2d_cuda_path_gradcheck_with_fake_kernels(fake_cuda, up, down, pa
     assert fake_cuda.calls > 0
 
 
+def test_cuda_path_skips_what_the_kernels_do_not_support(fake_cuda):
+    x, k = rand(1, 1, 4, 4), rand(2, 2, seed=1)
+    upfirdn2d(x, k.requires_grad_())  # a trainable filter: the kernels give it no gradient
+    fused_leaky_relu(x, None, negative_slope=-0.1)  # the mask is read off the output's sign
+    fused_leaky_relu(x, None, scale=-1.0)
+    assert fake_cuda.calls == 0
+
+
 # ----------------------------------------------------------------------------- dispatcher
 
 def test_cpu_tensors_use_the_reference(monkeypatch):
@@ -245,8 +254,8 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
 def test_cuda_sources_compile(monkeypatch):
     """Builds both extensions with ninja (cached in the torch extensions dir; ~70 s fresh on 2 cores)."""
     if not has_gpu:
-        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", build.os.environ.get("TORCH_CUDA_ARCH_LIST") or "9.0")
-    home = build.os.environ.get("CUDA_HOME") or build.find_cuda_home()
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", os.environ.get("TORCH_CUDA_ARCH_LIST") or "9.0")
+    home = os.environ.get("CUDA_HOME") or build.find_cuda_home()
     if home:
         monkeypatch.setenv("CUDA_HOME", home)
     start = time.time()
