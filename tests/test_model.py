@@ -1,0 +1,253 @@
+"""Core model: conformance with the published model, checkpoint layout and loading, chunking, dtypes."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "reference"
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
+
+import check_conformance  # noqa: E402
+from camera import generate_camera_params  # noqa: E402
+from checkpoint import CheckpointError, load_generator, load_state_strict, save_checkpoint  # noqa: E402
+from model import Generator  # noqa: E402
+from options import default_options  # noqa: E402
+from regions import NUM_REGIONS, parse_regions  # noqa: E402
+
+TINY = ["--size", "64", "--renderer_spatial_output_dim", "16", "--style_dim", "32", "--width", "32",
+        "--N_samples", "6", "--channel_multiplier", "1"]
+needs_reference = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/reference is not beside the repo")
+
+
+def tiny_generator(full=True, ema=True, extra=(), dtype=torch.float64, seed=0):
+    opt = default_options(TINY + list(extra))
+    torch.manual_seed(seed)
+    g = Generator(opt.model, opt.rendering, ema=ema, full_pipeline=full).to(dtype)
+    return g, opt
+
+
+def cameras(opt, batch, dtype=torch.float64, seed=1):
+    torch.manual_seed(seed)
+    cam = generate_camera_params(opt.model.renderer_spatial_output_dim, "cpu", batch=batch)
+    return [t.to(dtype) for t in cam[:4]]
+
+
+# ------------------------------------------------------------------------------ conformance
+
+
+@needs_reference
+def test_conformance_vectors_pass_in_float64_and_float32():
+    result = subprocess.run([sys.executable, "tools/check_conformance.py", str(SHARED / "conformance_vectors.pt")],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = [l for l in result.stdout.splitlines() if l.startswith(("float64", "float32"))]
+    vectors = torch.load(SHARED / "conformance_vectors.pt", weights_only=True)
+    expected = sum(len(v) for v in vectors["outputs"].values())
+    assert len(lines) == 2 * expected  # one line per output and dtype
+    assert all(line.split()[-1] == "pass" for line in lines)
+
+
+def test_compare_flags_outputs_beyond_the_bound():
+    reference = {"case": {"a": torch.tensor([1.0, 2.0], dtype=torch.float64), "b": torch.zeros(3, dtype=torch.float64)}}
+    actual = {"case": {"a": torch.tensor([1.0, 2.0 + 3e-6], dtype=torch.float64), "b": torch.zeros(2)}}
+    rows = {(r[0], r[1]): r for r in check_conformance.compare(reference, actual, torch.float64)}
+    assert rows[("case", "a")][4] is False  # 3e-6 > 1e-6 * max(1, 2)
+    assert rows[("case", "b")][4] is False and "shape" in rows[("case", "b")][5]
+    actual["case"]["a"] = torch.tensor([1.0, 2.0 + 1e-6], dtype=torch.float64)
+    rows = {(r[0], r[1]): r for r in check_conformance.compare(reference, actual, torch.float64)}
+    assert rows[("case", "a")][4] is True
+
+
+@needs_reference
+def test_layout_matches_published_checkpoint(tmp_path):
+    result = subprocess.run([sys.executable, "tools/check_conformance.py", "--layout",
+                             str(SHARED / "state_dict_layout.json")], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.count("keys: pass") == 5
+    # A layout with one key removed and one shape changed must fail and name both.
+    layout = json.loads((SHARED / "state_dict_layout.json").read_text())
+    layout["generator_full"].pop("decoder.to_rgb1.bias")
+    layout["discriminator_full"]["final_linear.1.weight"] = [2, 512]
+    bad = tmp_path / "layout.json"
+    bad.write_text(json.dumps(layout))
+    result = subprocess.run([sys.executable, "tools/check_conformance.py", "--layout", str(bad)], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "unexpected decoder.to_rgb1.bias" in result.stdout
+    assert "final_linear.1.weight: [1, 512] != [2, 512]" in result.stdout
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+def test_published_layout_round_trip_and_strict_errors(tmp_path):
+    g, _ = tiny_generator(dtype=torch.float32)
+    path = tmp_path / "final_model.pt"
+    save_checkpoint({"g_ema": g.state_dict()}, path)
+    fresh, _ = tiny_generator(dtype=torch.float32, seed=5)
+    load_generator(fresh, path)
+    for key, value in g.state_dict().items():
+        assert torch.equal(value, fresh.state_dict()[key]), key
+
+    with pytest.raises(CheckpointError, match=r"missing\.pt: checkpoint file not found"):
+        load_generator(fresh, tmp_path / "missing.pt")
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="notes.pt: not a readable tensors-only checkpoint"):
+        load_generator(fresh, text)
+    other, _ = tiny_generator(extra=["--width", "16"], dtype=torch.float32)
+    with pytest.raises(CheckpointError, match=r"final_model\.pt: does not fit the generator.*shape mismatches.*"
+                                              r"renderer\.network\.0\.shape_linears\.0\.weight \(32, 3\) != \(16, 3\)"):
+        load_generator(other, path)
+    # A renderer-only model takes the subset it needs from a full checkpoint.
+    volume, _ = tiny_generator(full=False, dtype=torch.float32, seed=7)
+    load_generator(volume, path)
+    assert torch.equal(volume.renderer.sigmoid_beta, g.renderer.sigmoid_beta)
+    # A renderer-only checkpoint lacks the decoder: missing keys are named.
+    save_checkpoint({"g_ema": volume.state_dict()}, tmp_path / "vol.pt")
+    with pytest.raises(CheckpointError, match=r"missing keys \(first: feature_transfer"):
+        load_generator(fresh, tmp_path / "vol.pt")
+
+
+def test_checkpoint_refuses_pickled_objects(tmp_path):
+    path = tmp_path / "pickled.pt"
+    torch.save({"g_ema": {"x": torch.zeros(1)}, "obj": Path("x")}, path)  # not a tensors-only checkpoint
+    g, _ = tiny_generator(dtype=torch.float32)
+    with pytest.raises(CheckpointError, match="pickled.pt: not a readable tensors-only checkpoint"):
+        load_generator(g, path)
+
+
+def test_strict_load_with_prefix_selects_subtree():
+    g, _ = tiny_generator(dtype=torch.float32)
+    other, _ = tiny_generator(dtype=torch.float32, seed=3)
+    load_state_strict(other.renderer, g.state_dict(), "ckpt", "renderer", prefix="renderer.")
+    assert torch.equal(other.renderer.network[3].rgb_linear.weight, g.renderer.network[3].rgb_linear.weight)
+    assert not torch.equal(other.style[0].weight, g.style[0].weight)
+
+
+# ------------------------------------------------------------------------------ renderer
+
+
+def test_chunked_rendering_is_identical_to_unchunked():
+    g, opt = tiny_generator(full=False, ema=False)
+    g.train()
+    g.renderer.perturb = 0.0
+    cam = cameras(opt, 2)
+    codes = torch.randn(2, 18, 32, dtype=torch.float64)
+    whole = g.renderer(*cam, codes, return_eikonal=True, return_sdf=True, return_xyz=True, ray_chunk=0)
+    chunked = g.renderer(*cam, codes, return_eikonal=True, return_sdf=True, return_xyz=True, ray_chunk=37)
+    assert set(whole) == {"rgb", "seg", "sdf", "eikonal", "xyz", "mask"}
+    for key in whole:
+        torch.testing.assert_close(chunked[key], whole[key], rtol=1e-12, atol=1e-12)
+    # Under no_grad the eikonal term is still computed (chunk by chunk) and carries no graph.
+    with torch.no_grad():
+        nograd = g.renderer(*cam, codes, return_eikonal=True, ray_chunk=50)
+    assert not nograd["eikonal"].requires_grad
+    torch.testing.assert_close(nograd["eikonal"], whole["eikonal"], rtol=1e-12, atol=1e-12)
+
+
+def test_eikonal_is_gradient_of_region_sdfs_only():
+    g, opt = tiny_generator(full=False, ema=False)
+    g.renderer.perturb = 0.0
+    cam = cameras(opt, 1)
+    codes = torch.randn(1, 18, 32, dtype=torch.float64)
+    base = g.renderer(*cam, codes, return_eikonal=True, return_sdf=True)
+    # Scaling the initial SDF network's output changes sdf but not the eikonal term.
+    with torch.no_grad():
+        g.renderer.init_network.sdf_linear.weight.mul_(3.0)
+    changed = g.renderer(*cam, codes, return_eikonal=True, return_sdf=True)
+    assert not torch.allclose(changed["sdf"], base["sdf"])
+    torch.testing.assert_close(changed["eikonal"], base["eikonal"])
+    # And the eikonal term matches a finite difference of Σ_k Δsdf_k along x at one sample point.
+    renderer = g.renderer
+    film, _ = renderer._film(codes)
+    p = torch.tensor([[[0.01, -0.02, 0.03]]], dtype=torch.float64)
+    scale = 2 / 0.24  # z-normalisation 2 / (far - near)
+
+    def region_sdf(point):
+        v = torch.tensor([[[0.0, 0.0, 1.0]]], dtype=torch.float64)
+        return sum(net(point * scale, v, f)[1] for net, f in zip(renderer.network, film)).sum()
+
+    p.requires_grad_(True)
+    grad, = torch.autograd.grad(region_sdf(p), p)
+    eps = 1e-6
+    dx = torch.tensor([[[eps, 0, 0]]], dtype=torch.float64)
+    numeric = (region_sdf(p.detach() + dx) - region_sdf(p.detach() - dx)) / (2 * eps)
+    assert abs(grad[0, 0, 0].item() - numeric.item()) < 1e-5 * max(1.0, abs(numeric.item()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_full_generator_runs_in_both_dtypes_and_semantics_only_change_features(dtype):
+    g, opt = tiny_generator(dtype=dtype)
+    g.eval()
+    cam = cameras(opt, 2, dtype)
+    z = torch.randn(2, 32, dtype=dtype)
+    with torch.no_grad():
+        mean = g.mean_latent(64)
+        (rgb, seg_high), thumb, xyz, sdf, mask, seg = g([z], *cam, truncation=0.7, truncation_latent=mean,
+                                                         randomize_noise=False, return_xyz=True, return_sdf=True)
+        (rgb_s, seg_high_s), thumb_s, xyz_s, sdf_s, mask_s, seg_s = g(
+            [z], *cam, truncation=0.7, truncation_latent=mean, randomize_noise=False, return_xyz=True,
+            return_sdf=True, semantics=parse_regions("eye,mouth"))
+    assert rgb.dtype == dtype and rgb.shape == (2, 3, 64, 64) and seg_high.shape == (2, NUM_REGIONS, 64, 64)
+    assert thumb.shape == (2, 3, 16, 16) and seg.shape == (2, NUM_REGIONS, 16, 16) and xyz.shape == (2, 3, 16, 16)
+    assert sdf.shape == (2, 16, 16, 6, 1) and mask.shape == (2, 1, 16, 16)
+    for a, b in [(thumb, thumb_s), (seg, seg_s), (xyz, xyz_s), (sdf, sdf_s)]:
+        assert torch.equal(a, b)  # geometry, low-res image and mask come from all regions
+    assert not torch.allclose(rgb, rgb_s)  # only the decoder's features change
+
+
+def test_mix_styles_combinations_and_truncation():
+    g, _ = tiny_generator(full=False)
+    w1 = torch.zeros(64, 32, dtype=torch.float64)
+    w2 = torch.ones(64, 32, dtype=torch.float64)
+    torch.manual_seed(0)
+    codes = g.mix_styles([w1, w2])
+    pairs = codes[..., 0].view(64, 9, 2)  # (shape, texture) per region: 0 = w1, 1 = w2
+    combos = {tuple(p.tolist()) for p in pairs.reshape(-1, 2)}
+    assert combos == {(0.0, 0.0), (0.0, 1.0), (1.0, 1.0)}  # (w2, w1) never occurs
+    one = g.mix_styles([w2[:2]])
+    assert one.shape == (2, 18, 32) and torch.equal(one, torch.ones_like(one))
+    mean = [torch.full((1, 32), 0.5, dtype=torch.float64), None]
+    codes, global_styles = g.styles_to_codes([w2[:2]], truncation=0.5, truncation_latent=mean, input_is_latent=True)
+    assert torch.allclose(codes, torch.full_like(codes, 0.75)) and torch.allclose(global_styles[0], codes[:, 0])
+
+
+def test_eval_generator_never_trains_renderer():
+    g, _ = tiny_generator(ema=True)
+    assert not any(p.requires_grad for p in g.renderer.parameters())
+    trainable, _ = tiny_generator(ema=False)
+    assert all(p.requires_grad for p in trainable.renderer.parameters())
+    trainable.freeze_renderer()
+    assert not any(p.requires_grad for p in trainable.renderer.parameters())
+    assert all(p.requires_grad for p in trainable.decoder.parameters())
+
+
+def test_region_table_parsing():
+    assert parse_regions("2,3") == [2, 3]
+    assert parse_regions("mouth,eye") == [2, 3]
+    assert parse_regions("hair, neck+cloth") == [7, 8]
+    assert parse_regions("") == []
+    with pytest.raises(ValueError, match=r"unknown region 'beard'; valid regions: 0=background, 1=face"):
+        parse_regions("beard")
+    with pytest.raises(ValueError, match="unknown region index '9'"):
+        parse_regions("9")
+
+
+def test_no_hard_coded_cuda_in_sources():
+    # Placing work on "cuda" by name (rather than comparing a device's type) is what must not happen.
+    pattern = re.compile(r"""(device\s*=\s*|torch\.device\(|\.to\()["']cuda|\.cuda\(|\bdefault=["']cuda""")
+    offenders = []
+    for path in REPO.rglob("*.py"):
+        if ".venv" in path.parts or "tests" in path.parts:
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if pattern.search(line):
+                offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
