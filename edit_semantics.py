@@ -1,0 +1,159 @@
+#!/usr/bin/env python
+"""Semantic editing: move chosen regions' shape and/or texture codes from a reference to a source.
+
+  python edit_semantics.py --trained_ckpt CKPT --source 3 --reference 7 --regions hair,mouth \
+      --attribute texture [--interpolate 6 [--video]] [--resample 4] [--out_dir DIR]
+
+--source / --reference are seeds (integers) or latent files (from invert.py or an earlier edit;
+entry FILE@i picks entry i, default 0). For a seed: z ~ N(0, I) drawn from that seed, w = style(z),
+truncated with ψ (--truncation_ratio) towards the renderer mean, repeated as the 18 region codes;
+the global style (the decoder's input) is the same w.
+
+The edited result keeps the source's global style for every attribute: only the region codes are
+edited, so everything outside the chosen slots stays the source's. (The decoder's global style is
+shared by all regions; taking the reference's would change the whole image, not the chosen regions.)
+
+Writes into --out_dir (default <results_dir>/edit):
+  edit_grid.png           rows: source, its seg, reference, its seg, edited, its seg; columns: views
+  edit_latents.pt         the edited codes + global style (inference_Full.py --latents FILE)
+  interpolation.png/.pt   with --interpolate N: N steps from source to the full swap (+ .mp4 with --video)
+  resample.png/.pt        with --resample K: K fresh codes for the chosen regions
+"""
+import os
+import sys
+
+import torch
+
+import editing
+from checkpoint import CheckpointError
+from latents import LatentFileError, load_latents, save_latents
+from regions import REGION_NAMES, color_segmap, parse_regions
+
+
+def add_arguments(group):
+    group.add_argument("--source", type=str, default="0", help="source identity: a seed or a latent file")
+    group.add_argument("--reference", type=str, default="1", help="reference identity: a seed or a latent file")
+    group.add_argument("--regions", type=str, default="", help="regions to edit, e.g. hair,mouth or 7,3")
+    group.add_argument("--attribute", type=str, default="both", help="shape | texture | both")
+    group.add_argument("--interpolate", type=int, default=0, help="render N steps from source to reference")
+    group.add_argument("--video", action="store_true", help="also write the interpolation as an mp4")
+    group.add_argument("--resample", type=int, default=0, help="draw K fresh codes for the chosen regions")
+    group.add_argument("--resample_seed", type=int, default=0, help="seed of the fresh codes")
+    group.add_argument("--n_views", type=int, default=5, help="views per row (the inference azimuth sweep)")
+    group.add_argument("--out_dir", type=str, default="", help="output folder (default <results_dir>/edit)")
+
+
+def identity(spec, generator, mean_w, truncation, device):
+    """(codes [1,2K,D], styles_global [1,D]) for a seed or a latent file (FILE or FILE@i)."""
+    text = str(spec).strip()
+    if text.lstrip("-").isdigit():
+        return editing.latents_from_seeds(generator, [int(text)], mean_w, truncation, device)
+    path, index = text, 0
+    if "@" in text and text.rsplit("@", 1)[1].isdigit():
+        path, index = text.rsplit("@", 1)[0], int(text.rsplit("@", 1)[1])
+    data = load_latents(path, style_dim=generator.style_dim, n_regions=generator.n_render)
+    if index >= data["codes"].shape[0]:
+        raise LatentFileError(f"{path}: has {data['codes'].shape[0]} entries, asked for entry {index}")
+    codes = data["codes"][index:index + 1].to(device=device, dtype=mean_w.dtype)
+    styles_global = data["styles_global"][index:index + 1].to(device=device, dtype=mean_w.dtype)
+    if not data["truncated"]:  # raw mapped codes: truncate them as a seed's would be
+        codes = editing.truncate(codes, mean_w, truncation)
+        styles_global = editing.truncate(styles_global, mean_w, truncation)
+    return codes, styles_global
+
+
+def rows_for(rgb, seg):
+    """One identity's views → [rgb row, coloured seg row] of uint8 images."""
+    return [list(editing.to_uint8(rgb)), list(color_segmap(seg))]
+
+
+def write_video(path, frames, fps=8):
+    import imageio.v2 as imageio
+
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp.mp4")
+    try:
+        with imageio.get_writer(tmp, format="FFMPEG", fps=fps, macro_block_size=1) as writer:
+            for frame in frames:
+                writer.append_data(frame)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def main(argv=None):
+    opt, own = editing.parse_options(argv, add_arguments, "editing")
+    try:
+        regions = parse_regions(own.regions)
+        if not regions:
+            raise ValueError("--regions is empty; name at least one region")
+        if own.attribute not in editing.ATTRIBUTES:
+            raise ValueError(f"--attribute {own.attribute!r} is not one of {', '.join(editing.ATTRIBUTES)}")
+        if own.interpolate == 1 or own.interpolate < 0:
+            raise ValueError(f"--interpolate needs at least 2 steps (or 0 for none), got {own.interpolate}")
+        if own.resample < 0 or own.n_views < 1:
+            raise ValueError("--resample must be >= 0 and --n_views >= 1")
+        device = editing.pick_device(opt)
+        generator = editing.load_eval_generator(opt, device)
+    except (ValueError, CheckpointError) as error:
+        sys.exit(f"error: {error}")
+    psi = opt.inference.truncation_ratio
+    mean = editing.mean_latent(generator, opt.inference.truncation_mean, seed=opt.experiment.seed or 0)
+    try:
+        source, source_global = identity(own.source, generator, mean[0], psi, device)
+        reference, reference_global = identity(own.reference, generator, mean[0], psi, device)
+    except (LatentFileError, ValueError) as error:
+        sys.exit(f"error: {error}")
+
+    edited = editing.swap_region_codes(source, reference, regions, own.attribute)
+    locations = editing.view_locations(own.n_views, opt.camera, device)
+    render = lambda codes, styles: editing.render_views(generator, codes, styles, locations, opt.camera, mean, psi)
+    rgb, seg = render(torch.cat([source, reference, edited]),
+                      torch.cat([source_global, reference_global, source_global]))
+    grid = editing.image_grid(sum((rows_for(rgb[i], seg[i]) for i in range(3)), []))
+
+    outputs = []  # (kind, path, payload) written together at the end: nothing half-written on errors
+    out_dir = own.out_dir or os.path.join(opt.inference.results_dir, "edit")
+    note = (f"edit: source {own.source}, reference {own.reference}, regions "
+            f"{','.join(REGION_NAMES[k] for k in regions)}, attribute {own.attribute}, psi {psi}")
+    outputs.append(("png", os.path.join(out_dir, "edit_grid.png"), grid))
+    outputs.append(("latents", os.path.join(out_dir, "edit_latents.pt"), (edited, source_global, note)))
+
+    if own.interpolate:
+        steps = editing.interpolate_codes(source, reference, regions, own.attribute, own.interpolate)[:, 0]
+        styles = source_global.expand(own.interpolate, -1)
+        rgb, seg = render(steps, styles)
+        rows = sum((rows_for(rgb[i], seg[i]) for i in range(own.interpolate)), [])
+        outputs.append(("png", os.path.join(out_dir, "interpolation.png"), editing.image_grid(rows)))
+        outputs.append(("latents", os.path.join(out_dir, "interpolation_latents.pt"),
+                        (steps, styles, note + f", {own.interpolate} interpolation steps")))
+        if own.video:
+            middle = own.n_views // 2
+            frames = [editing.image_grid([[editing.to_uint8(rgb[i, middle]), color_segmap(seg[i, middle])]])
+                      for i in range(own.interpolate)]
+            frames = frames + frames[::-1]  # there and back, so the loop is seamless
+            outputs.append(("mp4", os.path.join(out_dir, "interpolation.mp4"), frames))
+
+    if own.resample:
+        fresh = editing.resample_codes(generator, source, regions, own.attribute, own.resample, mean[0], psi,
+                                       seed=own.resample_seed)
+        styles = source_global.expand(own.resample, -1)
+        rgb, seg = render(fresh, styles)
+        rows = sum((rows_for(rgb[i], seg[i]) for i in range(own.resample)), [])
+        outputs.append(("png", os.path.join(out_dir, "resample.png"), editing.image_grid(rows)))
+        outputs.append(("latents", os.path.join(out_dir, "resample_latents.pt"),
+                        (fresh, styles, note + f", {own.resample} resampled")))
+
+    for kind, path, payload in outputs:
+        if kind == "png":
+            editing.save_image(path, payload)
+        elif kind == "mp4":
+            write_video(path, payload)
+        else:
+            codes, styles, text = payload
+            save_latents(path, codes, styles, truncated=True, note=text)
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

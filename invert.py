@@ -1,0 +1,162 @@
+#!/usr/bin/env python
+"""Bring a portrait into the model: fit the 18 region codes, the global style and the camera.
+
+  python invert.py --trained_ckpt CKPT --image face.png [--mask face_mask.png|.npy] [--steps 200] \
+      [--vgg_weights vgg16.pt] [--out_dir DIR]
+
+Starting from the renderer mean latent and a frontal camera, Adam optimises the per-region codes
+[1,18,D], the global style [1,D] and the camera's (azimuth, elevation) so that the high-resolution
+output matches the image (pixel L2 by default, --pixel_loss l1), plus, when --mask is given (a
+CelebAMask-HQ 19-class label map, PNG or .npy, merged into the 9 regions), the squared error of the
+rendered high-resolution seg against the one-hot regions. A perceptual loss is used only with
+--vgg_weights: a local torchvision VGG16 state dict (tensors-only); nothing is downloaded. LPIPS is
+not supported (its learnt linear heads are a separate model), so --lpips_weights is refused.
+
+The codes are rendered as inference renders latent files (truncation ψ applied on top), so the
+saved file reproduces the reconstruction in edit_semantics.py and inference_Full.py --latents.
+Writes into --out_dir (default <results_dir>/invert):
+  <name>_inversion.png   row 1: target | reconstruction | novel views; row 2: their segs
+                         (the target's mask when given, else black)
+  <name>_latents.pt      codes, global style and fitted camera (azimuth, elevation)
+"""
+import os
+import sys
+
+import numpy as np
+import torch
+
+import editing
+from checkpoint import CheckpointError, load_checkpoint
+from latents import save_latents
+from regions import CELEBAMASK_CLASSES, color_segmap, label19_to_regions
+
+
+def add_arguments(group):
+    group.add_argument("--image", type=str, default="", help="the portrait to invert (any format PIL reads)")
+    group.add_argument("--mask", type=str, default="", help="its 19-class label map (PNG or .npy), optional")
+    group.add_argument("--steps", type=int, default=200, help="Adam steps")
+    group.add_argument("--invert_lr", type=float, default=0.03, help="learning rate of the codes and global style")
+    group.add_argument("--camera_lr", type=float, default=0.01, help="learning rate of azimuth/elevation")
+    group.add_argument("--pixel_loss", type=str, default="l2", help="l1 | l2")
+    group.add_argument("--mask_weight", type=float, default=1.0, help="weight of the mask loss")
+    group.add_argument("--vgg_weights", type=str, default="", help="local torchvision VGG16 state dict (perceptual loss)")
+    group.add_argument("--perceptual_weight", type=float, default=1.0, help="weight of the perceptual loss")
+    group.add_argument("--lpips_weights", type=str, default="", help="not supported (refused); use --vgg_weights")
+    group.add_argument("--n_views", type=int, default=5, help="novel views (the inference azimuth sweep)")
+    group.add_argument("--out_dir", type=str, default="", help="output folder (default <results_dir>/invert)")
+    group.add_argument("--name", type=str, default="", help="output name prefix (default: the image's name)")
+
+
+def load_image(path, size):
+    """[1,3,size,size] in [-1,1]: centre-cropped to a square, resized with LANCZOS (as prepare_data)."""
+    from PIL import Image
+
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+    except Exception as error:
+        raise ValueError(f"{path}: not a readable image ({type(error).__name__})") from None
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.LANCZOS)
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1).unsqueeze(0)
+    return x / 127.5 - 1
+
+
+def load_mask(path, size):
+    """Region map [size,size] (long, 0-8) from a 19-class label map PNG / .npy (nearest resize)."""
+    from PIL import Image
+
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: mask file not found")
+    try:
+        if path.lower().endswith(".npy"):
+            label = np.load(path, allow_pickle=False)
+        else:
+            with Image.open(path) as image:
+                label = np.asarray(image)
+    except Exception as error:
+        raise ValueError(f"{path}: not a readable mask ({type(error).__name__})") from None
+    if label.ndim == 3:  # a grey PNG saved as RGB: all channels hold the ids
+        label = label[..., 0]
+    if label.ndim != 2 or not (np.issubdtype(label.dtype, np.integer) or np.all(label == np.round(label))):
+        raise ValueError(f"{path}: expected a 2-D map of class ids, got shape {label.shape} dtype {label.dtype}")
+    if label.min() < 0 or label.max() >= len(CELEBAMASK_CLASSES):
+        raise ValueError(f"{path}: class ids must be 0..{len(CELEBAMASK_CLASSES) - 1}, "
+                         f"found {int(label.min())}..{int(label.max())}")
+    side = min(label.shape)
+    top, left = (label.shape[0] - side) // 2, (label.shape[1] - side) // 2
+    label = Image.fromarray(label[top:top + side, left:left + side].astype(np.uint8))
+    label = np.asarray(label.resize((size, size), Image.NEAREST)).astype(np.int64)
+    return torch.from_numpy(np.asarray(label19_to_regions(label), dtype=np.int64))
+
+
+def load_perceptual(path, device):
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as error:
+        raise ValueError(str(error)) from None
+    try:
+        return editing.PerceptualLoss(state).to(device)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def main(argv=None):
+    opt, own = editing.parse_options(argv, add_arguments, "inversion")
+    size = opt.model.size
+    try:
+        if own.lpips_weights:
+            raise ValueError("--lpips_weights is not supported (LPIPS's learnt heads are not implemented); "
+                             "use --vgg_weights with a local torchvision VGG16 state dict")
+        if own.pixel_loss not in ("l1", "l2"):
+            raise ValueError(f"--pixel_loss {own.pixel_loss!r} is not one of l1, l2")
+        if own.steps < 1 or own.n_views < 1:
+            raise ValueError("--steps and --n_views must be at least 1")
+        if not own.image:
+            raise ValueError("no --image given")
+        target = load_image(own.image, size)
+        regions = load_mask(own.mask, size) if own.mask else None
+        device = editing.pick_device(opt)
+        perceptual = load_perceptual(own.vgg_weights, device) if own.vgg_weights else None
+        generator = editing.load_eval_generator(opt, device)
+    except (ValueError, CheckpointError) as error:
+        sys.exit(f"error: {error}")
+
+    psi = opt.inference.truncation_ratio
+    mean = editing.mean_latent(generator, opt.inference.truncation_mean, seed=opt.experiment.seed or 0)
+    dtype = mean[0].dtype
+    target = target.to(device=device, dtype=dtype)
+    target_seg = None
+    if regions is not None:
+        target_seg = editing.one_hot_regions(regions, generator.n_render).to(device=device, dtype=dtype)
+    result = editing.invert(generator, target, mean, psi, opt.camera, target_seg=target_seg, steps=own.steps,
+                            lr=own.invert_lr, camera_lr=own.camera_lr, pixel_loss=own.pixel_loss,
+                            mask_weight=own.mask_weight, perceptual=perceptual,
+                            perceptual_weight=own.perceptual_weight)
+    locations = editing.view_locations(own.n_views, opt.camera, device)
+    views, view_segs = editing.render_views(generator, result["codes"], result["styles_global"], locations,
+                                            opt.camera, mean, psi)
+
+    target_seg_image = (color_segmap(target_seg[0]) if target_seg is not None
+                        else np.zeros((size, size, 3), dtype=np.uint8))
+    rgb_row = [editing.to_uint8(target[0]), editing.to_uint8(result["rgb"][0])] + list(editing.to_uint8(views[0]))
+    seg_row = [target_seg_image, color_segmap(result["seg"][0])] + list(color_segmap(view_segs[0]))
+    name = own.name or os.path.splitext(os.path.basename(own.image))[0]
+    out_dir = own.out_dir or os.path.join(opt.inference.results_dir, "invert")
+    image_path = os.path.join(out_dir, f"{name}_inversion.png")
+    latent_path = os.path.join(out_dir, f"{name}_latents.pt")
+    editing.save_image(image_path, editing.image_grid([rgb_row, seg_row]))
+    azim, elev = result["camera"][0].tolist()
+    save_latents(latent_path, result["codes"], result["styles_global"], truncated=True, camera=result["camera"],
+                 note=f"invert {own.image}: {own.steps} steps, psi {psi}, camera azim {azim:.4f} elev {elev:.4f}")
+    print(f"loss {result['losses'][0]:.5f} -> {result['losses'][-1]:.5f}; "
+          f"PSNR {editing.psnr(result['rgb'], target):.2f} dB; camera azim {azim:.4f} elev {elev:.4f}")
+    print(image_path)
+    print(latent_path)
+
+
+if __name__ == "__main__":
+    main()
