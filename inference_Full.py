@@ -1,0 +1,134 @@
+"""Render identities of a trained CNeRF generator: views, segmentations, shapes and meshes (SPEC §15).
+
+Published command:
+  python inference_Full.py --trained_ckpt checkpoints/final_model.pt --results_dir results \
+      --identities 3 --size 512 --truncation_ratio 0.7 --no_surface_renderings [--semantics 2,3]
+
+Per identity i, in --results_dir:
+  <i>_img.png         the views side by side (default: the published 10-view azimuth sweep)
+  <i>_seg.png         their coloured semantic maps
+and unless --no_surface_renderings (from a 128×128, 128-sample renderer-only copy, middle view):
+  <i>_shape.png       shaded rendering of the depth-map mesh from the view's camera
+  <i>_depth_mesh.obj  the depth-map mesh (Delaunay over the pixel grid of the surface points)
+  <i>_mesh.obj        the marching-cubes mesh of the SDF on the frustum grid (.ply with --mesh_format ply)
+"""
+import os
+import sys
+
+import torch
+from tqdm import tqdm
+
+import generation as gen
+from checkpoint import CheckpointError
+from latents import LatentFileError, load_latents
+from mesh_utils import MeshError, depth_mesh, save_mesh, sdf_mesh, shade_mesh
+
+
+def add_arguments(group):
+    group.add_argument("--mesh_format", type=str, default="obj", choices=["obj", "ply"],
+                       help="(new) file format of the marching-cubes mesh")
+    group.add_argument("--inference_samples", type=int, default=gen.INFERENCE_SAMPLES,
+                       help="(new) samples per ray of the image renderer (published: 64)")
+    group.add_argument("--surface_resolution", type=int, default=gen.SURFACE_RESOLUTION,
+                       help="(new) resolution of the renderer-only surface pass (published: 128)")
+    group.add_argument("--surface_samples", type=int, default=gen.SURFACE_SAMPLES,
+                       help="(new) samples per ray of the surface pass (published: 128)")
+    group.add_argument("--shape_size", type=int, default=0,
+                       help="(new) size of <i>_shape.png (default: --size)")
+
+
+def check_arguments(opt, own):
+    if opt.inference.identities < 1:
+        raise gen.UsageError(f"--identities must be at least 1, got {opt.inference.identities}")
+    if opt.inference.num_views_per_id < 1:
+        raise gen.UsageError(f"--num_views_per_id must be at least 1, got {opt.inference.num_views_per_id}")
+    for name in ("inference_samples", "surface_resolution", "surface_samples"):
+        if own[name] < 2:
+            raise gen.UsageError(f"--{name} must be at least 2, got {own[name]}")
+    if own.shape_size < 0:
+        raise gen.UsageError(f"--shape_size must be positive, got {own.shape_size}")
+    if not 0 < opt.inference.truncation_ratio <= 1:
+        raise gen.UsageError(f"--truncation_ratio must be in (0, 1], got {opt.inference.truncation_ratio}")
+
+
+def prepare(argv):
+    """Everything that can fail on bad input, before anything is written."""
+    opt, own = gen.parse_options(argv, add_arguments, "inference_Full")
+    check_arguments(opt, own)
+    semantics = gen.parse_semantics(opt.inference.semantics)
+    device = gen.select_device(opt.experiment.device)
+    surfaces = not opt.inference.no_surface_renderings
+    generator, surface_generator = gen.load_models(
+        opt, device, surface=surfaces, n_samples=own.inference_samples,
+        surface_resolution=own.surface_resolution, surface_samples=own.surface_samples)
+    latents = None
+    if opt.inference.latents:
+        latents = load_latents(opt.inference.latents, generator.style_dim, generator.n_render)
+    return opt, own, semantics, device, generator, surface_generator, latents
+
+
+def write_surfaces(i, opt, own, generator, surface_generator, codes, location, mean, out_dir):
+    """<i>_shape.png, <i>_depth_mesh.obj and <i>_mesh.<fmt> for one view of one identity."""
+    surface = gen.render_surface(generator, surface_generator, codes, location, opt, mean, return_sdf=True)
+    mesh = depth_mesh(surface.xyz, surface.mask)
+    size = own.shape_size or opt.model.size
+    focal = surface.focal * size / surface_generator.renderer.out_im_res
+    gen.save_image(os.path.join(out_dir, f"{i}_shape.png"), shade_mesh(mesh, surface.extrinsics, focal, size))
+    save_mesh(mesh, os.path.join(out_dir, f"{i}_depth_mesh.obj"))
+    try:
+        mc_mesh = sdf_mesh(surface.sdf, surface.points)
+    except MeshError as error:
+        tqdm.write(f"warning: identity {i}: {error}; {i}_mesh.{own.mesh_format} not written", file=sys.stderr)
+        return
+    save_mesh(mc_mesh, os.path.join(out_dir, f"{i}_mesh.{own.mesh_format}"))
+
+
+@torch.no_grad()
+def run(opt, own, semantics, device, generator, surface_generator, latents):
+    seed = gen.seed_everything(opt.experiment.seed)
+    rng = torch.Generator().manual_seed(seed)
+    psi = opt.inference.truncation_ratio
+    # The truncation mean is a property of the model, not of the run: a fixed seed, like editing uses.
+    mean = gen.mean_latent(generator, opt.inference.truncation_mean)
+    out_dir = opt.inference.results_dir
+    os.makedirs(out_dir, exist_ok=True)
+
+    if latents is not None:
+        on_device = dict(latents, codes=latents["codes"].to(device), styles_global=latents["styles_global"].to(device))
+        codes_all, styles_all = gen.latents_from_file(on_device, mean, psi)
+        n_identities = codes_all.shape[0]
+    else:
+        n_identities = opt.inference.identities
+    print(f"seed {seed}; {n_identities} identities → {out_dir}"
+          + (f"; semantics {semantics}" if semantics else ""))
+
+    bar = tqdm(range(n_identities), desc="identities", unit="id")
+    for i in bar:
+        if latents is not None:
+            codes, styles_global = codes_all[i:i + 1], styles_all[i:i + 1]
+        else:
+            z = torch.randn(1, generator.style_dim, generator=rng).to(device)
+            codes, styles_global = gen.identity_latents(generator, z, mean, psi)
+        locations = gen.view_locations(opt, rng, device)
+        bar.set_postfix_str(f"{i}: {locations.shape[0]} views")
+        rgb, seg = gen.render_views(generator, codes, styles_global, locations, opt, mean, semantics=semantics,
+                                    psi=psi)
+        gen.save_row(os.path.join(out_dir, f"{i}_img.png"), rgb)
+        gen.save_seg_row(os.path.join(out_dir, f"{i}_seg.png"), seg)
+        if surface_generator is not None:
+            bar.set_postfix_str(f"{i}: shape")
+            view = gen.shape_view_index(opt, locations.shape[0])
+            write_surfaces(i, opt, own, generator, surface_generator, codes, locations[view:view + 1], mean, out_dir)
+    print(f"results in {os.path.abspath(out_dir)}")
+
+
+def main(argv=None):
+    try:
+        prepared = prepare(argv)
+    except (CheckpointError, LatentFileError, gen.UsageError) as error:
+        gen.fail(error)
+    run(*prepared)
+
+
+if __name__ == "__main__":
+    main()
