@@ -20,11 +20,11 @@ Writes into --out_dir (default <results_dir>/edit):
   resample.png/.pt        with --resample K: K fresh codes for the chosen regions
 """
 import os
-import sys
 
 import torch
 
 import editing
+import generation as gen
 from checkpoint import CheckpointError
 from latents import LatentFileError, load_latents, save_latents
 from regions import REGION_NAMES, color_segmap, parse_regions
@@ -39,32 +39,31 @@ def add_arguments(group):
     group.add_argument("--video", action="store_true", help="also write the interpolation as an mp4")
     group.add_argument("--resample", type=int, default=0, help="draw K fresh codes for the chosen regions")
     group.add_argument("--resample_seed", type=int, default=0, help="seed of the fresh codes")
-    group.add_argument("--n_views", type=int, default=5, help="views per row (the inference azimuth sweep)")
+    group.add_argument("--n_views", type=int, default=0,
+                       help="views per row: N of the azimuth sweep (0: the inference script's views)")
     group.add_argument("--out_dir", type=str, default="", help="output folder (default <results_dir>/edit)")
 
 
-def identity(spec, generator, mean_w, truncation, device):
+def identity(spec, generator, mean, psi):
     """(codes [1,2K,D], styles_global [1,D]) for a seed or a latent file (FILE or FILE@i)."""
     text = str(spec).strip()
     if text.lstrip("-").isdigit():
-        return editing.latents_from_seeds(generator, [int(text)], mean_w, truncation, device)
+        return editing.latents_from_seeds(generator, [int(text)], mean, psi)
     path, index = text, 0
     if "@" in text and text.rsplit("@", 1)[1].isdigit():
         path, index = text.rsplit("@", 1)[0], int(text.rsplit("@", 1)[1])
     data = load_latents(path, style_dim=generator.style_dim, n_regions=generator.n_render)
     if index >= data["codes"].shape[0]:
         raise LatentFileError(f"{path}: has {data['codes'].shape[0]} entries, asked for entry {index}")
-    codes = data["codes"][index:index + 1].to(device=device, dtype=mean_w.dtype)
-    styles_global = data["styles_global"][index:index + 1].to(device=device, dtype=mean_w.dtype)
-    if not data["truncated"]:  # raw mapped codes: truncate them as a seed's would be
-        codes = editing.truncate(codes, mean_w, truncation)
-        styles_global = editing.truncate(styles_global, mean_w, truncation)
-    return codes, styles_global
+    like = dict(device=mean[0].device, dtype=mean[0].dtype)
+    data = dict(data, codes=data["codes"][index:index + 1].to(**like),
+                styles_global=data["styles_global"][index:index + 1].to(**like))
+    return gen.latents_from_file(data, mean, psi)
 
 
 def rows_for(rgb, seg):
     """One identity's views → [rgb row, coloured seg row] of uint8 images."""
-    return [list(editing.to_uint8(rgb)), list(color_segmap(seg))]
+    return [list(gen.to_uint8(rgb)), list(color_segmap(seg))]
 
 
 def write_video(path, frames, fps=8):
@@ -82,7 +81,7 @@ def write_video(path, frames, fps=8):
 
 
 def main(argv=None):
-    opt, own = editing.parse_options(argv, add_arguments, "editing")
+    opt, own = gen.parse_options(argv, add_arguments, "editing")
     try:
         regions = parse_regions(own.regions)
         if not regions:
@@ -91,23 +90,23 @@ def main(argv=None):
             raise ValueError(f"--attribute {own.attribute!r} is not one of {', '.join(editing.ATTRIBUTES)}")
         if own.interpolate == 1 or own.interpolate < 0:
             raise ValueError(f"--interpolate needs at least 2 steps (or 0 for none), got {own.interpolate}")
-        if own.resample < 0 or own.n_views < 1:
-            raise ValueError("--resample must be >= 0 and --n_views >= 1")
-        device = editing.pick_device(opt)
-        generator = editing.load_eval_generator(opt, device)
+        if own.resample < 0 or own.n_views < 0:
+            raise ValueError("--resample and --n_views must be >= 0")
+        device = gen.select_device(opt.experiment.device)
+        generator, _ = gen.load_models(opt, device)
     except (ValueError, CheckpointError) as error:
-        sys.exit(f"error: {error}")
+        gen.fail(error)
     psi = opt.inference.truncation_ratio
-    mean = editing.mean_latent(generator, opt.inference.truncation_mean, seed=opt.experiment.seed or 0)
+    mean = gen.mean_latent(generator, opt.inference.truncation_mean)  # fixed seed, as inference_Full.py
     try:
-        source, source_global = identity(own.source, generator, mean[0], psi, device)
-        reference, reference_global = identity(own.reference, generator, mean[0], psi, device)
+        source, source_global = identity(own.source, generator, mean, psi)
+        reference, reference_global = identity(own.reference, generator, mean, psi)
     except (LatentFileError, ValueError) as error:
-        sys.exit(f"error: {error}")
+        gen.fail(error)
 
     edited = editing.swap_region_codes(source, reference, regions, own.attribute)
-    locations = editing.view_locations(own.n_views, opt.camera, device)
-    render = lambda codes, styles: editing.render_views(generator, codes, styles, locations, opt.camera, mean, psi)
+    locations = editing.edit_locations(opt, own.n_views, device)
+    render = lambda codes, styles: editing.render_identities(generator, codes, styles, locations, opt, mean, psi)
     rgb, seg = render(torch.cat([source, reference, edited]),
                       torch.cat([source_global, reference_global, source_global]))
     grid = editing.image_grid(sum((rows_for(rgb[i], seg[i]) for i in range(3)), []))
@@ -128,14 +127,14 @@ def main(argv=None):
         outputs.append(("latents", os.path.join(out_dir, "interpolation_latents.pt"),
                         (steps, styles, note + f", {own.interpolate} interpolation steps")))
         if own.video:
-            middle = own.n_views // 2
-            frames = [editing.image_grid([[editing.to_uint8(rgb[i, middle]), color_segmap(seg[i, middle])]])
+            middle = gen.shape_view_index(opt, locations.shape[0]) if not own.n_views else own.n_views // 2
+            frames = [editing.image_grid([[gen.to_uint8(rgb[i, middle]), color_segmap(seg[i, middle])]])
                       for i in range(own.interpolate)]
             frames = frames + frames[::-1]  # there and back, so the loop is seamless
             outputs.append(("mp4", os.path.join(out_dir, "interpolation.mp4"), frames))
 
     if own.resample:
-        fresh = editing.resample_codes(generator, source, regions, own.attribute, own.resample, mean[0], psi,
+        fresh = editing.resample_codes(generator, source, regions, own.attribute, own.resample, mean, psi,
                                        seed=own.resample_seed)
         styles = source_global.expand(own.resample, -1)
         rgb, seg = render(fresh, styles)
@@ -146,7 +145,7 @@ def main(argv=None):
 
     for kind, path, payload in outputs:
         if kind == "png":
-            editing.save_image(path, payload)
+            gen.save_image(path, payload)
         elif kind == "mp4":
             write_video(path, payload)
         else:

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from camera import generate_camera_params, sweep_locations
+import generation as gen
+from camera import sweep_locations
 from regions import NUM_REGIONS
 
 ATTRIBUTES = ("shape", "texture", "both")
@@ -86,92 +87,59 @@ def interpolate_codes(source, reference, regions, attribute="both", steps=5):
 # -------------------------------------------------------------------------------- seeds and codes
 
 
-def truncate(w, mean_w, truncation):
-    """mean_w + ψ (w - mean_w): the renderer-space truncation of SPEC §6."""
-    if truncation >= 1:
-        return w
-    return mean_w + truncation * (w - mean_w)
-
-
 def z_from_seed(seed, style_dim, device, dtype=torch.float32):
     """z ~ N(0, I) drawn on the CPU from `seed`, so a seed means the same identity on every device."""
     gen = torch.Generator().manual_seed(int(seed))
     return torch.randn(1, style_dim, generator=gen).to(device=device, dtype=dtype)
 
 
-@torch.no_grad()
-def latents_from_z(generator, z, mean_w, truncation):
-    """z [N, D] → (codes [N, 2K, D], styles_global [N, D]): w = style(z), truncated with ψ towards the
-    renderer mean, repeated for every region's shape and texture; the global style is the same w."""
-    w = truncate(generator.map_styles(z), mean_w, truncation)
-    return w.unsqueeze(1).repeat(1, generator.n_latent, 1), w
-
-
-def latents_from_seeds(generator, seeds, mean_w, truncation, device):
-    z = torch.cat([z_from_seed(s, generator.style_dim, device, mean_w.dtype) for s in seeds])
-    return latents_from_z(generator, z, mean_w, truncation)
+def latents_from_seeds(generator, seeds, mean, psi):
+    """(codes [N,2K,D], styles_global [N,D]) of seed identities: z ~ N(0, I) from each seed, then the
+    published by-hand truncation (generation.identity_latents)."""
+    device, dtype = mean[0].device, mean[0].dtype
+    z = torch.cat([z_from_seed(s, generator.style_dim, device, dtype) for s in seeds])
+    return gen.identity_latents(generator, z, mean, psi)
 
 
 @torch.no_grad()
-def resample_codes(generator, source, regions, attribute, k, mean_w, truncation, seed=0):
+def resample_codes(generator, source, regions, attribute, k, mean, psi, seed=0):
     """K copies of `source` [1, 2K, D] whose chosen slots hold fresh codes (one new w per sample,
     truncated like any identity's, used for each chosen region's shape and/or texture)."""
-    gen = torch.Generator().manual_seed(int(seed))
-    z = torch.randn(k, generator.style_dim, generator=gen).to(device=source.device, dtype=source.dtype)
-    fresh, _ = latents_from_z(generator, z, mean_w, truncation)
+    rng = torch.Generator().manual_seed(int(seed))
+    z = torch.randn(k, generator.style_dim, generator=rng).to(device=source.device, dtype=source.dtype)
+    fresh, _ = gen.identity_latents(generator, z, mean, psi)
     return swap_region_codes(source.expand(k, -1, -1), fresh, regions, attribute)
 
 
 # -------------------------------------------------------------------------------------- rendering
 
 
-def cameras(generator_or_res, locations, camera_opt, device):
-    """(extrinsics, focal, near, far) for locations [V, 2] = (azimuth, elevation); differentiable in
-    the locations (inversion optimises them)."""
-    resolution = generator_or_res if isinstance(generator_or_res, int) else generator_or_res.renderer.out_im_res
-    cam = generate_camera_params(resolution, device, locations=locations.to(device), fov_ang=camera_opt.fov,
-                                 dist_radius=camera_opt.dist_radius)
-    return cam[:4]
-
-
-def render(generator, codes, styles_global, cam, mean_latent, truncation, semantics=None):
-    """One batch through the generator the inference way. codes [B,2K,D], styles_global [B,D], cam for
-    B views. Returns (rgb_high, seg_high, rgb_low, seg_low)."""
+def render(generator, codes, styles_global, cam, mean_latent, psi, semantics=None):
+    """One differentiable batch through the generator, called exactly as generation.render_views calls
+    it (which runs under no_grad, so inversion cannot use it). codes [B,2K,D], styles_global [B,D],
+    cam for B views. Returns (rgb_high, seg_high, rgb_low, seg_low)."""
     (rgb, seg_high), rgb_low, seg_low = generator(
-        [codes], *cam, input_is_latent=True, truncation=truncation, truncation_latent=mean_latent,
+        [codes], *cam, input_is_latent=True, truncation=psi, truncation_latent=mean_latent,
         randomize_noise=False, styles_global=[styles_global], semantics=semantics)
     return rgb, seg_high, rgb_low, seg_low
 
 
-@torch.no_grad()
-def render_views(generator, codes, styles_global, locations, camera_opt, mean_latent, truncation,
-                 semantics=None, batch=4):
-    """Every identity of codes [N,2K,D] from every location [V,2]: (rgb [N,V,3,H,W], seg [N,V,K,H,W])."""
-    device = codes.device
-    n, v = codes.shape[0], locations.shape[0]
-    cam_all = cameras(generator, locations, camera_opt, device)
-    rgbs, segs = [], []
-    for i in range(n):
-        row_rgb, row_seg = [], []
-        for start in range(0, v, batch):
-            sl = slice(start, start + batch)
-            cam = [t[sl] for t in cam_all]
-            count = cam[0].shape[0]
-            rgb, seg, _, _ = render(generator, codes[i:i + 1].expand(count, -1, -1),
-                                    styles_global[i:i + 1].expand(count, -1), cam, mean_latent, truncation,
-                                    semantics)
-            row_rgb.append(rgb)
-            row_seg.append(seg)
-        rgbs.append(torch.cat(row_rgb))
-        segs.append(torch.cat(row_seg))
-    return torch.stack(rgbs), torch.stack(segs)
+def render_identities(generator, codes, styles_global, locations, opt, mean_latent, psi=None, semantics=None):
+    """Every identity of codes [N,2K,D] from every location [V,2], by generation.render_views:
+    (rgb [N,V,3,H,W], seg [N,V,K,H,W])."""
+    pairs = [gen.render_views(generator, codes[i:i + 1], styles_global[i:i + 1], locations, opt, mean_latent,
+                              semantics=semantics, psi=psi) for i in range(codes.shape[0])]
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
-def view_locations(n_views, camera_opt, device="cpu"):
-    """The published inference sweep (a single frontal view when n_views is 1)."""
+def edit_locations(opt, n_views, device="cpu"):
+    """--n_views N > 0: the published azimuth sweep with N views (one frontal view for N = 1);
+    otherwise the inference script's views (generation.view_locations)."""
     if n_views == 1:
         return torch.zeros(1, 2, device=device)
-    return sweep_locations(n_views, camera_opt.azim, camera_opt.elev, device=device)
+    if n_views > 1:
+        return sweep_locations(n_views, opt.camera.azim, opt.camera.elev, device=device)
+    return gen.view_locations(opt, device=device)
 
 
 # -------------------------------------------------------------------------------------- inversion
@@ -238,7 +206,7 @@ def invert(generator, target, mean_latent, truncation, camera_opt, target_seg=No
     losses = []
     bar = tqdm(range(steps), desc="invert", disable=not progress, leave=False)
     for _ in bar:
-        cam = cameras(generator, location, camera_opt, device)
+        cam = gen.cameras(generator.renderer.out_im_res, location, camera_opt, device)
         rgb, seg, _, _ = render(generator, codes, styles_global, cam, mean_latent, truncation)
         diff = rgb - target
         loss = diff.abs().mean() if pixel_loss == "l1" else diff.pow(2).mean()
@@ -254,7 +222,7 @@ def invert(generator, target, mean_latent, truncation, camera_opt, target_seg=No
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     with torch.no_grad():
-        cam = cameras(generator, location, camera_opt, device)
+        cam = gen.cameras(generator.renderer.out_im_res, location, camera_opt, device)
         rgb, seg, _, _ = render(generator, codes, styles_global, cam, mean_latent, truncation)
     return {"codes": codes.detach(), "styles_global": styles_global.detach(), "camera": location.detach(),
             "losses": losses, "rgb": rgb, "seg": seg}
@@ -274,90 +242,8 @@ def one_hot_regions(region_map, n_regions=NUM_REGIONS, size=None):
     return onehot
 
 
-# ------------------------------------------------------- loading, mean latent and images
-# (generation.py, being written alongside, will own these; the scripts switch to it once it lands)
-
-
-def pick_device(opt):
-    from devices import default_device
-
-    return default_device(opt.experiment.get("device"))
-
-
-def load_eval_generator(opt, device):
-    """The evaluation generator (ema, full pipeline) with --trained_ckpt loaded strictly.
-
-    Raises checkpoint.CheckpointError with one line when the file is missing or does not fit.
-    """
-    from checkpoint import CheckpointError, load_generator
-    from model import Generator
-
-    if not opt.training.trained_ckpt:
-        raise CheckpointError("no --trained_ckpt given")
-    generator = Generator(opt.model, opt.rendering, ema=True, full_pipeline=True)
-    load_generator(generator, opt.training.trained_ckpt)
-    return generator.to(device).eval()
-
-
-@torch.no_grad()
-def mean_latent(generator, n, seed=0):
-    """[renderer mean w (1×D), decoder mean (1×2D)] as Generator.mean_latent computes them, from `n`
-    latents drawn on the CPU with a fixed seed: reruns, and other devices, use the same means, and
-    the global RNG is left alone."""
-    param = generator.renderer.sigmoid_beta
-    gen = torch.Generator().manual_seed(int(seed))
-    z = torch.randn(n, generator.style_dim, generator=gen).to(device=param.device, dtype=param.dtype)
-    w = generator.style(z)
-    decoder_mean = generator.decoder.mean_latent(w) if generator.full_pipeline else None
-    return [w.mean(0, keepdim=True), decoder_mean]
-
-
-def to_uint8(rgb):
-    """[..., 3, H, W] in [-1, 1] → uint8 [..., H, W, 3] numpy."""
-    x = ((rgb.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.movedim(-3, -1).cpu().numpy()
-
-
 def image_grid(rows):
-    """rows: list of lists of uint8 [H,W,3] images (all the same size) → one uint8 grid image."""
+    """rows: lists of uint8 [H,W,3] images (all the same size) → one uint8 grid image."""
     import numpy as np
 
     return np.concatenate([np.concatenate(list(row), axis=1) for row in rows], axis=0)
-
-
-def save_image(path, image):
-    """Write a PNG atomically (a temporary file in the same folder, then rename)."""
-    import os
-    import tempfile
-
-    import imageio.v2 as imageio
-
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".img.", suffix=".png", dir=folder)
-    os.close(fd)
-    try:
-        imageio.imwrite(tmp, image, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def parse_options(argv, add_arguments, title):
-    """The shared option tree plus this script's own flags (group `title`), as (opt, own Munch)."""
-    from munch import Munch
-
-    from options import BaseOptions, group_options
-
-    base = BaseOptions()
-    base.initialize()
-    group = base.parser.add_argument_group(title)
-    add_arguments(group)
-    parsed = base.parser.parse_args(argv)
-    opt = group_options(base.parser, parsed)
-    values = vars(parsed)
-    own = Munch({a.dest: values[a.dest] for a in group._group_actions})
-    opt.model.n_render = opt.rendering.n_render
-    return opt, own

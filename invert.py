@@ -20,12 +20,12 @@ Writes into --out_dir (default <results_dir>/invert):
   <name>_latents.pt      codes, global style and fitted camera (azimuth, elevation)
 """
 import os
-import sys
 
 import numpy as np
 import torch
 
 import editing
+import generation as gen
 from checkpoint import CheckpointError, load_checkpoint
 from latents import save_latents
 from regions import CELEBAMASK_CLASSES, color_segmap, label19_to_regions
@@ -42,7 +42,8 @@ def add_arguments(group):
     group.add_argument("--vgg_weights", type=str, default="", help="local torchvision VGG16 state dict (perceptual loss)")
     group.add_argument("--perceptual_weight", type=float, default=1.0, help="weight of the perceptual loss")
     group.add_argument("--lpips_weights", type=str, default="", help="not supported (refused); use --vgg_weights")
-    group.add_argument("--n_views", type=int, default=5, help="novel views (the inference azimuth sweep)")
+    group.add_argument("--n_views", type=int, default=5,
+                       help="novel views: N of the azimuth sweep (0: the inference script's views)")
     group.add_argument("--out_dir", type=str, default="", help="output folder (default <results_dir>/invert)")
     group.add_argument("--name", type=str, default="", help="output name prefix (default: the image's name)")
 
@@ -105,7 +106,7 @@ def load_perceptual(path, device):
 
 
 def main(argv=None):
-    opt, own = editing.parse_options(argv, add_arguments, "inversion")
+    opt, own = gen.parse_options(argv, add_arguments, "inversion")
     size = opt.model.size
     try:
         if own.lpips_weights:
@@ -113,20 +114,20 @@ def main(argv=None):
                              "use --vgg_weights with a local torchvision VGG16 state dict")
         if own.pixel_loss not in ("l1", "l2"):
             raise ValueError(f"--pixel_loss {own.pixel_loss!r} is not one of l1, l2")
-        if own.steps < 1 or own.n_views < 1:
-            raise ValueError("--steps and --n_views must be at least 1")
+        if own.steps < 1 or own.n_views < 0:
+            raise ValueError("--steps must be at least 1 and --n_views at least 0")
         if not own.image:
             raise ValueError("no --image given")
         target = load_image(own.image, size)
         regions = load_mask(own.mask, size) if own.mask else None
-        device = editing.pick_device(opt)
+        device = gen.select_device(opt.experiment.device)
         perceptual = load_perceptual(own.vgg_weights, device) if own.vgg_weights else None
-        generator = editing.load_eval_generator(opt, device)
+        generator, _ = gen.load_models(opt, device)
     except (ValueError, CheckpointError) as error:
-        sys.exit(f"error: {error}")
+        gen.fail(error)
 
     psi = opt.inference.truncation_ratio
-    mean = editing.mean_latent(generator, opt.inference.truncation_mean, seed=opt.experiment.seed or 0)
+    mean = gen.mean_latent(generator, opt.inference.truncation_mean)  # fixed seed, as inference_Full.py
     dtype = mean[0].dtype
     target = target.to(device=device, dtype=dtype)
     target_seg = None
@@ -136,19 +137,19 @@ def main(argv=None):
                             lr=own.invert_lr, camera_lr=own.camera_lr, pixel_loss=own.pixel_loss,
                             mask_weight=own.mask_weight, perceptual=perceptual,
                             perceptual_weight=own.perceptual_weight)
-    locations = editing.view_locations(own.n_views, opt.camera, device)
-    views, view_segs = editing.render_views(generator, result["codes"], result["styles_global"], locations,
-                                            opt.camera, mean, psi)
+    locations = editing.edit_locations(opt, own.n_views, device)
+    views, view_segs = gen.render_views(generator, result["codes"], result["styles_global"], locations, opt, mean,
+                                        psi=psi)
 
     target_seg_image = (color_segmap(target_seg[0]) if target_seg is not None
                         else np.zeros((size, size, 3), dtype=np.uint8))
-    rgb_row = [editing.to_uint8(target[0]), editing.to_uint8(result["rgb"][0])] + list(editing.to_uint8(views[0]))
-    seg_row = [target_seg_image, color_segmap(result["seg"][0])] + list(color_segmap(view_segs[0]))
+    rgb_row = [gen.to_uint8(target[0]), gen.to_uint8(result["rgb"][0])] + list(gen.to_uint8(views))
+    seg_row = [target_seg_image, color_segmap(result["seg"][0])] + list(color_segmap(view_segs))
     name = own.name or os.path.splitext(os.path.basename(own.image))[0]
     out_dir = own.out_dir or os.path.join(opt.inference.results_dir, "invert")
     image_path = os.path.join(out_dir, f"{name}_inversion.png")
     latent_path = os.path.join(out_dir, f"{name}_latents.pt")
-    editing.save_image(image_path, editing.image_grid([rgb_row, seg_row]))
+    gen.save_image(image_path, editing.image_grid([rgb_row, seg_row]))
     azim, elev = result["camera"][0].tolist()
     save_latents(latent_path, result["codes"], result["styles_global"], truncated=True, camera=result["camera"],
                  note=f"invert {own.image}: {own.steps} steps, psi {psi}, camera azim {azim:.4f} elev {elev:.4f}")
