@@ -1,0 +1,336 @@
+"""Pieces shared by both training stages (train_CNeRF.py, train_Full.py).
+
+Device choice, seeding, RNG capture/restore in a tensors-only form (checkpoints load with
+weights_only=True), EMA, requires_grad toggles, the resumable data order, sample grids written as
+PNG, the optional wandb logger and the non-finite loss check.
+"""
+import contextlib
+import math
+import os
+import random
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils import data
+
+import distributed as dist_utils
+from regions import color_segmap
+
+
+class TrainingError(Exception):
+    """A problem that stops training with a one-line message (bad option, missing file, ...)."""
+
+
+class NonFiniteLoss(TrainingError):
+    """A loss became NaN or infinite; training stops without writing anything further."""
+
+
+# ------------------------------------------------------------------------------------------ device
+
+
+def select_device(requested=None, local_rank=0):
+    """torch.device from --device (None: CUDA if available, else CPU).
+
+    Under a multi-process launch a bare "cuda" means this process's GPU, cuda:<local_rank>.
+    """
+    if requested in (None, ""):
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+        return torch.device("cpu")
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError):
+        raise TrainingError(f"--device {requested!r} is not a torch device (examples: cpu, cuda, cuda:1)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainingError(f"--device {requested}: CUDA is not available on this machine (use --device cpu)")
+        if device.index is None:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        elif device.index >= torch.cuda.device_count():
+            raise TrainingError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif device.type != "cpu":
+        raise TrainingError(f"--device {requested}: only cpu and cuda devices are supported")
+    return device
+
+
+# ------------------------------------------------------------------------------------------- RNG
+
+
+def seed_all(seed, rank=0):
+    """Seed Python, NumPy and torch (all devices). Ranks get different streams (seed + rank)."""
+    seed = int(seed) + int(rank)
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    """Every RNG this program draws from, as tensors and plain lists (safe for weights_only loading).
+
+    Python's state is (version, 625 ints, gauss_next) and NumPy's holds an array: both become int64
+    tensors plus plain numbers, so no pickled custom objects end up in the checkpoint.
+    """
+    version, internal, gauss_next = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python_version": int(version),
+        "python_state": torch.tensor(internal, dtype=torch.int64),
+        "python_gauss": gauss_next if gauss_next is None else float(gauss_next),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "numpy_has_gauss": int(np_state[3]),
+        "numpy_gauss": float(np_state[4]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state):
+    """Restore what rng_state() captured."""
+    random.setstate((int(state["python_version"]), tuple(int(v) for v in state["python_state"].tolist()),
+                     state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(state["numpy_pos"]),
+                         int(state["numpy_has_gauss"]), float(state["numpy_gauss"])))
+    torch.set_rng_state(state["torch"].cpu().to(torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        saved = state["cuda"]
+        for index in range(min(len(saved), torch.cuda.device_count())):
+            torch.cuda.set_rng_state(saved[index].cpu().to(torch.uint8), index)
+
+
+@contextlib.contextmanager
+def isolated_rng(device, seed=None):
+    """Run a block without disturbing the training RNG streams (sample grids, truncation means).
+
+    Training must not depend on how often samples are drawn, or a resumed run would diverge from an
+    uninterrupted one. With `seed` the block also sees the same random numbers every time.
+    """
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    py_state = random.getstate()
+    with torch.random.fork_rng(devices=devices):
+        if seed is not None:
+            torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+
+
+def mixing_noise(batch, latent_dim, prob, device):
+    """One z [B,D], or two (style mixing) with probability `prob`."""
+    if prob > 0 and random.random() < prob:
+        return list(torch.randn(2, batch, latent_dim, device=device).unbind(0))
+    return [torch.randn(batch, latent_dim, device=device)]
+
+
+# ----------------------------------------------------------------------------------- parameters
+
+
+def requires_grad(model, flag=True):
+    for p in model.parameters():
+        p.requires_grad = flag
+
+
+def accumulate(ema, model, decay=0.999, prefixes=None):
+    """ema ← decay·ema + (1-decay)·model for parameters (optionally only those under `prefixes`).
+
+    Restricting to the trained sub-modules keeps frozen parts bit-identical: a·d + a·(1-d) is not
+    always exactly a in floating point.
+    """
+    ema_params = dict(ema.named_parameters())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if prefixes is not None and not name.startswith(tuple(prefixes)):
+                continue
+            ema_params[name].mul_(decay).add_(param.detach(), alpha=1 - decay)
+
+
+def unwrap(module):
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return module.module if hasattr(module, "module") else module
+
+
+# ----------------------------------------------------------------------------------- loss checks
+
+
+def check_finite(losses, iteration):
+    """Stop with a message naming the loss and the iteration when any loss is NaN or infinite.
+
+    Collective under DDP: all ranks stop together (a rank leaving alone would hang the others).
+    """
+    bad = [name for name, value in losses.items()
+           if torch.is_tensor(value) and not bool(torch.isfinite(value.detach()).all())
+           or not torch.is_tensor(value) and not math.isfinite(float(value))]
+    flag = torch.tensor([1.0 if bad else 0.0])
+    if dist_utils.is_distributed() and dist_utils.get_world_size() > 1:
+        device = next((v.device for v in losses.values() if torch.is_tensor(v)), torch.device("cpu"))
+        flag = dist_utils.reduce_max(flag.to(device)).cpu()
+    if float(flag) > 0:
+        if bad:
+            values = ", ".join(f"{name}={float(losses[name].detach().float().mean()) if torch.is_tensor(losses[name]) else float(losses[name])}"
+                               for name in bad)
+            raise NonFiniteLoss(f"non-finite loss at iteration {iteration}: {values}")
+        raise NonFiniteLoss(f"non-finite loss at iteration {iteration} on another rank")
+
+
+# ------------------------------------------------------------------------------------ data order
+
+
+class ResumableSampler(data.Sampler):
+    """An endless, shuffled index stream that a resumed run continues exactly.
+
+    Epoch e is the permutation a DistributedSampler(seed, epoch=e) gives this rank (one replica when
+    not distributed), so the order depends only on (seed, rank, world size) and the number of
+    samples already drawn -- `start` skips those.
+    """
+
+    def __init__(self, dataset, seed=0, start=0, num_replicas=1, rank=0, shuffle=True):
+        self.dataset = dataset
+        self.seed = int(seed)
+        self.start = int(start)
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.shuffle = shuffle
+
+    def _epoch(self, epoch):
+        sampler = data.distributed.DistributedSampler(self.dataset, num_replicas=self.num_replicas, rank=self.rank,
+                                                      shuffle=self.shuffle, seed=self.seed, drop_last=False)
+        sampler.set_epoch(epoch)
+        return list(iter(sampler))
+
+    def __iter__(self):
+        per_epoch = len(self._epoch(0))
+        epoch, offset = divmod(self.start, per_epoch)
+        while True:
+            indices = self._epoch(epoch)
+            for index in indices[offset:]:
+                yield index
+            offset = 0
+            epoch += 1
+
+    def __len__(self):  # endless; DataLoader only needs this for its own bookkeeping
+        return 2 ** 62
+
+
+def make_loader(dataset, batch, seed, start_iteration, num_workers, device):
+    """A DataLoader over `dataset` that continues where iteration `start_iteration` left off."""
+    sampler = ResumableSampler(dataset, seed=seed, start=start_iteration * batch,
+                               num_replicas=dist_utils.get_world_size(), rank=dist_utils.get_rank())
+    # Workers draw their flip decisions from seeds derived from this generator; seeding it from the
+    # start iteration makes runs with workers reproducible (bit-exact resume needs num_workers 0,
+    # where flips come from the main process's Python RNG, which checkpoints carry).
+    generator = torch.Generator().manual_seed(int(seed) * 1000003 + start_iteration)
+    return data.DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=True, num_workers=num_workers,
+                           pin_memory=device.type == "cuda", generator=generator,
+                           persistent_workers=num_workers > 0)
+
+
+def infinite(loader):
+    while True:
+        for batch in loader:
+            yield batch
+
+
+# ----------------------------------------------------------------------------------- sample grids
+
+
+def to_uint8_image(img):
+    """[3,H,W] tensor in [-1,1] → uint8 [H,W,3]."""
+    img = img.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    return img.permute(1, 2, 0).cpu().numpy()
+
+
+def resize_uint8(array, size):
+    if array.shape[0] == size and array.shape[1] == size:
+        return array
+    return np.asarray(Image.fromarray(array).resize((size, size), Image.NEAREST))
+
+
+def image_seg_tiles(images, segs, size=None):
+    """Per sample: the image beside its coloured segmentation, both at `size` (nearest upscaling)."""
+    size = size or max(images.shape[-1], 64)  # tiny test renders stay visible
+    colours = color_segmap(segs)  # [B,H,W,3]
+    return [np.concatenate([resize_uint8(to_uint8_image(img), size), resize_uint8(col, size)], 1)
+            for img, col in zip(images, colours)]
+
+
+def save_grid(path, rows, pad=2):
+    """Write rows of uint8 [H,W,3] tiles as one PNG (atomically: temp file, then rename)."""
+    height = max(t.shape[0] for row in rows for t in row)
+    width = max(sum(t.shape[1] for t in row) + pad * (len(row) - 1) for row in rows)
+    canvas = np.full((len(rows) * height + pad * (len(rows) - 1), width, 3), 255, dtype=np.uint8)
+    for r, row in enumerate(rows):
+        x = 0
+        y = r * (height + pad)
+        for tile in row:
+            canvas[y:y + tile.shape[0], x:x + tile.shape[1]] = tile
+            x += tile.shape[1] + pad
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.png"
+    Image.fromarray(canvas).save(tmp)
+    os.replace(tmp, path)
+    return canvas
+
+
+# ------------------------------------------------------------------------------------------ wandb
+
+
+class WandbLogger:
+    """Thin optional wandb wrapper: a no-op unless --wandb, and only on rank 0.
+
+    Works offline with WANDB_MODE=offline. Without the package, --wandb stops with a clear message.
+    """
+
+    def __init__(self, enabled, project, name, config, directory):
+        self.run = None
+        if not enabled or not dist_utils.is_main_process():
+            return
+        try:
+            import wandb
+        except ImportError:
+            raise TrainingError("--wandb needs the wandb package (pip install wandb), or drop --wandb") from None
+        self.wandb = wandb
+        os.makedirs(directory, exist_ok=True)
+        self.run = wandb.init(project=project, name=name, config=config, dir=directory, resume="allow")
+
+    def log(self, values, step):
+        if self.run is not None:
+            self.run.log(dict(values), step=step)
+
+    def log_image(self, key, path, step):
+        if self.run is not None:
+            self.run.log({key: self.wandb.Image(path)}, step=step)
+
+    def finish(self):
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+# ---------------------------------------------------------------------------------------- options
+
+
+def plain(value):
+    """A Munch/option tree as plain dicts and primitives (what weights_only loading accepts)."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def resolve_resume_path(ckpt, folder):
+    """--ckpt N → <folder>/models_{N:07d}.pt; an existing file path is used as given."""
+    if os.path.isfile(str(ckpt)):
+        return str(ckpt)
+    try:
+        number = int(str(ckpt))
+    except ValueError:
+        raise TrainingError(f"--ckpt {ckpt!r}: neither an iteration number nor an existing file") from None
+    return os.path.join(folder, f"models_{number:07d}.pt")
