@@ -20,7 +20,7 @@ import torch
 from munch import Munch
 
 from camera import fixed_locations, generate_camera_params, sweep_locations
-from checkpoint import CheckpointError, load_generator, load_state_strict
+from checkpoint import CheckpointError, generator_state, load_checkpoint, load_state_strict
 from model import Generator
 from options import BaseOptions, group_options
 from regions import color_segmap, parse_regions
@@ -116,6 +116,10 @@ def build_surface_generator(opt, device="cpu", resolution=SURFACE_RESOLUTION, n_
     model = model_options(opt)
     model.renderer_spatial_output_dim = int(resolution)
     rendering = eval_rendering_options(opt.rendering, n_samples)
+    # The last sample takes whatever weight the ray has left: a ray that hits nothing then ends at the
+    # far plane with mask (last weight) ≈ 1 instead of summing to ~0 and putting its point at the origin,
+    # so depth meshes can tell surface from background. Rays that hit a surface are unchanged.
+    rendering.force_background = True
     generator = Generator(model, rendering, ema=True, full_pipeline=False)
     return generator.to(device).eval()
 
@@ -131,7 +135,17 @@ def load_models(opt, device, surface=False, n_samples=INFERENCE_SAMPLES, surface
     if not path:
         raise CheckpointError("no checkpoint given: pass --trained_ckpt FILE")
     generator = build_generator(opt, "cpu", n_samples)
-    load_generator(generator, path)
+    state = generator_state(load_checkpoint(path), path)
+    load_state_strict(generator, state, path, what="generator")
+    # load_state_strict ignores keys the model lacks (a renderer-only model takes a subset), but a full
+    # generator that leaves weights unused was built for another configuration, e.g. a larger --size
+    # whose decoder has more layers: refuse rather than render with half a decoder.
+    own = generator.state_dict()
+    extra = [key for key in state if key not in own]
+    if extra:
+        raise CheckpointError(f"{path}: does not fit the generator at this configuration: {len(extra)} keys the "
+                              f"model does not have (first: {', '.join(extra[:3])}); check --size, --style_dim, "
+                              f"--renderer_spatial_output_dim and --channel_multiplier")
     surface_generator = None
     if surface:
         surface_generator = build_surface_generator(opt, "cpu", surface_resolution, surface_samples)
