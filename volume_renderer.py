@@ -118,6 +118,47 @@ def expand_codes(codes, depth=3, texture_depth=2):
     return torch.cat([shape, texture], 2)
 
 
+class _FastSpec:
+    """Everything a fast render needs besides the differentiable tensors (rays, depths, flags)."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
+class _FastRender(torch.autograd.Function):
+    """Renders without a graph; backward re-renders chunk by chunk and accumulates the gradients of
+    the folded weights, heads and sigmoid_beta (exact: the outputs are per-ray, chunks are disjoint)."""
+
+    @staticmethod
+    def forward(ctx, renderer, spec, *tensors):
+        ctx.renderer, ctx.spec = renderer, spec
+        ctx.save_for_backward(*tensors)
+        ctx.set_materialize_grads(False)
+        return tuple(renderer._fast_all(spec, tensors, keep_sdf0=True))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        renderer, spec = ctx.renderer, ctx.spec
+        tensors = ctx.saved_tensors
+        needs = ctx.needs_input_grad[2:]
+        totals = [None] * len(tensors)
+        wanted = [i for i, need in enumerate(needs) if need]
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_(need) for t, need in zip(tensors, needs)]
+            for b, sl in renderer._fast_chunks(spec):
+                pairs = [(key, g[b, sl]) for key, g in zip(spec.keys, grads) if g is not None]
+                if not pairs or not wanted:
+                    continue
+                out = renderer._fast_chunk(spec, inputs, b, sl)
+                got = torch.autograd.grad([out[key] for key, _ in pairs], [inputs[i] for i in wanted],
+                                          [g for _, g in pairs], allow_unused=True)
+                for i, g in zip(wanted, got):
+                    if g is not None:
+                        totals[i] = g if totals[i] is None else totals[i] + g
+                del out, got
+        return (None, None, *totals)
+
+
 class VolumeFeatureRenderer(nn.Module):
     """Renders K region generators composed by SDF summation into an image, a semantic mask and features."""
 
@@ -141,6 +182,10 @@ class VolumeFeatureRenderer(nn.Module):
         self.style_dim = style_dim
         self.ray_chunk = opt.get("ray_chunk", 2048) or 0
         self.out_im_res = out_im_res
+        self.render_path = opt.get("render_path", "fast") or "fast"
+        # Fast path: points per chunk (rays = points // samples); small enough that the [10·128, P]
+        # activations stay in cache-friendly, reusable allocations.
+        self.fast_points = opt.get("fast_points", 4096)
 
         # Constant buffers are float32 values (converted by .double() like the published modules),
         # not part of the state dict.
@@ -181,6 +226,26 @@ class VolumeFeatureRenderer(nn.Module):
     def forward(self, cam_poses, focal, near, far, styles, return_eikonal=False, return_sdf=None,
                 return_xyz=None, semantics=None, ray_chunk=None):
         """Render. `styles`: per-region codes [B, 2K, D].
+
+        Returns a dict with rgb [B,3,R,R] (in [-1,1]), seg [B,K,R,R], features [B,C,R,R] (when the
+        renderer outputs features), and on request sdf [B,R,R,S,1], eikonal [B,R,R,S,3],
+        xyz [B,3,R,R] with the last sample's weight mask [B,1,R,R].
+        `self.render_path` picks the implementation: "fast" (grouped MLPs, folded FiLM, analytic
+        eikonal, per-chunk recomputation for gradients) or "reference" (the straightforward one).
+        Both give the same numbers up to rounding.
+        """
+        if self.render_path not in ("fast", "reference"):
+            raise ValueError(f"render_path must be 'fast' or 'reference', got {self.render_path!r}")
+        camera_grad = any(t.requires_grad for t in (cam_poses, focal, near, far) if torch.is_tensor(t))
+        if self.render_path == "fast" and not (camera_grad and torch.is_grad_enabled()):
+            return self._forward_fast(cam_poses, focal, near, far, styles, return_eikonal, return_sdf,
+                                      return_xyz, semantics, ray_chunk)
+        return self._forward_reference(cam_poses, focal, near, far, styles, return_eikonal, return_sdf,
+                                       return_xyz, semantics, ray_chunk)
+
+    def _forward_reference(self, cam_poses, focal, near, far, styles, return_eikonal=False, return_sdf=None,
+                           return_xyz=None, semantics=None, ray_chunk=None):
+        """The straightforward renderer: 10 separate MLPs, autograd for the eikonal term.
 
         Returns a dict with rgb [B,3,R,R] (in [-1,1]), seg [B,K,R,R], features [B,C,R,R] (when the
         renderer outputs features), and on request sdf [B,R,R,S,1], eikonal [B,R,R,S,3],
@@ -279,15 +344,20 @@ class VolumeFeatureRenderer(nn.Module):
                                                  create_graph=create_graph)[0]
         return out
 
-    def _weights(self, sdf, z, rays_d):
+    def _weights(self, sdf, z, rays_d, noise=None, beta=None):
+        """Volume-rendering weights [..., S, 1]. `noise` (the raw-noise draw) and `beta` (the
+        sigmoid_beta tensor) can be supplied so that the fast path's re-rendering is identical."""
+        beta = self.sigmoid_beta if beta is None else beta
         dists = z[..., 1:] - z[..., :-1]
         dists = torch.cat([dists, 1e10 * torch.ones_like(dists[..., :1])], -1)
         dists = dists * torch.norm(rays_d, dim=-1, keepdim=True)
         raw = sdf
-        if self.raw_noise_std > 0 and self.training:
+        if noise is not None:
+            raw = raw + noise
+        elif self.raw_noise_std > 0 and self.training:
             raw = raw + torch.randn_like(raw) * self.raw_noise_std
         if self.with_sdf:
-            sigma = torch.sigmoid(-raw / self.sigmoid_beta) / self.sigmoid_beta
+            sigma = torch.sigmoid(-raw / beta) / beta
         else:  # NeRF density mode (the published code for it does not run; softplus density here)
             sigma = F.softplus(raw)
         alpha = 1 - torch.exp(-sigma * dists.unsqueeze(-1))
@@ -306,6 +376,182 @@ class VolumeFeatureRenderer(nn.Module):
             else:
                 out[key] = value.reshape(batch, res, res, value.shape[-1]).permute(0, 3, 1, 2).contiguous()
         return out
+
+    # ------------------------------------------------------------------------------- fast path
+    # All region MLPs run as one batched matmul per layer ([K, C, P] activations, points last), with
+    # FiLM folded into the weights once per image: γ ⊙ (W h + b) + β = (γ W) h + (γ b + β).
+    # The eikonal term is the hand-written reverse pass of the SIREN trunk (first-order only), so
+    # gradients of losses that use it need plain backward, not double backward. With gradients
+    # needed, _FastRender renders without a graph and, in backward, re-renders chunk by chunk and
+    # accumulates the parameter gradients: memory stays at one chunk's graph.
+
+    def _fast_params(self, styles):
+        """Flat list of per-image folded trunk weights + stacked heads + sigmoid_beta (with autograd),
+        and the initial SDF network's folded trunk + sdf head (without)."""
+        if styles.dim() != 3 or styles.shape[1] != self.n_codes:
+            raise ValueError(f"renderer styles must be [B, {self.n_codes}, {self.style_dim}], got {tuple(styles.shape)}")
+        texture_depth = len(self.network[0].texture_linears)
+        per_layer = expand_codes(styles, self.depth, texture_depth)  # [B, K, L, D]
+
+        def folded(nets, region_codes):
+            layers = [list(net.shape_linears) + list(net.texture_linears) for net in nets]
+            weights, biases = [], []
+            for l in range(len(layers[0])):
+                ws, bs = [], []
+                for k, net_layers in enumerate(layers):
+                    layer = net_layers[l]
+                    gamma, beta = layer.modulation(region_codes[:, k, l])  # [B, 1, C] each
+                    gamma, beta = gamma[:, 0], beta[:, 0]
+                    ws.append(gamma.unsqueeze(-1) * layer.weight)
+                    bs.append(gamma * layer.bias + beta)
+                weights.append(torch.stack(ws, 1))  # [B, K, C, Cin]
+                biases.append(torch.stack(bs, 1))   # [B, K, C]
+            return weights, biases
+
+        weights, biases = folded(self.network, per_layer)
+        heads = []
+        for name in ("mask_linears", "feature_linear", "rgb_linear", "sdf_linear"):
+            mods = [getattr(net, name) for net in self.network]
+            assert all(m.scale == 1.0 and m.offset == 0.0 for m in mods)
+            heads += [torch.stack([m.weight for m in mods]), torch.stack([m.bias for m in mods])]
+        with torch.no_grad():  # the initial SDF network only supplies a fixed base shape
+            init_w, init_b = folded([self.init_network], per_layer[:, :1])
+            init_head = (self.init_network.sdf_linear.weight.unsqueeze(0), self.init_network.sdf_linear.bias.unsqueeze(0))
+        return weights + biases + heads + [self.sigmoid_beta], (init_w, init_b, init_head)
+
+    def _fast_unpack(self, tensors):
+        n_layers = (len(tensors) - 9) // 2
+        names = ("mask_w", "mask_b", "feat_w", "feat_b", "rgb_w", "rgb_b", "sdf_w", "sdf_b", "beta")
+        out = dict(zip(names, tensors[2 * n_layers:]))
+        out["w"], out["b"] = list(tensors[:n_layers]), list(tensors[n_layers:2 * n_layers])
+        return out
+
+    @staticmethod
+    def _trunk(weights, biases, xt, keep_pre, tap):
+        """SIREN trunk on points xt [3, P]: returns (pre-activations if keep_pre, output after layer
+        `tap`, final output), activations [K, C, P]."""
+        k, c = weights[0].shape[:2]
+        a = torch.addmm(biases[0].reshape(k * c, 1), weights[0].reshape(k * c, 3), xt).view(k, c, -1)
+        pre = [a] if keep_pre else None
+        h = torch.sin(a)
+        tapped = h if tap == 1 else None
+        for l in range(1, len(weights)):
+            a = torch.baddbmm(biases[l].unsqueeze(-1), weights[l], h)
+            if keep_pre:
+                pre.append(a)
+            h = torch.sin(a)
+            if l + 1 == tap:
+                tapped = h
+        return pre, tapped, h
+
+    def _fast_chunks(self, spec):
+        n_rays = spec.rays_o.shape[1]
+        for b in range(spec.rays_o.shape[0]):
+            for start in range(0, n_rays, spec.chunk):
+                yield b, slice(start, start + spec.chunk)
+
+    def _fast_chunk(self, spec, tensors, b, sl):
+        """Render rays `sl` of image `b`; returns {key: tensor [n, ...]} for spec.keys (and sdf0)."""
+        p = self._fast_unpack(tensors)
+        rays_o, rays_d, viewdirs = spec.rays_o[b, sl], spec.rays_d[b, sl], spec.viewdirs[b, sl]
+        z = spec.z[b, sl]
+        n, s = z.shape
+        pts = rays_o.unsqueeze(-2) + rays_d.unsqueeze(-2) * z.unsqueeze(-1)  # [n, S, 3]
+        span = (spec.far[b, sl] - spec.near[b, sl]).unsqueeze(-1)  # [n, 1, 1]
+        x = pts * 2 / span if self.z_normalize else pts
+        xt = x.reshape(n * s, 3).t()
+        eikonal = "eikonal" in spec.keys
+        weights_b = [w[b] for w in p["w"]]
+        pre, h_shape, h = self._trunk(weights_b, [v[b] for v in p["b"]], xt, eikonal, self.depth)
+        k, c = h.shape[:2]
+
+        if spec.sdf0 is not None:
+            sdf0 = spec.sdf0[b, sl].reshape(1, n * s)
+        else:
+            with torch.no_grad():
+                init_w, init_b, (init_sw, init_sb) = spec.init
+                _, _, h0 = self._trunk([w[b] for w in init_w], [v[b] for v in init_b], xt, False, 0)
+                sdf0 = torch.baddbmm(init_sb.unsqueeze(-1), init_sw, h0)[0]  # [1, P]
+                del h0
+
+        vt = viewdirs.t()  # [3, n]; the view-direction part of a head is constant along a ray
+        mask_w, feat_w = p["mask_w"], p["feat_w"]
+        mask = torch.baddbmm(p["mask_b"].unsqueeze(-1), mask_w[:, :, :c], h_shape).view(k, 1, n, s)
+        mask = (mask + torch.matmul(mask_w[:, :, c:], vt).unsqueeze(-1)).view(k, 1, n * s)
+        delta_sdf = torch.baddbmm(p["sdf_b"].unsqueeze(-1), p["sdf_w"], h).sum(0)  # [1, P]
+        feat = torch.baddbmm(p["feat_b"].unsqueeze(-1), feat_w[:, :, :c], h).view(k, c, n, s)
+        feat = (feat + torch.matmul(feat_w[:, :, c:], vt).unsqueeze(-1)).view(k, c, n * s)
+        rgb = torch.baddbmm(p["rgb_b"].unsqueeze(-1), p["rgb_w"], feat)  # [K, 3, P]
+        color = (mask * rgb).sum(0)  # [3, P]
+
+        sdf = (sdf0 + delta_sdf).reshape(n, s, 1)
+        noise = spec.noise[b, sl] if spec.noise is not None else None
+        weights = self._weights(sdf.unsqueeze(0), z.unsqueeze(0), rays_d.unsqueeze(0), noise=noise,
+                                beta=p["beta"])[0]  # [n, S, 1]
+        out = {"rgb": -1 + 2 * torch.sum(weights * torch.sigmoid(color.t().reshape(n, s, 3)), -2),
+               "seg": torch.sum(weights * mask.view(k, n, s).permute(1, 2, 0), -2)}
+        if "features" in spec.keys:
+            chosen = feat if spec.selected is None else feat[spec.selected]
+            chosen_mask = mask if spec.selected is None else mask[spec.selected]
+            features = (chosen_mask * chosen).sum(0).view(c, n, s)
+            out["features"] = (features * weights.view(1, n, s)).sum(-1).t()
+        if "sdf" in spec.keys:
+            out["sdf"] = sdf
+        if "xyz" in spec.keys:
+            out["xyz"] = torch.sum(weights * pts, -2)
+            out["mask"] = weights[..., -1, :]
+        if eikonal:
+            # ∂(Σ_k Δsdf_k)/∂x by the chain rule through the trunk, then ∂x/∂pts = 2/(far-near).
+            delta = p["sdf_w"][:, 0, :].unsqueeze(-1) * torch.cos(pre[-1])
+            for l in range(len(weights_b) - 1, 0, -1):
+                delta = torch.bmm(weights_b[l].transpose(1, 2), delta) * torch.cos(pre[l - 1])
+            grad_x = torch.mm(weights_b[0].reshape(k * c, 3).t(), delta.reshape(k * c, n * s))
+            grad = grad_x.t().reshape(n, s, 3)
+            out["eikonal"] = grad / span * 2 if self.z_normalize else grad
+        out["_sdf0"] = sdf0.reshape(n, s, 1)
+        return out
+
+    def _fast_all(self, spec, tensors, keep_sdf0=False):
+        """Every chunk without a graph, merged to [B, N, ...] per key (sdf0 kept in spec if asked)."""
+        per_image = [[] for _ in range(spec.rays_o.shape[0])]
+        with torch.no_grad():
+            for b, sl in self._fast_chunks(spec):
+                per_image[b].append(self._fast_chunk(spec, tensors, b, sl))
+        keys = list(spec.keys) + (["_sdf0"] if keep_sdf0 else [])
+        merged = {key: torch.stack([torch.cat([c[key] for c in chunks], 0) for chunks in per_image])
+                  for key in keys}
+        if keep_sdf0:
+            spec.sdf0 = merged.pop("_sdf0")
+        return [merged[key] for key in spec.keys]
+
+    def _forward_fast(self, cam_poses, focal, near, far, styles, return_eikonal=False, return_sdf=None,
+                      return_xyz=None, semantics=None, ray_chunk=None):
+        return_sdf = self.return_sdf if return_sdf is None else return_sdf
+        return_xyz = self.return_xyz if return_xyz is None else return_xyz
+        batch = cam_poses.shape[0]
+        rays_o, rays_d, viewdirs, near_r, far_r = self._rays(cam_poses, focal, near, far)
+        tensors, init = self._fast_params(styles)
+        chunk = ray_chunk if ray_chunk else max(1, self.fast_points // self.N_samples)
+        # Depths (and raw noise) for the whole image at once, so that re-rendering a chunk for the
+        # gradients sees exactly the samples of the forward pass.
+        t_vals = self.t_vals.to(rays_o.dtype)
+        perturb = self.perturb if (self.training and not self.test) else 0.0
+        z = depths_along_rays(t_vals, near_r, far_r, perturb, self.offset_sampling)
+        noise = None
+        if self.raw_noise_std > 0 and self.training:
+            noise = torch.randn(z.shape + (1,), dtype=z.dtype, device=z.device) * self.raw_noise_std
+        keys = ["rgb", "seg"] + (["features"] if self.output_features else []) + (["sdf"] if return_sdf else [])
+        keys += (["eikonal"] if return_eikonal else []) + (["xyz", "mask"] if return_xyz else [])
+        region_weights = self._semantic_weights(semantics, rays_o)
+        selected = None if region_weights is None else torch.nonzero(region_weights).flatten().tolist()
+        spec = _FastSpec(rays_o=rays_o.detach(), rays_d=rays_d.detach(), viewdirs=viewdirs.detach(),
+                         near=near_r.detach(), far=far_r.detach(), z=z, noise=noise, init=init,
+                         selected=selected, keys=keys, chunk=chunk, sdf0=None)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            outs = _FastRender.apply(self, spec, *tensors)
+        else:
+            outs = self._fast_all(spec, tensors)
+        return self._to_images(dict(zip(keys, outs)), batch)
 
     # --------------------------------------------------------------------------- sphere init
     def mlp_init_pass(self, cam_poses, focal, near, far, styles):

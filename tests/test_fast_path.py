@@ -1,0 +1,211 @@
+"""Fast renderer path vs the straightforward reference path (issue 6): outputs and parameter
+gradients in float64 on a small configuration, chunk-size invariance, layout and selection."""
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from camera import generate_camera_params
+from losses import eikonal_loss
+from model import Generator
+from options import default_options
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--size", "64", "--renderer_spatial_output_dim", "8", "--style_dim", "16", "--width", "16",
+        "--N_samples", "6", "--channel_multiplier", "1"]
+
+
+def _opt(**rendering):
+    opt = default_options(TINY)
+    opt.rendering.update(rendering)
+    opt.model.n_render = opt.rendering.n_render
+    return opt
+
+
+def _make(full_pipeline, train, **rendering):
+    torch.manual_seed(0)
+    opt = _opt(**rendering)
+    g = Generator(opt.model, opt.rendering, ema=not train, full_pipeline=full_pipeline).double()
+    # Larger-than-init modulations so that every layer matters for the comparison.
+    with torch.no_grad():
+        for p in g.renderer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    g.train(train)
+    return g, opt
+
+
+def _pair(full_pipeline, train, **rendering):
+    g_ref, opt = _make(full_pipeline, train, **rendering)
+    g_fast = copy.deepcopy(g_ref)
+    g_ref.renderer.render_path = "reference"
+    g_fast.renderer.render_path = "fast"
+    return g_ref, g_fast, opt
+
+
+def _camera(batch, res=8, seed=1):
+    torch.manual_seed(seed)
+    return [t.double() for t in generate_camera_params(res, "cpu", batch=batch)[:4]]
+
+
+def _close(a, b, what, tol=1e-9):
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+    scale = max(1.0, b.abs().max().item())
+    err = (a - b).abs().max().item()
+    assert err <= tol * scale, f"{what}: max error {err:.3e} (scale {scale:.3e})"
+
+
+def _stage1_step(g, cam, z):
+    torch.manual_seed(5)  # same style-mixing draws in both paths
+    g.zero_grad(set_to_none=True)
+    _, thumb, sdf, eikonal, seg = g([z, z.flip(0)], *cam, return_sdf=True, return_eikonal=True)
+    eik, min_surf = eikonal_loss(eikonal, sdf, beta=100)
+    # Weighted sums so that every output pixel carries a different gradient.
+    w = torch.linspace(0.5, 1.5, thumb.numel(), dtype=thumb.dtype).view_as(thumb)
+    loss = (w * thumb).mean() + 0.1 * eik + 0.01 * min_surf + (seg ** 2).mean()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in g.named_parameters() if p.grad is not None}
+    return (thumb.detach(), sdf.detach(), eikonal.detach(), seg.detach(), loss.detach()), grads
+
+
+def test_stage1_outputs_and_parameter_gradients_match_reference():
+    g_ref, g_fast, opt = _pair(False, True, perturb=0.0)
+    cam = _camera(2)
+    torch.manual_seed(3)
+    z = torch.randn(2, opt.model.style_dim, dtype=torch.float64)
+    out_ref, grads_ref = _stage1_step(g_ref, cam, z)
+    out_fast, grads_fast = _stage1_step(g_fast, cam, z)
+    for name, a, b in zip(("thumb", "sdf", "eikonal", "seg", "loss"), out_fast, out_ref):
+        _close(a, b, name)
+    renderer_keys = [k for k in grads_ref if k.startswith("renderer.network.")]
+    assert len(renderer_keys) > 100 and "renderer.sigmoid_beta" in grads_ref and "style.0.weight" in grads_ref
+    assert set(grads_fast) == set(grads_ref)
+    for name, g in grads_ref.items():
+        assert g.abs().max() > 0 or name.startswith("renderer.init_network"), f"{name} has no gradient"
+        _close(grads_fast[name], g, f"grad {name}")
+
+
+def test_stage1_randomness_is_reused_when_re_rendering():
+    """With jitter and raw noise on, gradients must come from the very samples of the forward pass:
+    the fast path's gradient equals a finite difference of its own loss along a direction."""
+    g, _, opt = _pair(False, True, perturb=1.0, raw_noise_std=0.5)
+    g.renderer.render_path = "fast"
+    cam = _camera(1)
+    z = torch.randn(1, opt.model.style_dim, dtype=torch.float64)
+    param = g.renderer.network[2].texture_linears[0].weight
+    direction = torch.randn_like(param)
+
+    def loss_at(offset, seed):
+        with torch.no_grad():
+            param.add_(offset * direction)
+        torch.manual_seed(seed)
+        g.zero_grad(set_to_none=True)
+        _, thumb, sdf, eikonal, seg = g([z], *cam, return_sdf=True, return_eikonal=True)
+        eik, min_surf = eikonal_loss(eikonal, sdf, beta=100)
+        loss = thumb.mean() + eik + min_surf + seg.mean()
+        loss.backward()
+        with torch.no_grad():
+            param.sub_(offset * direction)
+        return loss.item(), (param.grad * direction).sum().item()
+
+    _, analytic = loss_at(0.0, 11)
+    eps = 1e-6
+    numeric = (loss_at(eps, 11)[0] - loss_at(-eps, 11)[0]) / (2 * eps)
+    assert abs(analytic - numeric) <= 1e-6 * max(1.0, abs(numeric)), (analytic, numeric)
+    # a different seed really draws different samples (so the check above is not vacuous)
+    assert loss_at(0.0, 12)[0] != loss_at(0.0, 11)[0]
+
+
+def test_stage2_feature_loss_gradients_match_reference():
+    """Stage 2 / inversion style: gradients of an image loss through features and the decoder reach
+    the latents through the (frozen) renderer identically."""
+    g_ref, g_fast, opt = _pair(True, False, static_viewdirs=True, perturb=0.0)
+    cam = _camera(2)
+    torch.manual_seed(4)
+    w = g_ref.map_styles(torch.randn(2, opt.model.style_dim, dtype=torch.float64)).detach()
+    codes = w.unsqueeze(1).repeat(1, g_ref.n_latent, 1) + 0.1 * torch.randn(2, g_ref.n_latent, w.shape[-1],
+                                                                           dtype=torch.float64)
+    results = []
+    for g in (g_ref, g_fast):
+        g.freeze_renderer()
+        for p in g.decoder.parameters():
+            p.requires_grad_(True)
+        lat = codes.clone().requires_grad_(True)
+        g.zero_grad(set_to_none=True)
+        (rgb, seg_high), thumb, seg = g([lat], *cam, input_is_latent=True, styles_global=[w],
+                                        randomize_noise=False, semantics=[0, 2, 5])
+        loss = (rgb ** 2).mean() + seg_high.mean() + thumb.mean()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in g.named_parameters() if p.grad is not None}
+        results.append((rgb.detach(), seg_high.detach(), thumb.detach(), seg.detach(), lat.grad.clone(), grads))
+    ref, fast = results
+    for name, a, b in zip(("rgb", "seg_high", "thumb", "seg", "latent grad"), fast[:5], ref[:5]):
+        _close(a, b, name)
+    assert ref[4].abs().max() > 0
+    assert set(fast[5]) == set(ref[5]) and any(k.startswith("decoder.") for k in ref[5])
+    assert not any(k.startswith("renderer.") for k in ref[5])
+    for name, g in ref[5].items():
+        _close(fast[5][name], g, f"grad {name}")
+
+
+def test_inference_outputs_match_reference_with_xyz_and_no_grad_eikonal():
+    g_ref, g_fast, opt = _pair(True, False, static_viewdirs=True, perturb=0.0)
+    cam = _camera(2)
+    z = torch.randn(2, opt.model.style_dim, dtype=torch.float64)
+    outs = []
+    for g in (g_ref, g_fast):
+        with torch.no_grad():
+            codes, _ = g.styles_to_codes([z])
+            outs.append(g.renderer(*cam, codes, return_eikonal=True, return_sdf=True, return_xyz=True))
+    assert set(outs[0]) == set(outs[1]) == {"rgb", "seg", "features", "sdf", "eikonal", "xyz", "mask"}
+    for key in outs[0]:
+        _close(outs[1][key], outs[0][key], key)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_fast_path_is_chunk_size_invariant(chunk):
+    g, _, opt = _pair(False, True, perturb=0.0)
+    g.renderer.render_path = "fast"
+    cam = _camera(1)
+    z = torch.randn(1, opt.model.style_dim, dtype=torch.float64)
+    results = []
+    for c in (chunk, None):
+        g.zero_grad(set_to_none=True)
+        codes, _ = g.styles_to_codes([z], mix_styles=False)
+        out = g.renderer(*cam, codes, return_eikonal=True, return_sdf=True, ray_chunk=c)
+        loss = out["rgb"].mean() + eikonal_loss(out["eikonal"], out["sdf"])[0] + out["seg"].pow(2).mean()
+        loss.backward()
+        results.append((out, g.renderer.network[4].shape_linears[1].weight.grad.clone()))
+    (a, ga), (b, gb) = results
+    for key in a:
+        _close(a[key].detach(), b[key].detach(), f"chunk {chunk} {key}", tol=1e-10)
+    _close(ga, gb, f"chunk {chunk} grad", tol=1e-10)
+
+
+def test_render_path_option_and_state_dict_layout():
+    opt = _opt()
+    opt.rendering.render_path = "reference"
+    g_ref = Generator(opt.model, opt.rendering, full_pipeline=False)
+    assert g_ref.renderer.render_path == "reference"
+    opt.rendering.pop("render_path")
+    g = Generator(opt.model, opt.rendering, full_pipeline=False)
+    assert g.renderer.render_path == "fast"  # default
+    assert list(g.state_dict()) == list(g_ref.state_dict())
+    assert "renderer.network.8.rgb_linear.weight" in g.state_dict() and "renderer.sigmoid_beta" in g.state_dict()
+    g.renderer.render_path = "quick"
+    cam = generate_camera_params(8, "cpu", batch=1)[:4]
+    with pytest.raises(ValueError, match="render_path"):
+        g([torch.randn(1, opt.model.style_dim)], *cam)
+
+
+def test_bench_tool_prints_one_line():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench.py"), "train64", "--repeat", "1",
+                          "--res", "8", "--samples", "4"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train64 median_s=")
+    fields = dict(item.split("=") for item in lines[0].split()[1:])
+    assert set(fields) == {"median_s", "min_s", "peak_rss_mib", "threads"}
+    assert float(fields["min_s"]) <= float(fields["median_s"]) and float(fields["peak_rss_mib"]) > 0
