@@ -97,8 +97,11 @@ def latents_from_seeds(generator, seeds, mean, psi):
     """(codes [N,2K,D], styles_global [N,D]) of seed identities: z ~ N(0, I) from each seed, then the
     published by-hand truncation (generation.identity_latents)."""
     device, dtype = mean[0].device, mean[0].dtype
-    z = torch.cat([z_from_seed(s, generator.style_dim, device, dtype) for s in seeds])
-    return gen.identity_latents(generator, z, mean, psi)
+    # One seed at a time: a batched matmul may round differently, and a seed must always give the
+    # same codes bit for bit, alone or with others.
+    pairs = [gen.identity_latents(generator, z_from_seed(s, generator.style_dim, device, dtype), mean, psi)
+             for s in seeds]
+    return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
 
 
 @torch.no_grad()
