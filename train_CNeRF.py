@@ -186,6 +186,9 @@ def train(argv=None):
     exp_dir = os.path.join(t.checkpoints_dir, opt.experiment.expname)
     stage_dir = os.path.join(exp_dir, STAGE)
     samples_dir = os.path.join(stage_dir, "samples")
+    # Before any heavy work, so that a missing wandb package stops the run at once.
+    logger = tu.WandbLogger(t.wandb, "CNeRF", f"{opt.experiment.expname}-stage1", tu.plain(opt),
+                            os.path.join(exp_dir, "wandb"))
 
     ckpt = None
     if opt.experiment.continue_training:
@@ -246,8 +249,6 @@ def train(argv=None):
     loader = tu.make_loader(dataset, t.batch, seed, start_iter, t.num_workers, device)
     data_iter = iter(loader)
     sampler = Sampler(opt, device, seed, resolution) if main else None
-    logger = tu.WandbLogger(t.wandb, "CNeRF", f"{opt.experiment.expname}-stage1", tu.plain(opt),
-                            os.path.join(exp_dir, "wandb"))
     K = g_module.n_render
     last = t.iter - 1
     bar = tqdm(range(start_iter, t.iter), initial=start_iter, total=t.iter, desc="stage 1", disable=not main,
@@ -316,8 +317,8 @@ def train(argv=None):
             sd_pred, cls = sd(fake_img, pick_channel(fake_seg, labels))
             g_sem = (classification_loss(cls, labels) + g_nonsaturating_loss(sd_pred)) * t.Semantic_D_lambda
             g_loss = g_gan + g_view + t.eikonal_lambda * eik + t.min_surf_lambda * min_surf + g_sem
-            tu.check_finite({"g_gan": g_gan, "g_view": g_view, "g_eikonal": eik, "g_min_surf": min_surf,
-                             "g_semantic": g_sem}, i)
+            tu.check_finite({"g_gan": g_gan, "g_view": g_view, "g_eikonal": t.eikonal_lambda * eik,
+                             "g_min_surf": t.min_surf_lambda * min_surf, "g_semantic": g_sem}, i)
             g_loss.backward()
         g_optim.step()
         tu.accumulate(g_ema, g_module, EMA_DECAY, prefixes=("style.", "renderer."))

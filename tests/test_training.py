@@ -1,0 +1,342 @@
+"""Training stages (SPEC §11-13, issue 3) on a tiny configuration and a handful of synthetic portraits.
+
+Stage 1 renders 8×8 and stage 2 decodes to 16×16: the discriminators' channel counts are fixed by the
+published architecture, so the rendering resolution is what keeps these runs at about a second per
+iteration on two CPU cores.
+"""
+import importlib.util
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import distributed as dist_utils  # noqa: E402
+import train_CNeRF  # noqa: E402
+import train_Full  # noqa: E402
+import training_utils as tu  # noqa: E402
+from checkpoint import load_checkpoint, load_generator  # noqa: E402
+from model import Generator  # noqa: E402
+from options import default_options  # noqa: E402
+
+MODEL = ["--renderer_spatial_output_dim", "8", "--style_dim", "32", "--width", "32", "--N_samples", "8",
+         "--channel_multiplier", "1", "--n_render", "9"]
+TRAIN = ["--batch", "2", "--chunk", "1", "--val_n_sample", "1", "--truncation_mean", "64", "--device", "cpu",
+         "--seed", "3", "--sphere_init_iter", "2", "--sample_every", "100", "--save_every", "100"]
+STAGE1_KEYS = {"g", "gd", "sd", "g_ema", "g_optim", "gd_optim", "sd_optim", "iter"}
+STAGE2_KEYS = {"g", "d", "g_ema", "g_optim", "d_optim", "iter", "mean_path_length"}
+
+
+def _load_script(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Six synthetic portraits packed at 8 (stage 1) and 16 (stage 2) pixels."""
+    root = tmp_path_factory.mktemp("portraits")
+    portraits = _load_script("synthetic_portraits", ROOT / "tools" / "synthetic_portraits.py")
+    portraits.make_portraits(str(root / "raw"), 6, 64, 0)
+    result = subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "--out_path", str(root / "lmdb"),
+                             "--size", "8,16", "--n_worker", "1", "--mask_path", str(root / "raw" / "masks"),
+                             str(root / "raw" / "images")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return root / "lmdb"
+
+
+def args(data, ckdir, expname, *extra):
+    return ["--dataset_path", str(data), "--checkpoints_dir", str(ckdir), "--expname", expname,
+            *MODEL, *TRAIN, *map(str, extra)]
+
+
+def tensors_equal(a, b):
+    """Deep equality of checkpoint entries (state dicts, optimiser states, lists, numbers)."""
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(tensors_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(tensors_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def differing(a, b, prefix=""):
+    return [k for k in a if k.startswith(prefix) and not torch.equal(a[k], b[k])]
+
+
+@pytest.fixture(scope="module")
+def stage1(data, tmp_path_factory):
+    """Two stage-1 iterations (with a 2-step sphere initialisation); the checkpoints directory."""
+    ckdir = tmp_path_factory.mktemp("ck1")
+    train_CNeRF.train(args(data, ckdir, "exp", "--iter", 2))
+    return ckdir
+
+
+@pytest.fixture(scope="module")
+def stage2(data, stage1):
+    """Two stage-2 iterations on top of `stage1`, both regularisers active at every step."""
+    train_Full.train(args(data, stage1, "exp", "--size", 16, "--iter", 2, "--d_reg_every", 1, "--g_reg_every", 1))
+    return stage1
+
+
+# ------------------------------------------------------------------------------------- stage 1
+
+
+def test_stage1_writes_published_files_and_trains(stage1):
+    exp = stage1 / "exp"
+    stage = exp / "volume_renderer"
+    assert sorted(p.name for p in stage.glob("*.pt")) == ["models_0000000.pt", "models_0000001.pt",
+                                                          "sdf_init_models_0000000.pt"]
+    ckpt = load_checkpoint(stage / "models_0000001.pt")  # weights_only=True: tensors and plain containers
+    assert STAGE1_KEYS <= set(ckpt)
+    assert ckpt["iter"] == 1 and len(ckpt["rng"]) == 1
+    first = load_checkpoint(stage / "models_0000000.pt")
+    init = load_checkpoint(stage / "sdf_init_models_0000000.pt")["g"]
+    # Every trained part moved between iteration 0 and 1, and from the sphere initialisation.
+    for key in ("g", "gd", "sd", "g_ema"):
+        assert differing(first[key], ckpt[key]), key
+    assert differing(init, ckpt["g"], "renderer.network.")
+    # The initial SDF network takes no gradient in the training pass (sdf0 is computed without one).
+    assert not differing(init, ckpt["g"], "renderer.init_network.")
+    # The EMA lags behind the generator.
+    assert differing(ckpt["g"], ckpt["g_ema"], "renderer.network.")
+    for name, value in ckpt["g"].items():
+        assert torch.isfinite(value).all(), name
+    final = load_checkpoint(exp / "exp_vol_renderer.pt")
+    assert tensors_equal(final["g_ema"], ckpt["g_ema"])
+
+
+def test_stage1_sample_grid(stage1):
+    samples = sorted((stage1 / "exp" / "volume_renderer" / "samples").glob("*.png"))
+    assert [p.name for p in samples] == ["0000000.png", "0000001.png"]
+    grid = np.asarray(Image.open(samples[-1]))
+    # One identity row: 8 views, each a 64-px image beside its 64-px coloured segmentation, 2-px gaps.
+    assert grid.shape == (64, 8 * 128 + 7 * 2, 3)
+    seg = grid[:, 64:128]
+    assert len(np.unique(seg.reshape(-1, 3), axis=0)) >= 1
+    assert not np.array_equal(grid[:, :64], seg)
+
+
+# ------------------------------------------------------------------------------------- stage 2
+
+
+def test_stage2_starts_from_stage1_and_keeps_the_renderer(stage2):
+    exp = stage2 / "exp"
+    renderer = load_checkpoint(exp / "exp_vol_renderer.pt")["g_ema"]
+    ckpt = load_checkpoint(exp / "full_pipeline" / "models_0000001.pt")
+    first = load_checkpoint(exp / "full_pipeline" / "models_0000000.pt")
+    assert STAGE2_KEYS <= set(ckpt)
+    for entry in ("g", "g_ema"):
+        for key, value in renderer.items():  # style.* and renderer.*: bit-identical to stage 1's EMA
+            assert torch.equal(ckpt[entry][key], value), (entry, key)
+    assert differing(first["g"], ckpt["g"], "decoder.") and differing(first["g"], ckpt["g"], "feature_transfer.")
+    assert differing(first["d"], ckpt["d"])
+    assert differing(ckpt["g"], ckpt["g_ema"], "decoder.")
+    assert ckpt["mean_path_length"] > 0 and np.isfinite(ckpt["mean_path_length"])
+    # The final file loads strictly into a full generator at this configuration.
+    opt = default_options(MODEL + ["--size", "16"])
+    model_opt, renderer_opt = train_CNeRF.model_options(opt)
+    g = Generator(model_opt, renderer_opt, ema=True, full_pipeline=True)
+    load_generator(g, exp / "exp_full_pipeline.pt")
+    assert torch.equal(g.state_dict()["decoder.conv1.conv.weight"], ckpt["g_ema"]["decoder.conv1.conv.weight"])
+    grid = np.asarray(Image.open(exp / "full_pipeline" / "samples" / "0000001.png"))
+    assert grid.shape == (64, 8 * 2 * 128 + 15 * 2, 3)
+
+
+def test_stage2_without_stage1_renderer_exits_with_message(data, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        train_Full.main(args(data, tmp_path, "missing", "--size", 16, "--iter", 1))
+    message = str(exit_info.value.code)
+    assert message.startswith("error: no stage-1 renderer at ")
+    assert str(tmp_path / "missing" / "missing_vol_renderer.pt") in message and "--pretrain_render_path" in message
+    assert "\n" not in message
+    assert not (tmp_path / "missing" / "full_pipeline").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        train_Full.main(args(data, tmp_path, "missing", "--size", 16, "--iter", 1,
+                             "--pretrain_render_path", tmp_path / "nope.pt"))
+    assert "nope.pt: file not found" in str(exit_info.value.code)
+
+
+# ------------------------------------------------------------------------------- resume, safety
+
+
+def test_stage1_resume_is_exact(data, tmp_path):
+    """4 iterations in one go == 2, then resume and 2 more (fixed seed, CPU, num_workers 0)."""
+    train_CNeRF.train(args(data, tmp_path / "a", "exp", "--iter", 4))
+    train_CNeRF.train(args(data, tmp_path / "b", "exp", "--iter", 2))
+    train_CNeRF.train(args(data, tmp_path / "b", "exp", "--iter", 4, "--continue_training", "--ckpt", 1))
+    a = load_checkpoint(tmp_path / "a" / "exp" / "volume_renderer" / "models_0000003.pt")
+    b = load_checkpoint(tmp_path / "b" / "exp" / "volume_renderer" / "models_0000003.pt")
+    for key in ("g", "gd", "sd", "g_ema", "g_optim", "gd_optim", "sd_optim", "iter", "rng"):
+        assert tensors_equal(a[key], b[key]), key
+
+
+def test_stage2_resume_is_exact(data, stage1, tmp_path):
+    """Stage 2, path-length mean included: 3 iterations vs 2 + 1 (both regularisers every step)."""
+    common = ("--size", 16, "--d_reg_every", 1, "--g_reg_every", 1,
+              "--pretrain_render_path", stage1 / "exp" / "exp_vol_renderer.pt")
+    train_Full.train(args(data, tmp_path / "a", "exp", "--iter", 3, *common))
+    train_Full.train(args(data, tmp_path / "b", "exp", "--iter", 2, *common))
+    train_Full.train(args(data, tmp_path / "b", "exp", "--iter", 3, "--continue_training", "--ckpt", 1, *common))
+    a = load_checkpoint(tmp_path / "a" / "exp" / "full_pipeline" / "models_0000002.pt")
+    b = load_checkpoint(tmp_path / "b" / "exp" / "full_pipeline" / "models_0000002.pt")
+    for key in ("g", "d", "g_ema", "g_optim", "d_optim", "iter", "mean_path_length", "rng"):
+        assert tensors_equal(a[key], b[key]), key
+
+
+def test_failed_save_keeps_previous_checkpoint(data, stage1, tmp_path, monkeypatch):
+    ckdir = tmp_path / "ck"
+    shutil.copytree(stage1 / "exp", ckdir / "exp")
+    target = ckdir / "exp" / "volume_renderer" / "models_0000001.pt"
+    before = target.read_bytes()
+
+    def broken_save(obj, handle, *a, **k):
+        handle.write(b"half a checkpoint")  # the disk fills up half-way through
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    # Resuming from iteration 0 re-saves models_0000001.pt: the write fails mid-way.
+    with pytest.raises(SystemExit) as exit_info:
+        train_CNeRF.main(args(data, ckdir, "exp", "--iter", 2, "--continue_training", "--ckpt", 0))
+    message = str(exit_info.value.code)
+    assert "could not write checkpoint" in message and "models_0000001.pt" in message and "intact" in message
+    assert target.read_bytes() == before
+    assert [p.name for p in target.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoints(data, stage1, tmp_path):
+    ckdir = tmp_path / "ck"
+    shutil.copytree(stage1 / "exp", ckdir / "exp")
+    stage = ckdir / "exp" / "volume_renderer"
+    before = {p.name: p.read_bytes() for p in stage.glob("*.pt")}
+    with pytest.raises(SystemExit) as exit_info:
+        train_CNeRF.main(args(data, ckdir, "exp", "--iter", 4, "--continue_training", "--ckpt", 1,
+                              "--r1_img", "nan"))
+    message = str(exit_info.value.code)
+    assert message.startswith("error: non-finite loss at iteration 2: ")
+    assert "d_r1=nan" in message and "last checkpoint is kept" in message
+    assert {p.name: p.read_bytes() for p in stage.glob("*.pt")} == before
+    assert not (stage / "samples" / "0000002.png").exists()
+
+
+def test_bad_options_exit_with_one_line(data, tmp_path):
+    for extra, fragment in ((("--device", "tpu"), "--device 'tpu' is not a torch device"), (("--chunk", 0), "--chunk must be at least 1"),
+                            (("--continue_training", "--ckpt", 5), "models_0000005.pt: checkpoint file not found")):
+        with pytest.raises(SystemExit) as exit_info:
+            train_CNeRF.main(args(data, tmp_path, "exp", "--iter", 1, *extra))
+        assert fragment in str(exit_info.value.code)
+    with pytest.raises(SystemExit) as exit_info:
+        train_CNeRF.main(args(tmp_path / "nowhere", tmp_path, "exp", "--iter", 1))
+    assert str(exit_info.value.code).startswith("error: --dataset_path: dataset path")
+    assert not (tmp_path / "exp" / "volume_renderer").exists()
+
+
+def test_wandb_flag(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(SystemExit) as exit_info:
+            train_CNeRF.main(args(data, tmp_path, "exp", "--iter", 1, "--wandb"))
+        assert "--wandb needs the wandb package" in str(exit_info.value.code)
+        assert not (tmp_path / "exp" / "volume_renderer").exists()
+    else:
+        train_CNeRF.main(args(data, tmp_path, "exp", "--iter", 1, "--wandb", "--no_sphere_init"))
+        assert (tmp_path / "exp" / "wandb").is_dir()
+
+
+# --------------------------------------------------------------------------------- utilities
+
+
+def test_rng_state_roundtrip_is_weights_only_safe(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    random.gauss(0, 1)  # leaves a cached gaussian in Python's state
+    state = tu.rng_state()
+    expected = (random.random(), random.gauss(0, 1), np.random.rand(), torch.rand(3))
+    torch.save(state, tmp_path / "rng.pt")
+    tu.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    again = (random.random(), random.gauss(0, 1), np.random.rand(), torch.rand(3))
+    assert expected[:3] == again[:3] and torch.equal(expected[3], again[3])
+
+
+def test_resumable_sampler_continues_the_stream():
+    dataset = list(range(5))
+    straight = iter(tu.ResumableSampler(dataset, seed=4))
+    stream = [next(straight) for _ in range(17)]
+    assert sorted(stream[:5]) == list(range(5)) and stream[:5] != stream[5:10]
+    resumed = iter(tu.ResumableSampler(dataset, seed=4, start=7))
+    assert [next(resumed) for _ in range(10)] == stream[7:]
+    ranks = [iter(tu.ResumableSampler(dataset, seed=4, num_replicas=2, rank=r)) for r in (0, 1)]
+    first_epoch = [next(ranks[0]) for _ in range(3)] + [next(ranks[1]) for _ in range(3)]
+    assert set(first_epoch) == set(range(5))
+
+
+def test_small_helpers():
+    with pytest.raises(tu.NonFiniteLoss, match="iteration 7: g_gan=inf"):
+        tu.check_finite({"d": torch.tensor(1.0), "g_gan": torch.tensor(float("inf"))}, 7)
+    tu.check_finite({"d": torch.tensor(1.0), "x": 2.0}, 0)
+    assert tu.select_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(tu.TrainingError, match="CUDA is not available"):
+            tu.select_device("cuda")
+        assert tu.select_device(None) == torch.device("cpu")
+    assert dist_utils.reduce_loss_dict({"a": torch.tensor(2.0), "b": 3}) == {"a": 2.0, "b": 3.0}
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    weight, bias = a.weight.detach().clone(), a.bias.detach().clone()
+    tu.accumulate(a, b, 0.25, prefixes=("bias",))
+    assert torch.equal(a.weight, weight)  # outside the prefixes: untouched
+    assert torch.allclose(a.bias, 0.25 * bias + 0.75 * b.bias.detach())
+    assert train_CNeRF.should_save(5, 9, 100, 5) and not train_CNeRF.should_save(6, 9, 100, 5)
+    assert train_CNeRF.should_save(9, 9, 100, 5) and train_CNeRF.should_save(200, 999, 100, 5)
+    assert not train_CNeRF.should_save(205, 999, 100, 5)
+
+
+# ------------------------------------------------------------------------------- distributed
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_on_cpu_gloo_both_stages(data, tmp_path):
+    """torchrun for stage 1 and the published torch.distributed.launch for stage 2, 2 ranks each."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    base = args(data, tmp_path, "ddp", "--iter", 2, "--batch", 2, "--chunk", 2)
+    stage1 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(free_port()), str(ROOT / "train_CNeRF.py"), *base],
+                            capture_output=True, text=True, timeout=400, env=env, cwd=ROOT, stdin=subprocess.DEVNULL)
+    assert stage1.returncode == 0, stage1.stderr[-3000:]
+    stage2 = subprocess.run([sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node", "2",
+                             "--master_port", str(free_port()), str(ROOT / "train_Full.py"), *base, "--size", 16,
+                             "--d_reg_every", 1, "--g_reg_every", 1],
+                            capture_output=True, text=True, timeout=400, env=env, cwd=ROOT, stdin=subprocess.DEVNULL)
+    assert stage2.returncode == 0, stage2.stderr[-3000:]
+    exp = tmp_path / "ddp"
+    ckpt1 = load_checkpoint(exp / "volume_renderer" / "models_0000001.pt")
+    assert STAGE1_KEYS <= set(ckpt1) and len(ckpt1["rng"]) == 2  # one RNG state per rank
+    assert not tensors_equal(ckpt1["rng"][0]["torch"], ckpt1["rng"][1]["torch"])
+    ckpt2 = load_checkpoint(exp / "full_pipeline" / "models_0000001.pt")
+    assert STAGE2_KEYS <= set(ckpt2) and len(ckpt2["rng"]) == 2
+    renderer = load_checkpoint(exp / "ddp_vol_renderer.pt")["g_ema"]
+    assert all(torch.equal(ckpt2["g"][k], v) for k, v in renderer.items())
+    opt = default_options(MODEL + ["--size", "16"])
+    model_opt, renderer_opt = train_CNeRF.model_options(opt)
+    load_generator(Generator(model_opt, renderer_opt, ema=True, full_pipeline=True), exp / "ddp_full_pipeline.pt")
+    # Only rank 0 writes: one sample grid per sampled iteration, no stray files.
+    assert sorted(p.name for p in (exp / "full_pipeline" / "samples").iterdir()) == ["0000000.png", "0000001.png"]
