@@ -67,7 +67,10 @@ def select_device(name=None):
     """torch.device for --device (default: the accelerator when there is one, else the CPU)."""
     from devices import default_device
 
-    device = default_device(name)
+    try:
+        device = default_device(name)
+    except ValueError as error:  # an unparsable device string
+        raise UsageError(str(error)) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available on this machine")
     return device

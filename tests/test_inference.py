@@ -270,6 +270,9 @@ def test_bad_inputs_in_process(ckpts, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         inference_Full.main(base + ["--trained_ckpt", str(ckpts["published"]), "--identities", "0"])
     assert "--identities" in exit_info.value.code
+    with pytest.raises(SystemExit) as exit_info:
+        inference_Full.main(base + ["--trained_ckpt", str(ckpts["published"]), "--device", "nonsense"])
+    assert exit_info.value.code.startswith("error: --device 'nonsense'")
     assert not (tmp_path / "never").exists()
 
 
