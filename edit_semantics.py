@@ -42,6 +42,8 @@ def add_arguments(group):
     group.add_argument("--n_views", type=int, default=0,
                        help="views per row: N of the azimuth sweep (0: the inference script's views)")
     group.add_argument("--out_dir", type=str, default="", help="output folder (default <results_dir>/edit)")
+    group.add_argument("--inference_samples", type=int, default=gen.INFERENCE_SAMPLES,
+                       help="samples per ray of the renderer (published inference: 64), as inference_Full.py")
 
 
 def identity(spec, generator, mean, psi):
@@ -93,7 +95,9 @@ def main(argv=None):
         if own.resample < 0 or own.n_views < 0:
             raise ValueError("--resample and --n_views must be >= 0")
         device = gen.select_device(opt.experiment.device)
-        generator, _ = gen.load_models(opt, device)
+        if own.inference_samples < 2:
+            raise ValueError(f"--inference_samples must be at least 2, got {own.inference_samples}")
+        generator, _ = gen.load_models(opt, device, n_samples=own.inference_samples)
     except (ValueError, CheckpointError) as error:
         gen.fail(error)
     psi = opt.inference.truncation_ratio

@@ -148,25 +148,41 @@ def edit_locations(opt, n_views, device="cpu"):
 # -------------------------------------------------------------------------------------- inversion
 
 
+# VGG16's convolution widths up to relu4_3 ("M" = 2×2 max pool), in torchvision's layer order, so that a
+# torchvision VGG16 state dict's "features.<i>.*" entries load by index.
+VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512)
+
+
+def vgg16_features():
+    layers, channels = [], 3
+    for item in VGG16_LAYOUT:
+        if item == "M":
+            layers.append(torch.nn.MaxPool2d(2, 2))
+        else:
+            layers += [torch.nn.Conv2d(channels, item, 3, padding=1), torch.nn.ReLU(inplace=False)]
+            channels = item
+    return torch.nn.Sequential(*layers)
+
+
 class PerceptualLoss(torch.nn.Module):
     """Mean L1 distance of VGG16 features (relu1_2, relu2_2, relu3_3, relu4_3) of two [-1,1] images.
 
-    The weights come only from a local torchvision-layout VGG16 state dict; nothing is downloaded.
+    The weights come only from a local torchvision-layout VGG16 state dict (its "features.*" entries;
+    the classifier is not needed); nothing is downloaded.
     """
 
     LAYERS = (3, 8, 15, 22)
 
     def __init__(self, state):
         super().__init__()
-        from torchvision.models import vgg16
-
-        features = vgg16(weights=None).features[: self.LAYERS[-1] + 1]
-        own = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+        features = vgg16_features()
         needed = features.state_dict()
-        missing = [k for k in needed if k not in own or tuple(own[k].shape) != tuple(needed[k].shape)]
+        missing = [f"features.{k}" for k, v in needed.items()
+                   if not torch.is_tensor(state.get(f"features.{k}"))
+                   or tuple(state[f"features.{k}"].shape) != tuple(v.shape)]
         if missing:
             raise ValueError(f"not a torchvision VGG16 state dict (missing or misshapen: {', '.join(missing[:3])})")
-        features.load_state_dict({k: own[k] for k in needed})
+        features.load_state_dict({k: state[f"features.{k}"] for k in needed})
         self.features = features.eval().requires_grad_(False)
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))

@@ -45,6 +45,8 @@ def add_arguments(group):
     group.add_argument("--n_views", type=int, default=5,
                        help="novel views: N of the azimuth sweep (0: the inference script's views)")
     group.add_argument("--out_dir", type=str, default="", help="output folder (default <results_dir>/invert)")
+    group.add_argument("--inference_samples", type=int, default=gen.INFERENCE_SAMPLES,
+                       help="samples per ray of the renderer (published inference: 64), as inference_Full.py")
     group.add_argument("--name", type=str, default="", help="output name prefix (default: the image's name)")
 
 
@@ -122,7 +124,9 @@ def main(argv=None):
         regions = load_mask(own.mask, size) if own.mask else None
         device = gen.select_device(opt.experiment.device)
         perceptual = load_perceptual(own.vgg_weights, device) if own.vgg_weights else None
-        generator, _ = gen.load_models(opt, device)
+        if own.inference_samples < 2:
+            raise ValueError(f"--inference_samples must be at least 2, got {own.inference_samples}")
+        generator, _ = gen.load_models(opt, device, n_samples=own.inference_samples)
     except (ValueError, CheckpointError) as error:
         gen.fail(error)
 

@@ -268,3 +268,26 @@ def test_invert_refuses_lpips_and_bad_masks(tiny, tmp_path):
     np.save(tmp_path / "m.npy", np.full((16, 16), 25))
     with pytest.raises(SystemExit, match=r"m\.npy: class ids must be 0\.\.18, found 25\.\.25"):
         invert.main(argv("--trained_ckpt", tiny[0], *TINY, "--image", tmp_path / "img.png", "--mask", tmp_path / "m.npy"))
+
+
+def test_perceptual_loss_uses_only_a_local_vgg16_state_dict(tmp_path):
+    import invert
+
+    torch.manual_seed(3)
+    features = {f"features.{k}": v for k, v in editing.vgg16_features().state_dict().items()}
+    # The layout is torchvision's VGG16 (configuration "D"): the same keys and shapes up to relu4_3.
+    from torchvision.models.vgg import cfgs, make_layers
+
+    vgg = make_layers(cfgs["D"])[:23].state_dict()
+    assert {k: v.shape for k, v in vgg.items()} == {k[len("features."):]: v.shape for k, v in features.items()}
+    save_checkpoint(features, tmp_path / "vgg.pt")
+    loss = invert.load_perceptual(str(tmp_path / "vgg.pt"), "cpu")
+    a, b = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
+    assert loss(a, a).item() == 0 and loss(a, b).item() > 0
+    a.requires_grad_(True)
+    loss(a, b).backward()
+    assert a.grad.abs().sum() > 0  # differentiable in the image, as the inversion needs
+    del features["features.0.weight"]
+    save_checkpoint(features, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"bad\.pt: not a torchvision VGG16 state dict .*features\.0\.weight"):
+        invert.load_perceptual(str(tmp_path / "bad.pt"), "cpu")

@@ -42,6 +42,8 @@ def add_arguments(group):
     group.add_argument("--invert_lr", type=float, default=0.03, help="learning rate of the codes")
     group.add_argument("--attribute", type=str, default="texture", help="attribute swapped: shape | texture | both")
     group.add_argument("--out_dir", type=str, default="", help="write locality.png, inversions.png, table.md here")
+    group.add_argument("--inference_samples", type=int, default=gen.INFERENCE_SAMPLES,
+                       help="samples per ray of the renderer (published inference: 64), as inference_Full.py")
 
 
 def heat(delta):
@@ -137,7 +139,9 @@ def main(argv=None):
         if own.attribute not in editing.ATTRIBUTES:
             raise ValueError(f"--attribute {own.attribute!r} is not one of {', '.join(editing.ATTRIBUTES)}")
         device = gen.select_device(opt.experiment.device)
-        generator, _ = gen.load_models(opt, device)
+        if own.inference_samples < 2:
+            raise ValueError(f"--inference_samples must be at least 2, got {own.inference_samples}")
+        generator, _ = gen.load_models(opt, device, n_samples=own.inference_samples)
     except (ValueError, CheckpointError) as error:
         gen.fail(error)
     psi = opt.inference.truncation_ratio
