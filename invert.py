@@ -12,8 +12,10 @@ rendered high-resolution seg against the one-hot regions. A perceptual loss is u
 --vgg_weights: a local torchvision VGG16 state dict (tensors-only); nothing is downloaded. LPIPS is
 not supported (its learnt linear heads are a separate model), so --lpips_weights is refused.
 
-The codes are rendered as inference renders latent files (truncation ψ applied on top), so the
-saved file reproduces the reconstruction in edit_semantics.py and inference_Full.py --latents.
+The codes are rendered as inference renders latent files (truncation ψ applied on top, the
+renderer at --inference_samples samples per ray, 64 by default as published), so the saved file
+reproduces the reconstruction in edit_semantics.py and inference_Full.py --latents (at the same ψ
+and sample count).
 Writes into --out_dir (default <results_dir>/invert):
   <name>_inversion.png   row 1: target | reconstruction | novel views; row 2: their segs
                          (the target's mask when given, else black)

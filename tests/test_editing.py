@@ -22,11 +22,15 @@ from regions import NUM_REGIONS  # noqa: E402
 # Decoder 8 → 16: the smallest configuration the full pipeline supports, so the file stays fast.
 TINY = ["--size", "16", "--renderer_spatial_output_dim", "8", "--style_dim", "32", "--width", "32",
         "--N_samples", "8", "--channel_multiplier", "1", "--truncation_mean", "500"]
+# The scripts render with 64 samples per ray by default (the published inference); 8 keeps this fast.
+SAMPLES = 8
+RUN = [*TINY, "--inference_samples", str(SAMPLES)]
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """(checkpoint path, option tree, loaded eval generator, truncation means) of a random tiny model."""
+    """(checkpoint path, option tree, loaded eval generator (SAMPLES per ray), truncation means) of a
+    random tiny model."""
     folder = tmp_path_factory.mktemp("tiny_model")
     opt, _ = gen.parse_options(TINY)
     torch.manual_seed(0)
@@ -34,7 +38,7 @@ def tiny(tmp_path_factory):
     path = folder / "tiny.pt"
     save_checkpoint({"g_ema": generator.state_dict()}, path)
     opt.training.trained_ckpt = str(path)
-    loaded, _ = gen.load_models(opt, "cpu")
+    loaded, _ = gen.load_models(opt, "cpu", n_samples=SAMPLES)
     return path, opt, loaded, gen.mean_latent(loaded, opt.inference.truncation_mean)
 
 
@@ -129,7 +133,7 @@ def test_edit_semantics_writes_grid_and_latents_that_round_trip(tiny, tmp_path):
 
     path, opt, generator, mean = tiny
     out = tmp_path / "edit"
-    edit_semantics.main(argv("--trained_ckpt", path, *TINY, "--source", "3", "--reference", "8", "--regions",
+    edit_semantics.main(argv("--trained_ckpt", path, *RUN, "--source", "3", "--reference", "8", "--regions",
                          "hair,mouth", "--attribute", "texture", "--n_views", "2", "--interpolate", "3",
                          "--resample", "2", "--out_dir", out))
     codes, styles = editing.latents_from_seeds(generator, [3, 8], mean, 0.7)
@@ -156,7 +160,7 @@ def test_edit_semantics_writes_grid_and_latents_that_round_trip(tiny, tmp_path):
     # The edited file as a source, with the same texture codes swapped in again: every code is the
     # source's, so the edited rows reproduce the source rows exactly, and both the file's rendering.
     again = tmp_path / "again"
-    edit_semantics.main(argv("--trained_ckpt", path, *TINY, "--source", out / "edit_latents.pt", "--reference", "8",
+    edit_semantics.main(argv("--trained_ckpt", path, *RUN, "--source", out / "edit_latents.pt", "--reference", "8",
                          "--regions", "7,3", "--attribute", "texture", "--n_views", "2", "--out_dir", again))
     grid2 = split_grid(again / "edit_grid.png", 6, 2, 16)
     for view in range(2):
@@ -174,7 +178,7 @@ def test_inference_full_accepts_edited_latents(tiny, tmp_path):
     codes, styles = editing.latents_from_seeds(generator, [4], mean, 0.7)
     edited = editing.swap_region_codes(codes, editing.latents_from_seeds(generator, [9], mean, 0.7)[0], [7])
     save_latents(tmp_path / "edit.pt", edited, styles)
-    inference_Full.main(argv("--trained_ckpt", path, *TINY, "--latents", tmp_path / "edit.pt", "--results_dir",
+    inference_Full.main(argv("--trained_ckpt", path, *RUN, "--latents", tmp_path / "edit.pt", "--results_dir",
                          tmp_path / "inf", "--no_surface_renderings"))
     row = np.asarray(Image.open(tmp_path / "inf" / "0_img.png").convert("RGB"))
     assert row.shape == (16, 160, 3)  # the published 10-view sweep
@@ -187,11 +191,7 @@ def test_inference_full_accepts_edited_latents(tiny, tmp_path):
 
 
 def test_inversion_of_a_generated_image_lowers_the_loss_by_a_large_factor(tiny):
-    _, opt, _, _ = tiny
-    # The inversion renders with few samples per ray here, to keep the test fast.
-    generator = gen.build_generator(opt, "cpu", n_samples=8)
-    generator.load_state_dict(tiny[2].state_dict())
-    mean = gen.mean_latent(generator, opt.inference.truncation_mean)
+    _, opt, generator, mean = tiny
     codes, styles = editing.latents_from_seeds(generator, [6], mean, 0.7)
     location = torch.tensor([[0.15, -0.05]])
     with torch.no_grad():
@@ -219,7 +219,7 @@ def test_invert_script_writes_image_and_latents(tiny, tmp_path):
     label = np.full((16, 16), 1, dtype=np.uint8)
     label[:4] = 13  # hair on top, skin elsewhere (CelebAMask-HQ ids)
     np.save(tmp_path / "face_mask.npy", label)
-    invert.main(argv("--trained_ckpt", path, *TINY, "--image", tmp_path / "face.png", "--mask",
+    invert.main(argv("--trained_ckpt", path, *RUN, "--image", tmp_path / "face.png", "--mask",
                  tmp_path / "face_mask.npy", "--steps", "1", "--n_views", "1", "--out_dir", tmp_path / "inv"))
     grid = split_grid(tmp_path / "inv" / "face_inversion.png", 2, 3, 16)
     assert np.array_equal(grid[0][0], gen.to_uint8(rgb[0]))  # the target, as read back
@@ -235,14 +235,14 @@ def test_invert_script_writes_image_and_latents(tiny, tmp_path):
 
 
 def test_unknown_region_exits_with_one_line(tiny):
-    result = run_script("edit_semantics.py", "--trained_ckpt", tiny[0], *TINY, "--regions", "hair,tail")
+    result = run_script("edit_semantics.py", "--trained_ckpt", tiny[0], *RUN, "--regions", "hair,tail")
     assert_one_line_error(result, "'tail'", "valid regions", "7=hair")
 
 
 def test_unreadable_image_exits_with_one_line(tiny, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png at all")
-    result = run_script("invert.py", "--trained_ckpt", tiny[0], *TINY, "--image", bad, "--out_dir", tmp_path / "o")
+    result = run_script("invert.py", "--trained_ckpt", tiny[0], *RUN, "--image", bad, "--out_dir", tmp_path / "o")
     assert_one_line_error(result, str(bad), "not a readable image")
     assert not (tmp_path / "o").exists()
 
@@ -250,7 +250,7 @@ def test_unreadable_image_exits_with_one_line(tiny, tmp_path):
 def test_latent_file_of_another_configuration_is_refused(tiny, tmp_path):
     other = tmp_path / "other.pt"
     save_latents(other, torch.zeros(1, 18, 64), torch.zeros(1, 64))
-    result = run_script("edit_semantics.py", "--trained_ckpt", tiny[0], *TINY, "--source", other, "--regions",
+    result = run_script("edit_semantics.py", "--trained_ckpt", tiny[0], *RUN, "--source", other, "--regions",
                         "hair", "--out_dir", tmp_path / "o")
     assert_one_line_error(result, str(other), "style_dim 64", "expects 32")
     assert not (tmp_path / "o").exists()
@@ -264,10 +264,10 @@ def test_invert_refuses_lpips_and_bad_masks(tiny, tmp_path):
 
     Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(tmp_path / "img.png")
     with pytest.raises(SystemExit, match="lpips_weights is not supported"):
-        invert.main(argv("--trained_ckpt", tiny[0], *TINY, "--image", tmp_path / "img.png", "--lpips_weights", "x.pt"))
+        invert.main(argv("--trained_ckpt", tiny[0], *RUN, "--image", tmp_path / "img.png", "--lpips_weights", "x.pt"))
     np.save(tmp_path / "m.npy", np.full((16, 16), 25))
     with pytest.raises(SystemExit, match=r"m\.npy: class ids must be 0\.\.18, found 25\.\.25"):
-        invert.main(argv("--trained_ckpt", tiny[0], *TINY, "--image", tmp_path / "img.png", "--mask", tmp_path / "m.npy"))
+        invert.main(argv("--trained_ckpt", tiny[0], *RUN, "--image", tmp_path / "img.png", "--mask", tmp_path / "m.npy"))
 
 
 def test_perceptual_loss_uses_only_a_local_vgg16_state_dict(tmp_path):
