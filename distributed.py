@@ -135,3 +135,17 @@ def all_gather_object(obj):
     gathered = [None] * get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def average_gradients(parameters):
+    """All-reduce (mean) the gradients of `parameters` across ranks, for a backward pass that ran on
+    the unwrapped module (DDP cannot differentiate w.r.t. its own outputs, as path-length
+    regularisation needs)."""
+    if not is_distributed() or get_world_size() == 1:
+        return
+    world = get_world_size()
+    for p in parameters:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad.div_(world)

@@ -223,13 +223,16 @@ def train(argv=None):
             path_batch = max(1, t.batch // t.path_batch_shrink)
             noise = tu.mixing_noise(path_batch, style_dim, t.mixing, device)
             cam, focal, near, far, _ = camera(opt, path_batch, device, resolution)
-            fake_img, _, latents = g(noise, cam, focal, near, far, return_latents=True)
+            # On the unwrapped generator: DDP's output wrapper cuts the graph between its outputs
+            # (image and latents), so gradients are averaged across ranks by hand below.
+            fake_img, _, latents = g_module(noise, cam, focal, near, far, return_latents=True)
             path_loss, mean_path, path_lengths = g_path_regularize(fake_img, latents, mean_path_length)
             weighted = t.path_regularize * t.g_reg_every * path_loss
             tu.check_finite({"path_length": path_loss}, i)
             g.zero_grad(set_to_none=True)
-            # The zero term keeps every output pixel in the graph (as in StyleGAN2's DDP setup).
+            # The zero term keeps the image in the graph even when the penalty does not reach it.
             (weighted + 0 * fake_img[0, 0, 0, 0]).backward()
+            dist_utils.average_gradients(trained_parameters(g_module))
             g_optim.step()
             # The running mean is kept identical on every rank.
             mean_path_length = float(dist_utils.reduce_sum(mean_path.detach().reshape(1))) / \
