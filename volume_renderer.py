@@ -118,6 +118,80 @@ def expand_codes(codes, depth=3, texture_depth=2):
     return torch.cat([shape, texture], 2)
 
 
+class _SirenEikonal(torch.autograd.Function):
+    """SIREN trunk of K grouped MLPs plus the eikonal term, with a hand-written first-order backward.
+
+    forward(xt [3,P], tap, W_0..W_{L-1} [K,C,Cin], b_0..b_{L-1} [K,C], w_sdf [K,1,C]) returns
+    (h after layer `tap`, h_L, g [3,P]) where g = ∂(Σ_k w_sdf,k·h_L,k)/∂x. Backward reuses the
+    stored sin/cos (autograd's double backward would recompute them) and needs no second order.
+    """
+
+    @staticmethod
+    def forward(ctx, xt, tap, *params):
+        n_layers = (len(params) - 1) // 2
+        weights, biases, w_sdf = params[:n_layers], params[n_layers:2 * n_layers], params[-1]
+        k, c = weights[0].shape[:2]
+        a = torch.addmm(biases[0].reshape(k * c, 1), weights[0].reshape(k * c, 3), xt).view(k, c, -1)
+        hs, cs = [torch.sin(a)], [torch.cos(a)]
+        for i in range(1, n_layers):
+            a = torch.baddbmm(biases[i].unsqueeze(-1), weights[i], hs[-1])
+            hs.append(torch.sin(a))
+            cs.append(torch.cos(a))
+        del a
+        deltas = [None] * n_layers
+        us = [None] * n_layers
+        deltas[-1] = w_sdf[:, 0, :].unsqueeze(-1) * cs[-1]
+        for i in range(n_layers - 1, 0, -1):
+            us[i] = torch.bmm(weights[i].transpose(1, 2), deltas[i])
+            deltas[i - 1] = us[i] * cs[i - 1]
+        grad_x = torch.mm(weights[0].reshape(k * c, 3).t(), deltas[0].reshape(k * c, -1))
+        ctx.n_layers, ctx.tap = n_layers, tap
+        ctx.save_for_backward(xt, *params, *hs, *cs, *deltas, *us[1:])
+        return hs[tap - 1], hs[-1], grad_x
+
+    @staticmethod
+    def backward(ctx, g_tap, g_last, g_x):
+        n, tap = ctx.n_layers, ctx.tap
+        saved = ctx.saved_tensors
+        xt, weights, w_sdf = saved[0], saved[1:1 + n], saved[2 * n + 1]
+        rest = saved[2 * n + 2:]
+        hs, cs, deltas, us = rest[:n], rest[n:2 * n], rest[2 * n:3 * n], (None,) + tuple(rest[3 * n:])
+        k, c, p = hs[0].shape
+        g_w = [None] * n
+        g_b = [None] * n
+        g_wsdf = None
+        g_cos = [None] * n
+        if g_x is not None:
+            # g = W_0ᵀ δ_0;  δ_i = u_{i+1} ⊙ cos_i;  u_{i+1} = W_{i+1}ᵀ δ_{i+1};  δ_{L-1} = w_sdf ⊙ cos_{L-1}
+            g_w[0] = torch.mm(deltas[0].reshape(k * c, p), g_x.t()).view(k, c, 3)
+            g_delta = torch.mm(weights[0].reshape(k * c, 3), g_x).view(k, c, p)
+            for i in range(n - 1):
+                g_u = g_delta * cs[i]
+                g_cos[i] = g_delta * us[i + 1]
+                g_w[i + 1] = torch.bmm(deltas[i + 1], g_u.transpose(1, 2))
+                g_delta = torch.bmm(weights[i + 1], g_u)
+            g_wsdf = (g_delta * cs[-1]).sum(-1).unsqueeze(1)
+            g_cos[-1] = g_delta * w_sdf[:, 0, :].unsqueeze(-1)
+        g_h = g_last
+        for i in range(n - 1, -1, -1):
+            if i == tap - 1 and g_tap is not None:
+                g_h = g_tap if g_h is None else g_h + g_tap
+            g_a = None if g_h is None else g_h * cs[i]
+            if g_cos[i] is not None:  # ∂cos(a)/∂a = -sin(a) = -h
+                g_a = -g_cos[i] * hs[i] if g_a is None else g_a - g_cos[i] * hs[i]
+            if g_a is None:
+                g_h = None
+                continue
+            if i == 0:
+                g_w0 = torch.mm(g_a.reshape(k * c, p), xt.t()).view(k, c, 3)
+            else:
+                g_w0 = torch.bmm(g_a, hs[i - 1].transpose(1, 2))
+            g_w[i] = g_w0 if g_w[i] is None else g_w[i] + g_w0
+            g_b[i] = g_a.sum(-1)
+            g_h = torch.bmm(weights[i].transpose(1, 2), g_a) if i > 0 else None
+        return (None, None, *g_w, *g_b, g_wsdf)
+
+
 class _FastSpec:
     """Everything a fast render needs besides the differentiable tensors (rays, depths, flags)."""
 
@@ -145,7 +219,7 @@ class _FastRender(torch.autograd.Function):
         wanted = [i for i, need in enumerate(needs) if need]
         with torch.enable_grad():
             inputs = [t.detach().requires_grad_(need) for t, need in zip(tensors, needs)]
-            for b, sl in renderer._fast_chunks(spec):
+            for b, sl in renderer._fast_chunks(spec, spec.grad_chunk):
                 pairs = [(key, g[b, sl]) for key, g in zip(spec.keys, grads) if g is not None]
                 if not pairs or not wanted:
                     continue
@@ -186,6 +260,7 @@ class VolumeFeatureRenderer(nn.Module):
         # Fast path: points per chunk (rays = points // samples); small enough that the [10·128, P]
         # activations stay in cache-friendly, reusable allocations.
         self.fast_points = opt.get("fast_points", 4096)
+        self.fast_grad_points = opt.get("fast_grad_points", 1536)
 
         # Constant buffers are float32 values (converted by .double() like the published modules),
         # not part of the state dict.
@@ -444,11 +519,12 @@ class VolumeFeatureRenderer(nn.Module):
                 tapped = h
         return pre, tapped, h
 
-    def _fast_chunks(self, spec):
+    def _fast_chunks(self, spec, chunk=None):
         n_rays = spec.rays_o.shape[1]
+        chunk = chunk or spec.chunk
         for b in range(spec.rays_o.shape[0]):
-            for start in range(0, n_rays, spec.chunk):
-                yield b, slice(start, start + spec.chunk)
+            for start in range(0, n_rays, chunk):
+                yield b, slice(start, start + chunk)
 
     def _fast_chunk(self, spec, tensors, b, sl):
         """Render rays `sl` of image `b`; returns {key: tensor [n, ...]} for spec.keys (and sdf0)."""
@@ -462,7 +538,11 @@ class VolumeFeatureRenderer(nn.Module):
         xt = x.reshape(n * s, 3).t()
         eikonal = "eikonal" in spec.keys
         weights_b = [w[b] for w in p["w"]]
-        pre, h_shape, h = self._trunk(weights_b, [v[b] for v in p["b"]], xt, eikonal, self.depth)
+        if eikonal:
+            h_shape, h, grad_x = _SirenEikonal.apply(xt, self.depth, *weights_b, *[v[b] for v in p["b"]],
+                                                     p["sdf_w"])
+        else:
+            _, h_shape, h = self._trunk(weights_b, [v[b] for v in p["b"]], xt, False, self.depth)
         k, c = h.shape[:2]
 
         if spec.sdf0 is not None:
@@ -501,11 +581,7 @@ class VolumeFeatureRenderer(nn.Module):
             out["xyz"] = torch.sum(weights * pts, -2)
             out["mask"] = weights[..., -1, :]
         if eikonal:
-            # ∂(Σ_k Δsdf_k)/∂x by the chain rule through the trunk, then ∂x/∂pts = 2/(far-near).
-            delta = p["sdf_w"][:, 0, :].unsqueeze(-1) * torch.cos(pre[-1])
-            for l in range(len(weights_b) - 1, 0, -1):
-                delta = torch.bmm(weights_b[l].transpose(1, 2), delta) * torch.cos(pre[l - 1])
-            grad_x = torch.mm(weights_b[0].reshape(k * c, 3).t(), delta.reshape(k * c, n * s))
+            # ∂(Σ_k Δsdf_k)/∂x from the trunk's reverse pass, then ∂x/∂pts = 2/(far-near).
             grad = grad_x.t().reshape(n, s, 3)
             out["eikonal"] = grad / span * 2 if self.z_normalize else grad
         out["_sdf0"] = sdf0.reshape(n, s, 1)
@@ -532,6 +608,8 @@ class VolumeFeatureRenderer(nn.Module):
         rays_o, rays_d, viewdirs, near_r, far_r = self._rays(cam_poses, focal, near, far)
         tensors, init = self._fast_params(styles)
         chunk = ray_chunk if ray_chunk else max(1, self.fast_points // self.N_samples)
+        # Re-rendering with a graph keeps ~20 activations of [K, C, P] per chunk: smaller chunks.
+        grad_chunk = ray_chunk if ray_chunk else max(1, self.fast_grad_points // self.N_samples)
         # Depths (and raw noise) for the whole image at once, so that re-rendering a chunk for the
         # gradients sees exactly the samples of the forward pass.
         t_vals = self.t_vals.to(rays_o.dtype)
@@ -546,7 +624,7 @@ class VolumeFeatureRenderer(nn.Module):
         selected = None if region_weights is None else torch.nonzero(region_weights).flatten().tolist()
         spec = _FastSpec(rays_o=rays_o.detach(), rays_d=rays_d.detach(), viewdirs=viewdirs.detach(),
                          near=near_r.detach(), far=far_r.detach(), z=z, noise=noise, init=init,
-                         selected=selected, keys=keys, chunk=chunk, sdf0=None)
+                         selected=selected, keys=keys, chunk=chunk, grad_chunk=grad_chunk, sdf0=None)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             outs = _FastRender.apply(self, spec, *tensors)
         else:
