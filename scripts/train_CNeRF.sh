@@ -11,7 +11,8 @@ case "${1:-multi}" in
       --expname "$EXPNAME" --dataset_path "$DATASET" --size 64 --batch 4 --chunk 4 ;;
   single)  # one GPU
     python train_CNeRF.py --expname "$EXPNAME" --dataset_path "$DATASET" --size 64 --batch 4 --chunk 4 ;;
-  cpu)     # a tiny CPU run (seconds per iteration): 16x16 rendering on a 16-px dataset
+  cpu)     # (on a busy machine OMP_NUM_THREADS=1 is often much faster)
+           # a tiny CPU run (seconds per iteration): 16x16 rendering on a 16-px dataset
     python train_CNeRF.py --expname tiny --dataset_path "$DATASET" --device cpu --seed 0 \
       --renderer_spatial_output_dim 16 --size 16 --style_dim 32 --width 32 --N_samples 8 \
       --batch 2 --chunk 1 --iter 20 --sphere_init_iter 20 --sample_every 10 --save_every 10 \

@@ -12,7 +12,8 @@ case "${1:-multi}" in
       --expname "$EXPNAME" --dataset_path "$DATASET" --size 256 --batch 4 --chunk 4 ;;
   single)  # one GPU
     python train_Full.py --expname "$EXPNAME" --dataset_path "$DATASET" --size 256 --batch 4 --chunk 4 ;;
-  cpu)     # a tiny CPU run after `scripts/train_CNeRF.sh cpu` (decoder 16 -> 32)
+  cpu)     # (on a busy machine OMP_NUM_THREADS=1 is often much faster)
+           # a tiny CPU run after `scripts/train_CNeRF.sh cpu` (decoder 16 -> 32)
     python train_Full.py --expname tiny --dataset_path "$DATASET" --device cpu --seed 0 \
       --renderer_spatial_output_dim 16 --size 32 --style_dim 32 --width 32 --N_samples 8 \
       --channel_multiplier 1 --batch 2 --chunk 1 --iter 20 --sample_every 10 --save_every 10 \

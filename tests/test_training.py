@@ -257,6 +257,13 @@ def test_bad_options_exit_with_one_line(data, tmp_path):
     assert not (tmp_path / "exp" / "volume_renderer").exists()
 
 
+def test_no_sphere_init_skips_the_initialisation(data, tmp_path):
+    train_CNeRF.train(args(data, tmp_path, "exp", "--iter", 1, "--no_sphere_init"))
+    stage = tmp_path / "exp" / "volume_renderer"
+    assert sorted(p.name for p in stage.glob("*.pt")) == ["models_0000000.pt"]
+    assert load_checkpoint(stage / "models_0000000.pt")["iter"] == 0
+
+
 def test_wandb_flag(data, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     if importlib.util.find_spec("wandb") is None:
