@@ -43,35 +43,43 @@ def generator_state(ckpt, path="checkpoint", entries=GENERATOR_ENTRIES):
                           f"found {sorted(ckpt)[:8]})")
 
 
-def load_state_strict(module, state, path="checkpoint", what="model", prefix=""):
+def load_state_strict(module, state, path="checkpoint", what="model", prefix="", allow_unused=True):
     """Copy `state` into `module`: every key the module needs must be there with its shape.
 
-    Keys of `state` the module does not have (e.g. the decoder, for a renderer-only model) are
-    ignored. `prefix` selects a sub-tree of `state` (e.g. "renderer.").
+    With allow_unused, keys of `state` the module does not have (e.g. the decoder, for a renderer-only
+    model) are ignored; without it they are an error too (a model of another configuration, e.g. a
+    larger --size whose decoder has more layers). `prefix` selects a sub-tree of `state`.
     """
     own = module.state_dict()
     missing, wrong = [], []
+    unused = [] if allow_unused else [k for k in state if k.startswith(prefix) and k[len(prefix):] not in own]
     for key, value in own.items():
         source = state.get(prefix + key)
         if source is None:
             missing.append(prefix + key)
         elif tuple(source.shape) != tuple(value.shape):
             wrong.append(f"{prefix + key} {tuple(source.shape)} != {tuple(value.shape)}")
-    if missing or wrong:
+    if missing or wrong or unused:
         parts = []
         if missing:
             parts.append(f"{len(missing)} missing keys (first: {', '.join(missing[:3])})")
         if wrong:
             parts.append(f"{len(wrong)} shape mismatches (first: {'; '.join(wrong[:3])})")
+        if unused:
+            parts.append(f"{len(unused)} keys the model does not have (first: {', '.join(unused[:3])})")
         raise CheckpointError(f"{path}: does not fit the {what} at this configuration: {'; '.join(parts)}")
     module.load_state_dict({key: state[prefix + key] for key in own}, strict=True)
     return module
 
 
 def load_generator(module, path, entries=GENERATOR_ENTRIES, map_location="cpu"):
-    """Load a generator checkpoint (published `final_model.pt` or this project's) into `module`."""
+    """Load a generator checkpoint (published `final_model.pt` or this project's) into `module`.
+
+    A full generator must use every weight of the checkpoint; a renderer-only one takes its subset.
+    """
     ckpt = load_checkpoint(path, map_location)
-    return load_state_strict(module, generator_state(ckpt, path, entries), path, what="generator")
+    return load_state_strict(module, generator_state(ckpt, path, entries), path, what="generator",
+                             allow_unused=not getattr(module, "full_pipeline", True))
 
 
 def save_checkpoint(obj, path):

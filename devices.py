@@ -1,13 +1,31 @@
-"""Device selection without naming a backend: the available accelerator if any, else the CPU."""
+"""Device selection, in one place, without naming a backend: `--device` as given, else this process's
+accelerator when there is one, else the CPU."""
 import torch
 
 
-def default_device(requested=None):
-    """torch.device for `--device` (None or "" → the current accelerator when available, else CPU)."""
-    if requested:
-        try:
-            return torch.device(requested)
-        except RuntimeError as error:
-            raise ValueError(f"--device {requested!r}: {error}") from None
+def select_device(requested=None, local_rank=0):
+    """torch.device for `--device`; raises ValueError with one line for a device that cannot be used.
+
+    None or "" picks the current accelerator (device `local_rank` under a multi-process launch) or the
+    CPU; a bare accelerator type such as "cuda" also means this process's device.
+    """
     accelerator = torch.accelerator.current_accelerator(check_available=True)
-    return accelerator if accelerator is not None else torch.device("cpu")
+    count = torch.accelerator.device_count() if accelerator is not None else 0
+    if not requested:
+        if accelerator is None:
+            return torch.device("cpu")
+        return torch.device(accelerator.type, local_rank % max(1, count))
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {requested!r} is not a torch device (examples: cpu, cuda, cuda:1)") from None
+    if device.type == "cpu":
+        return device
+    if accelerator is None or accelerator.type != device.type:
+        raise ValueError(f"--device {requested}: no {device.type} device is available on this machine "
+                         f"(use --device cpu)")
+    if device.index is None:
+        return torch.device(device.type, local_rank % max(1, count))
+    if device.index >= count:
+        raise ValueError(f"--device {requested}: only {count} {device.type} device(s) present")
+    return device

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from munch import Munch
 
+import devices
 from camera import fixed_locations, generate_camera_params, sweep_locations
-from checkpoint import CheckpointError, generator_state, load_checkpoint, load_state_strict
+from checkpoint import CheckpointError, load_generator, load_state_strict
 from model import Generator
 from options import BaseOptions, group_options
 from regions import color_segmap, parse_regions
@@ -64,16 +65,11 @@ def eval_rendering_options(rendering, n_samples=INFERENCE_SAMPLES):
 
 
 def select_device(name=None):
-    """torch.device for --device (default: the accelerator when there is one, else the CPU)."""
-    from devices import default_device
-
+    """devices.select_device, with its one-line error as a usage error."""
     try:
-        device = default_device(name)
-    except ValueError as error:  # an unparsable device string
+        return devices.select_device(name)
+    except ValueError as error:
         raise UsageError(str(error)) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 def seed_everything(seed=None):
@@ -138,17 +134,7 @@ def load_models(opt, device, surface=False, n_samples=INFERENCE_SAMPLES, surface
     if not path:
         raise CheckpointError("no checkpoint given: pass --trained_ckpt FILE")
     generator = build_generator(opt, "cpu", n_samples)
-    state = generator_state(load_checkpoint(path), path)
-    load_state_strict(generator, state, path, what="generator")
-    # load_state_strict ignores keys the model lacks (a renderer-only model takes a subset), but a full
-    # generator that leaves weights unused was built for another configuration, e.g. a larger --size
-    # whose decoder has more layers: refuse rather than render with half a decoder.
-    own = generator.state_dict()
-    extra = [key for key in state if key not in own]
-    if extra:
-        raise CheckpointError(f"{path}: does not fit the generator at this configuration: {len(extra)} keys the "
-                              f"model does not have (first: {', '.join(extra[:3])}); check --size, --style_dim, "
-                              f"--renderer_spatial_output_dim and --channel_multiplier")
+    load_generator(generator, path)  # strict: a full generator must use every weight
     surface_generator = None
     if surface:
         surface_generator = build_surface_generator(opt, "cpu", surface_resolution, surface_samples)

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from torch.utils import data
 
+import devices
 import distributed as dist_utils
 from regions import color_segmap
 
@@ -30,28 +31,11 @@ class NonFiniteLoss(TrainingError):
 
 
 def select_device(requested=None, local_rank=0):
-    """torch.device from --device (None: CUDA if available, else CPU).
-
-    Under a multi-process launch a bare "cuda" means this process's GPU, cuda:<local_rank>.
-    """
-    if requested in (None, ""):
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
-        return torch.device("cpu")
+    """devices.select_device, with its one-line error as a TrainingError."""
     try:
-        device = torch.device(requested)
-    except (RuntimeError, ValueError):
-        raise TrainingError(f"--device {requested!r} is not a torch device (examples: cpu, cuda, cuda:1)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise TrainingError(f"--device {requested}: CUDA is not available on this machine (use --device cpu)")
-        if device.index is None:
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        elif device.index >= torch.cuda.device_count():
-            raise TrainingError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s) present")
-    elif device.type != "cpu":
-        raise TrainingError(f"--device {requested}: only cpu and cuda devices are supported")
-    return device
+        return devices.select_device(requested, local_rank)
+    except ValueError as error:
+        raise TrainingError(str(error)) from None
 
 
 # ------------------------------------------------------------------------------------------- RNG

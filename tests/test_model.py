@@ -109,6 +109,12 @@ def test_published_layout_round_trip_and_strict_errors(tmp_path):
     volume, _ = tiny_generator(full=False, dtype=torch.float32, seed=7)
     load_generator(volume, path)
     assert torch.equal(volume.renderer.sigmoid_beta, g.renderer.sigmoid_beta)
+    # A full generator must use every weight: a checkpoint of a larger --size (more decoder layers) is refused.
+    bigger, _ = tiny_generator(extra=["--size", "128"], dtype=torch.float32)
+    save_checkpoint({"g_ema": bigger.state_dict()}, tmp_path / "size128.pt")
+    with pytest.raises(CheckpointError, match=r"size128\.pt: does not fit the generator.*keys the model does not have "
+                                              r"\(first: decoder\.convs\.4"):
+        load_generator(fresh, tmp_path / "size128.pt")
     # A renderer-only checkpoint lacks the decoder: missing keys are named.
     save_checkpoint({"g_ema": volume.state_dict()}, tmp_path / "vol.pt")
     with pytest.raises(CheckpointError, match=r"missing keys \(first: feature_transfer"):
