@@ -55,8 +55,6 @@ class BaseOptions:
         training.add_argument("--sample_every", type=int, default=1000, help="(new) iterations between sample grids")
         training.add_argument("--save_every", type=int, default=10000, help="(new) iterations between checkpoints")
         training.add_argument("--num_workers", type=int, default=0, help="(new) data loader workers")
-        training.add_argument("--render_path", type=str, default="fast", choices=["fast", "reference"],
-                              help="(new) renderer implementation: fast (default) or the straightforward reference")
 
         inference = p.add_argument_group("inference")
         inference.add_argument("--results_dir", type=str, default="./evaluations", help="results directory")
@@ -102,6 +100,8 @@ class BaseOptions:
         rendering.add_argument("--force_background", action="store_true", help="force the last sample opaque")
         rendering.add_argument("--return_xyz", action="store_true", help="return surface points")
         rendering.add_argument("--return_sdf", action="store_true", help="return the sdf")
+        rendering.add_argument("--render_path", type=str, default="fast", choices=["fast", "reference"],
+                               help="(new) renderer implementation: fast (default) or the straightforward reference")
         rendering.add_argument("--ray_chunk", type=int, default=256, help="(new) rays per renderer chunk")
         self.initialized = True
 
