@@ -94,10 +94,7 @@ def main(argv=None):
             raise ValueError(f"--interpolate needs at least 2 steps (or 0 for none), got {own.interpolate}")
         if own.resample < 0 or own.n_views < 0:
             raise ValueError("--resample and --n_views must be >= 0")
-        device = gen.select_device(opt.experiment.device)
-        if own.inference_samples < 2:
-            raise ValueError(f"--inference_samples must be at least 2, got {own.inference_samples}")
-        generator, _ = gen.load_models(opt, device, n_samples=own.inference_samples)
+        device, generator = gen.load_for_editing(opt, own.inference_samples)
     except (ValueError, CheckpointError) as error:
         gen.fail(error)
     psi = opt.inference.truncation_ratio

@@ -124,11 +124,8 @@ def main(argv=None):
             raise ValueError("no --image given")
         target = load_image(own.image, size)
         regions = load_mask(own.mask, size) if own.mask else None
-        device = gen.select_device(opt.experiment.device)
+        device, generator = gen.load_for_editing(opt, own.inference_samples)
         perceptual = load_perceptual(own.vgg_weights, device) if own.vgg_weights else None
-        if own.inference_samples < 2:
-            raise ValueError(f"--inference_samples must be at least 2, got {own.inference_samples}")
-        generator, _ = gen.load_models(opt, device, n_samples=own.inference_samples)
     except (ValueError, CheckpointError) as error:
         gen.fail(error)
 

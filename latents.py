@@ -6,7 +6,6 @@ A latent file is a tensors-only torch file:
    "style_dim": D, "n_regions": K, "truncated": bool (whether the codes already include truncation),
    optional "camera": [N, 2] (azimuth, elevation) and "note": str}
 """
-import os
 
 import torch
 

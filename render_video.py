@@ -9,7 +9,6 @@ flicker between frames. --no_surface_renderings leaves out the shaded-depth pane
 """
 import math
 import os
-import sys
 import tempfile
 
 import numpy as np

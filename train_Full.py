@@ -12,7 +12,6 @@ Starts from the stage-1 EMA renderer and mapping at <checkpoints_dir>/<expname>/
 Checkpoint i holds the state after iteration i (0-based); `--continue_training --ckpt i` resumes at i+1.
 """
 import os
-import sys
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -268,15 +267,7 @@ def train(argv=None):
 
 
 def main(argv=None):
-    try:
-        train(argv)
-    except (tu.TrainingError, CheckpointError) as error:
-        message = str(error)
-        if isinstance(error, tu.NonFiniteLoss):
-            message += "; training stopped, the last checkpoint is kept"
-        sys.exit(f"error: {message}")
-    finally:
-        dist_utils.cleanup()
+    tu.run_training(train, argv)
 
 
 if __name__ == "__main__":

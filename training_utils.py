@@ -8,6 +8,7 @@ import contextlib
 import math
 import os
 import random
+import sys
 
 import numpy as np
 import torch
@@ -318,3 +319,18 @@ def resolve_resume_path(ckpt, folder):
     except ValueError:
         raise TrainingError(f"--ckpt {ckpt!r}: neither an iteration number nor an existing file") from None
     return os.path.join(folder, f"models_{number:07d}.pt")
+
+
+def run_training(train, argv=None):
+    """Run a stage's train(argv); its known failures end with one line and a non-zero exit."""
+    from checkpoint import CheckpointError
+
+    try:
+        train(argv)
+    except (TrainingError, CheckpointError) as error:
+        message = str(error)
+        if isinstance(error, NonFiniteLoss):
+            message += "; training stopped, the last checkpoint is kept"
+        sys.exit(f"error: {message}")
+    finally:
+        dist_utils.cleanup()

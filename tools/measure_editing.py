@@ -138,10 +138,7 @@ def main(argv=None):
             raise ValueError("--pairs and --steps must be at least 1, --inversions at least 0")
         if own.attribute not in editing.ATTRIBUTES:
             raise ValueError(f"--attribute {own.attribute!r} is not one of {', '.join(editing.ATTRIBUTES)}")
-        device = gen.select_device(opt.experiment.device)
-        if own.inference_samples < 2:
-            raise ValueError(f"--inference_samples must be at least 2, got {own.inference_samples}")
-        generator, _ = gen.load_models(opt, device, n_samples=own.inference_samples)
+        device, generator = gen.load_for_editing(opt, own.inference_samples)
     except (ValueError, CheckpointError) as error:
         gen.fail(error)
     psi = opt.inference.truncation_ratio
