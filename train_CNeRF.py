@@ -40,7 +40,6 @@ def model_options(opt):
     # The published code fails with --view_lambda 0 (SPEC §17): build D without the viewpoint head instead.
     model_opt.no_viewpoint_loss = opt.training.view_lambda == 0
     renderer_opt = Munch(opt.rendering)
-    renderer_opt.render_path = opt.training.render_path  # used by renderers that offer a fast path
     return model_opt, renderer_opt
 
 
