@@ -20,6 +20,7 @@ import torch
 from munch import Munch
 
 import devices
+import perf_utils
 from camera import fixed_locations, generate_camera_params, sweep_locations
 from checkpoint import CheckpointError, load_generator, load_state_strict
 from model import Generator
@@ -41,6 +42,7 @@ class UsageError(ValueError):
 
 def parse_options(argv=None, add_arguments=None, title="script"):
     """The shared option tree plus a script's own flags (group `title`): returns (opt, own Munch)."""
+    perf_utils.configure_allocator()  # every inference script starts here (issue 6)
     base = BaseOptions()
     base.initialize()
     group = base.parser.add_argument_group(title)

@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import distributed as dist_utils
+import perf_utils
 import training_utils as tu
 from camera import generate_camera_params
 from checkpoint import CheckpointError, load_checkpoint, load_state_strict, save_checkpoint
@@ -349,6 +350,7 @@ def train(argv=None):
 
 
 def main(argv=None):
+    perf_utils.configure_allocator()  # before the big allocations (issue 6)
     tu.run_training(train, argv)
 
 

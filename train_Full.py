@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import distributed as dist_utils
+import perf_utils
 import training_utils as tu
 from checkpoint import CheckpointError, generator_state, load_checkpoint, load_state_strict
 from dataset import MultiResolutionDataset
@@ -267,6 +268,7 @@ def train(argv=None):
 
 
 def main(argv=None):
+    perf_utils.configure_allocator()  # before the big allocations (issue 6)
     tu.run_training(train, argv)
 
 
