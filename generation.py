@@ -197,6 +197,33 @@ def latents_from_file(data, mean, psi):
     return codes, styles_global
 
 
+def inference_run(opt, generator, latents, device):
+    """The shared start of an inference run: seed, truncation mean, output folder and identities.
+
+    Returns (run, n_identities, identity) where run = Munch(seed, rng, psi, mean, out_dir) and
+    identity(i) gives (codes [1,18,D], styles_global [1,D]): entry i of the latent file when one is
+    given, else a fresh z drawn from the run's generator (so call it once per identity, in order).
+    """
+    seed = seed_everything(opt.experiment.seed)
+    rng = torch.Generator().manual_seed(seed)
+    psi = opt.inference.truncation_ratio
+    # The truncation mean is a property of the model, not of the run: a fixed seed, like editing uses.
+    mean = mean_latent(generator, opt.inference.truncation_mean)
+    out_dir = opt.inference.results_dir
+    os.makedirs(out_dir, exist_ok=True)
+    run = Munch(seed=seed, rng=rng, psi=psi, mean=mean, out_dir=out_dir)
+    if latents is not None:
+        on_device = dict(latents, codes=latents["codes"].to(device), styles_global=latents["styles_global"].to(device))
+        codes_all, styles_all = latents_from_file(on_device, mean, psi)
+        return run, codes_all.shape[0], lambda i: (codes_all[i:i + 1], styles_all[i:i + 1])
+
+    def sampled(_):
+        z = torch.randn(1, generator.style_dim, generator=rng).to(device)
+        return identity_latents(generator, z, mean, psi)
+
+    return run, opt.inference.identities, sampled
+
+
 # ------------------------------------------------------------------------------------------ cameras
 
 

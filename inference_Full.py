@@ -85,31 +85,15 @@ def write_surfaces(i, opt, own, generator, surface_generator, codes, location, m
 
 @torch.no_grad()
 def run(opt, own, semantics, device, generator, surface_generator, latents):
-    seed = gen.seed_everything(opt.experiment.seed)
-    rng = torch.Generator().manual_seed(seed)
-    psi = opt.inference.truncation_ratio
-    # The truncation mean is a property of the model, not of the run: a fixed seed, like editing uses.
-    mean = gen.mean_latent(generator, opt.inference.truncation_mean)
-    out_dir = opt.inference.results_dir
-    os.makedirs(out_dir, exist_ok=True)
-
-    if latents is not None:
-        on_device = dict(latents, codes=latents["codes"].to(device), styles_global=latents["styles_global"].to(device))
-        codes_all, styles_all = gen.latents_from_file(on_device, mean, psi)
-        n_identities = codes_all.shape[0]
-    else:
-        n_identities = opt.inference.identities
-    print(f"seed {seed}; {n_identities} identities → {out_dir}"
+    session, n_identities, identity = gen.inference_run(opt, generator, latents, device)
+    psi, mean, out_dir = session.psi, session.mean, session.out_dir
+    print(f"seed {session.seed}; {n_identities} identities → {out_dir}"
           + (f"; semantics {semantics}" if semantics else ""))
 
     bar = tqdm(range(n_identities), desc="identities", unit="id")
     for i in bar:
-        if latents is not None:
-            codes, styles_global = codes_all[i:i + 1], styles_all[i:i + 1]
-        else:
-            z = torch.randn(1, generator.style_dim, generator=rng).to(device)
-            codes, styles_global = gen.identity_latents(generator, z, mean, psi)
-        locations = gen.view_locations(opt, rng, device)
+        codes, styles_global = identity(i)
+        locations = gen.view_locations(opt, session.rng, device)
         bar.set_postfix_str(f"{i}: {locations.shape[0]} views")
         rgb, seg = gen.render_views(generator, codes, styles_global, locations, opt, mean, semantics=semantics,
                                     psi=psi)

@@ -121,27 +121,13 @@ def identity_frames(i, opt, own, semantics, generator, surface_generator, codes,
 
 @torch.no_grad()
 def run(opt, own, semantics, device, generator, surface_generator, latents):
-    seed = gen.seed_everything(opt.experiment.seed)
-    rng = torch.Generator().manual_seed(seed)
-    psi = opt.inference.truncation_ratio
-    mean = gen.mean_latent(generator, opt.inference.truncation_mean)
-    out_dir = opt.inference.results_dir
-    os.makedirs(out_dir, exist_ok=True)
-    if latents is not None:
-        on_device = dict(latents, codes=latents["codes"].to(device), styles_global=latents["styles_global"].to(device))
-        codes_all, styles_all = gen.latents_from_file(on_device, mean, psi)
-        n_identities = codes_all.shape[0]
-    else:
-        n_identities = opt.inference.identities
+    session, n_identities, identity = gen.inference_run(opt, generator, latents, device)
+    mean, out_dir = session.mean, session.out_dir
     path = camera_path(own.frames, opt.camera, azim_only=opt.inference.azim_video).to(device)
-    print(f"seed {seed}; {n_identities} videos of {own.frames} frames → {out_dir}"
+    print(f"seed {session.seed}; {n_identities} videos of {own.frames} frames → {out_dir}"
           + (f"; semantics {semantics}" if semantics else ""))
     for i in tqdm(range(n_identities), desc="videos", unit="video"):
-        if latents is not None:
-            codes, styles_global = codes_all[i:i + 1], styles_all[i:i + 1]
-        else:
-            z = torch.randn(1, generator.style_dim, generator=rng).to(device)
-            codes, styles_global = gen.identity_latents(generator, z, mean, psi)
+        codes, styles_global = identity(i)
         frames = identity_frames(i, opt, own, semantics, generator, surface_generator, codes, styles_global,
                                  path, mean)
         write_video(os.path.join(out_dir, f"{i}_video.mp4"), frames, own.fps)
