@@ -23,7 +23,7 @@ import distributed as dist_utils
 import perf_utils
 import training_utils as tu
 from camera import generate_camera_params
-from checkpoint import CheckpointError, load_checkpoint, load_state_strict, save_checkpoint
+from checkpoint import CheckpointError, load_state_strict, save_checkpoint
 from dataset import MultiResolutionDataset
 from losses import (classification_loss, d_logistic_loss, eikonal_loss, g_nonsaturating_loss, r1_image_and_mask,
                     viewpoints_loss)
@@ -176,26 +176,12 @@ def train(argv=None):
     opt = BaseOptions().parse(argv)
     validate(opt)
     t = opt.training
-    local_rank = dist_utils.local_rank_from(t.local_rank)
-    device = tu.select_device(opt.experiment.device, local_rank)
-    distributed = dist_utils.setup(device)
-    rank, main = dist_utils.get_rank(), dist_utils.is_main_process()
+    run = tu.start_run(opt, STAGE, 1, ("g", "gd", "sd", "g_ema", "g_optim", "gd_optim", "sd_optim", "iter"))
+    device, distributed, rank, main = run.device, run.distributed, run.rank, run.main
+    exp_dir, stage_dir, samples_dir, logger = run.exp_dir, run.stage_dir, run.samples_dir, run.logger
+    ckpt, resume_path = run.ckpt, run.resume_path
 
     resolution = opt.model.renderer_spatial_output_dim
-    exp_dir = os.path.join(t.checkpoints_dir, opt.experiment.expname)
-    stage_dir = os.path.join(exp_dir, STAGE)
-    samples_dir = os.path.join(stage_dir, "samples")
-    # Before any heavy work, so that a missing wandb package stops the run at once.
-    logger = tu.WandbLogger(t.wandb, "CNeRF", f"{opt.experiment.expname}-stage1", tu.plain(opt),
-                            os.path.join(exp_dir, "wandb"))
-
-    ckpt = None
-    if opt.experiment.continue_training:
-        resume_path = tu.resolve_resume_path(opt.experiment.ckpt, stage_dir)
-        ckpt = load_checkpoint(resume_path, map_location=device)
-        for key in ("g", "gd", "sd", "g_ema", "g_optim", "gd_optim", "sd_optim", "iter"):
-            if key not in ckpt:
-                raise CheckpointError(f"{resume_path}: not a stage-1 training checkpoint (no '{key}' entry)")
     seed = int(ckpt["seed"]) if ckpt is not None and "seed" in ckpt else choose_seed(opt)
     tu.seed_all(seed, rank)
 

@@ -90,27 +90,13 @@ def train(argv=None):
     for name in ("d_reg_every", "g_reg_every", "path_batch_shrink"):
         if t[name] < 1:
             raise tu.TrainingError(f"--{name} must be at least 1 (got {t[name]})")
-    local_rank = dist_utils.local_rank_from(t.local_rank)
-    device = tu.select_device(opt.experiment.device, local_rank)
-    distributed = dist_utils.setup(device)
-    rank, main = dist_utils.get_rank(), dist_utils.is_main_process()
+    run = tu.start_run(opt, STAGE, 2, ("g", "d", "g_ema", "g_optim", "d_optim", "iter"))
+    device, distributed, rank, main = run.device, run.distributed, run.rank, run.main
+    exp_dir, stage_dir, samples_dir, logger = run.exp_dir, run.stage_dir, run.samples_dir, run.logger
+    ckpt, resume_path = run.ckpt, run.resume_path
 
     resolution = opt.model.renderer_spatial_output_dim
-    exp_dir = os.path.join(t.checkpoints_dir, opt.experiment.expname)
-    stage_dir = os.path.join(exp_dir, STAGE)
-    samples_dir = os.path.join(stage_dir, "samples")
-    # Before any heavy work, so that a missing wandb package stops the run at once.
-    logger = tu.WandbLogger(t.wandb, "CNeRF", f"{opt.experiment.expname}-stage2", tu.plain(opt),
-                            os.path.join(exp_dir, "wandb"))
-
-    ckpt = None
-    if opt.experiment.continue_training:
-        resume_path = tu.resolve_resume_path(opt.experiment.ckpt, stage_dir)
-        ckpt = load_checkpoint(resume_path, map_location=device)
-        for key in ("g", "d", "g_ema", "g_optim", "d_optim", "iter"):
-            if key not in ckpt:
-                raise CheckpointError(f"{resume_path}: not a stage-2 training checkpoint (no '{key}' entry)")
-    else:
+    if ckpt is None:
         stage1_path = renderer_path(opt)
     seed = int(ckpt["seed"]) if ckpt is not None and "seed" in ckpt else choose_seed(opt)
     tu.seed_all(seed, rank)

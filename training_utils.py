@@ -334,3 +334,33 @@ def run_training(train, argv=None):
         sys.exit(f"error: {message}")
     finally:
         dist_utils.cleanup()
+
+
+def start_run(opt, stage, number, required_keys):
+    """The shared start of a training stage: device and process group, folders, logger, resume checkpoint.
+
+    Returns a Munch with device, distributed, rank, main, exp_dir, stage_dir, samples_dir, logger,
+    ckpt (None unless --continue_training) and resume_path. `required_keys` are the entries a resume
+    checkpoint of this stage must have.
+    """
+    from munch import Munch
+
+    from checkpoint import CheckpointError, load_checkpoint
+
+    t = opt.training
+    device = select_device(opt.experiment.device, dist_utils.local_rank_from(t.local_rank))
+    run = Munch(device=device, distributed=dist_utils.setup(device), rank=dist_utils.get_rank(),
+                main=dist_utils.is_main_process(), ckpt=None, resume_path=None)
+    run.exp_dir = os.path.join(t.checkpoints_dir, opt.experiment.expname)
+    run.stage_dir = os.path.join(run.exp_dir, stage)
+    run.samples_dir = os.path.join(run.stage_dir, "samples")
+    # Before any heavy work, so that a missing wandb package stops the run at once.
+    run.logger = WandbLogger(t.wandb, "CNeRF", f"{opt.experiment.expname}-stage{number}", plain(opt),
+                             os.path.join(run.exp_dir, "wandb"))
+    if opt.experiment.continue_training:
+        run.resume_path = resolve_resume_path(opt.experiment.ckpt, run.stage_dir)
+        run.ckpt = load_checkpoint(run.resume_path, map_location=device)
+        for key in required_keys:
+            if key not in run.ckpt:
+                raise CheckpointError(f"{run.resume_path}: not a stage-{number} training checkpoint (no '{key}' entry)")
+    return run
