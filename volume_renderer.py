@@ -560,26 +560,33 @@ class VolumeFeatureRenderer(nn.Module):
                 del h0
 
         vt = viewdirs.t()  # [3, n]; the view-direction part of a head is constant along a ray
-        mask_w, feat_w = p["mask_w"], p["feat_w"]
-        mask = torch.baddbmm(p["mask_b"].unsqueeze(-1), mask_w[:, :, :c], h_shape).view(k, 1, n, s)
-        mask = (mask + torch.matmul(mask_w[:, :, c:], vt).unsqueeze(-1)).view(k, 1, n * s)
+        mask_w, feat_w, feat_b, rgb_w = p["mask_w"], p["feat_w"], p["feat_b"], p["rgb_w"]
+        mask = torch.baddbmm(p["mask_b"].unsqueeze(-1), mask_w[:, :, :c], h_shape).view(k, n, s)
+        mask = mask + torch.matmul(mask_w[:, :, c:], vt).view(k, n, 1)  # [K, n, S]
         delta_sdf = torch.baddbmm(p["sdf_b"].unsqueeze(-1), p["sdf_w"], h).sum(0)  # [1, P]
-        feat = torch.baddbmm(p["feat_b"].unsqueeze(-1), feat_w[:, :, :c], h).view(k, c, n, s)
-        feat = (feat + torch.matmul(feat_w[:, :, c:], vt).unsqueeze(-1)).view(k, c, n * s)
-        rgb = torch.baddbmm(p["rgb_b"].unsqueeze(-1), p["rgb_w"], feat)  # [K, 3, P]
-        color = (mask * rgb).sum(0)  # [3, P]
-
         sdf = (sdf0 + delta_sdf).reshape(n, s, 1)
         noise = spec.noise[b, sl] if spec.noise is not None else None
         weights = self._weights(sdf.unsqueeze(0), z.unsqueeze(0), rays_d.unsqueeze(0), noise=noise,
                                 beta=p["beta"])[0]  # [n, S, 1]
-        out = {"rgb": -1 + 2 * torch.sum(weights * torch.sigmoid(color.t().reshape(n, s, 3)), -2),
-               "seg": torch.sum(weights * mask.view(k, n, s).permute(1, 2, 0), -2)}
+
+        # The feature and colour heads are linear, so they are applied where they cost least (same
+        # values up to rounding): rgb_k = W_c (W_f [h; v] + b_f) + b_c uses the composed 3×C matrix
+        # W_c W_f per sample instead of the C×C feature layer, and the rendered features
+        # Σ_i w_i Σ_k m_k,i f_k,i = Σ_k W_f (Σ_i w_i m_k,i [h_k,i; v]) + b_f Σ_i w_i m_k,i apply W_f
+        # once per ray to the weighted sum of h instead of once per sample.
+        view_term = torch.matmul(feat_w[:, :, c:], vt) + feat_b.unsqueeze(-1)  # [K, C, n]
+        rgb = torch.bmm(torch.bmm(rgb_w, feat_w[:, :, :c]), h).view(k, 3, n, s)
+        rgb = rgb + (torch.bmm(rgb_w, view_term) + p["rgb_b"].unsqueeze(-1)).unsqueeze(-1)  # [K, 3, n, S]
+        color = (mask.unsqueeze(1) * rgb).sum(0)  # [3, n, S]
+        weighted_mask = mask * weights.view(1, n, s)  # [K, n, S]
+        seg = weighted_mask.sum(-1)  # [K, n]
+        out = {"rgb": -1 + 2 * torch.sum(weights * torch.sigmoid(color.permute(1, 2, 0)), -2),
+               "seg": seg.t()}
         if "features" in spec.keys:
-            chosen = feat if spec.selected is None else feat[spec.selected]
-            chosen_mask = mask if spec.selected is None else mask[spec.selected]
-            features = (chosen_mask * chosen).sum(0).view(c, n, s)
-            out["features"] = (features * weights.view(1, n, s)).sum(-1).t()
+            chosen = slice(None) if spec.selected is None else spec.selected
+            pooled = (h.view(k, c, n, s)[chosen] * weighted_mask[chosen].unsqueeze(1)).sum(-1)  # [K', C, n]
+            features = torch.bmm(feat_w[chosen, :, :c], pooled) + view_term[chosen] * seg[chosen].unsqueeze(1)
+            out["features"] = features.sum(0).t()
         if "sdf" in spec.keys:
             out["sdf"] = sdf
         if "xyz" in spec.keys:

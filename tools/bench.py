@@ -36,8 +36,10 @@ from model import Generator  # noqa: E402
 from options import default_options  # noqa: E402
 
 
-def build(workload, device, render_path, samples=None, res=None):
+def build(workload, device, render_path, samples=None, res=None, ray_chunk=None):
     opt = default_options()
+    if ray_chunk is not None:
+        opt.rendering.ray_chunk = ray_chunk
     opt.model.renderer_spatial_output_dim = res or 64
     opt.rendering.render_path = render_path
     opt.model.n_render = opt.rendering.n_render
@@ -91,6 +93,8 @@ def main(argv=None):
     parser.add_argument("--render_path", choices=["fast", "reference"], default="fast")
     parser.add_argument("--samples", type=int, default=None, help="samples per ray (default: the workload's)")
     parser.add_argument("--res", type=int, default=None, help="rendering resolution (default 64)")
+    parser.add_argument("--ray_chunk", type=int, default=None,
+                        help="reference path: rays per chunk (0 = the whole image at once, like the published code)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.batch < 1:
@@ -100,7 +104,7 @@ def main(argv=None):
         return 2
 
     torch.manual_seed(args.seed)
-    g, opt = build(args.workload, args.device, args.render_path, args.samples, args.res)
+    g, opt = build(args.workload, args.device, args.render_path, args.samples, args.res, args.ray_chunk)
     step = make_step(args.workload, g, opt, args.device, args.batch)
     step()  # warm-up: first-touch allocations, lazy kernels
     sync(args.device)
