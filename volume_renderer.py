@@ -6,11 +6,13 @@ the chunk size. Parameter names follow the published checkpoint.
 """
 import contextlib
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import perf_utils
 from camera import camera_rays, depths_along_rays, pixel_grid, sample_depths_t
 
 
@@ -257,10 +259,12 @@ class VolumeFeatureRenderer(nn.Module):
         self.ray_chunk = opt.get("ray_chunk", 2048) or 0
         self.out_im_res = out_im_res
         self.render_path = opt.get("render_path", "fast") or "fast"
-        # Fast path: points per chunk (rays = points // samples); small enough that the [10·128, P]
-        # activations stay in cache-friendly, reusable allocations.
-        self.fast_points = opt.get("fast_points", 4096)
-        self.fast_grad_points = opt.get("fast_grad_points", 1536)
+        # Fast path: points per chunk (rays = points // samples), (without, with) gradients. On the
+        # CPU, small enough that the [10·128, P] activations stay in cache-friendly, reusable
+        # allocations, each chunk on its own thread (perf_utils.map_in_threads); on an accelerator,
+        # large enough to fill it. Set them to override.
+        self.fast_points = opt.get("fast_points", None)
+        self.fast_grad_points = opt.get("fast_grad_points", None)
 
         # Constant buffers are float32 values (converted by .double() like the published modules),
         # not part of the state dict.
@@ -600,14 +604,28 @@ class VolumeFeatureRenderer(nn.Module):
         return out
 
     def _fast_all(self, spec, tensors, keep_sdf0=False):
-        """Every chunk without a graph, merged to [B, N, ...] per key (sdf0 kept in spec if asked)."""
-        per_image = [[] for _ in range(spec.rays_o.shape[0])]
-        with torch.no_grad():
-            for b, sl in self._fast_chunks(spec):
-                per_image[b].append(self._fast_chunk(spec, tensors, b, sl))
+        """Every chunk without a graph, written into [B, N, ...] per key (sdf0 kept in spec if asked).
+        Chunks write straight into the outputs: thousands of small per-chunk results kept alive
+        until a final concatenation would fragment the heap (measured: +400 MiB peak at 512 px)."""
         keys = list(spec.keys) + (["_sdf0"] if keep_sdf0 else [])
-        merged = {key: torch.stack([torch.cat([c[key] for c in chunks], 0) for chunks in per_image])
-                  for key in keys}
+        chunks = list(self._fast_chunks(spec))
+        batch, n_rays = spec.rays_o.shape[:2]
+        merged = {}
+        allocate = threading.Lock()
+
+        def render(item):
+            b, sl = item
+            with torch.no_grad():  # grad mode is per thread
+                out = self._fast_chunk(spec, tensors, b, sl)
+                with allocate:
+                    for key in keys:
+                        if key not in merged:
+                            merged[key] = out[key].new_empty((batch, n_rays) + out[key].shape[1:])
+                for key in keys:
+                    merged[key][b, sl] = out[key]
+
+        for _ in perf_utils.map_in_threads(render, chunks, spec.rays_o.device):
+            pass
         if keep_sdf0:
             spec.sdf0 = merged.pop("_sdf0")
         return [merged[key] for key in spec.keys]
@@ -619,9 +637,12 @@ class VolumeFeatureRenderer(nn.Module):
         batch = cam_poses.shape[0]
         rays_o, rays_d, viewdirs, near_r, far_r = self._rays(cam_poses, focal, near, far)
         tensors, init = self._fast_params(styles)
-        chunk = ray_chunk if ray_chunk else max(1, self.fast_points // self.N_samples)
+        on_cpu = rays_o.device.type == "cpu"
+        points = self.fast_points or (1024 if on_cpu else 65536)
         # Re-rendering with a graph keeps ~20 activations of [K, C, P] per chunk: smaller chunks.
-        grad_chunk = ray_chunk if ray_chunk else max(1, self.fast_grad_points // self.N_samples)
+        grad_points = self.fast_grad_points or (1536 if on_cpu else 16384)
+        chunk = ray_chunk if ray_chunk else max(1, points // self.N_samples)
+        grad_chunk = ray_chunk if ray_chunk else max(1, grad_points // self.N_samples)
         # Depths (and raw noise) for the whole image at once, so that re-rendering a chunk for the
         # gradients sees exactly the samples of the forward pass.
         t_vals = self.t_vals.to(rays_o.dtype)

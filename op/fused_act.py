@@ -13,7 +13,12 @@ def fused_leaky_relu_ref(input, bias=None, negative_slope=0.2, scale=2 ** 0.5):
     """
     if bias is not None:
         input = input + bias.view(1, -1, *([1] * (input.ndim - 2)))
-    return F.leaky_relu(input, negative_slope) * scale
+    if torch.is_grad_enabled() and input.requires_grad:
+        return F.leaky_relu(input, negative_slope) * scale
+    # Without a graph the same ops run in place on a fresh tensor: one image-sized temporary instead
+    # of three (the 512 px decoder's peak memory; issue 6). Same values.
+    out = F.leaky_relu_(input, negative_slope) if bias is not None else F.leaky_relu(input, negative_slope)
+    return out.mul_(scale)
 
 
 class _LeakyReLUGrad(torch.autograd.Function):

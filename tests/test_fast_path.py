@@ -209,3 +209,51 @@ def test_bench_tool_prints_one_line():
     fields = dict(item.split("=") for item in lines[0].split()[1:])
     assert set(fields) == {"median_s", "min_s", "peak_rss_mib", "threads"}
     assert float(fields["min_s"]) <= float(fields["median_s"]) and float(fields["peak_rss_mib"]) > 0
+
+
+def test_chunk_threads_give_the_serial_result_bit_for_bit(monkeypatch):
+    """perf_utils.map_in_threads: two single-threaded workers render the same numbers as one serial
+    loop, in order, and the caller's intra-op thread count is restored."""
+    import perf_utils
+
+    _, g, opt = _pair(True, False, static_viewdirs=True, perturb=0.0)
+    g.renderer.fast_points = 6 * 5  # 5 rays per chunk: 13 chunks per 8×8 image
+    cam = _camera(2)
+    z = torch.randn(2, opt.model.style_dim, dtype=torch.float64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        outs = []
+        for workers in ("2", "1"):
+            monkeypatch.setenv("CNERF_RENDER_THREADS", workers)
+            with torch.no_grad():
+                codes, _ = g.styles_to_codes([z])
+                outs.append(g.renderer(*cam, codes, return_sdf=True, return_xyz=True))
+            assert torch.get_num_threads() == 2
+        for key in outs[0]:
+            assert torch.equal(outs[0][key], outs[1][key]), key
+
+        monkeypatch.setenv("CNERF_RENDER_THREADS", "2")
+        results = list(perf_utils.map_in_threads(lambda i: (i, torch.get_num_threads()), range(9), "cpu"))
+        assert [i for i, _ in results] == list(range(9))
+        assert {n for _, n in results} == {1}  # each worker runs its kernels single-threaded
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_fused_leaky_relu_without_graph_is_in_place_on_a_fresh_tensor_only():
+    from op.fused_act import fused_leaky_relu_ref
+
+    x = torch.randn(2, 5, 4, 4, dtype=torch.float64)
+    bias = torch.randn(5, dtype=torch.float64)
+    for b in (bias, None):
+        kept = x.clone()
+        with torch.no_grad():
+            fast = fused_leaky_relu_ref(x, b, 0.2, 2 ** 0.5)
+        graph = fused_leaky_relu_ref(x.requires_grad_(True), b, 0.2, 2 ** 0.5)
+        x.requires_grad_(False)
+        assert torch.equal(x, kept)  # the input is never overwritten
+        assert torch.equal(fast, graph.detach())
+        expected = torch.nn.functional.leaky_relu(x + (0 if b is None else b.view(1, -1, 1, 1)), 0.2) * 2 ** 0.5
+        assert torch.equal(fast, expected)
