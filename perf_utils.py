@@ -56,7 +56,7 @@ def map_in_threads(fn, items, device):
     run on that many Python threads with one intra-op thread each instead (torch releases the GIL in
     its kernels). For many mid-sized kernels this beats one OpenMP team: no barrier after every
     kernel, so a core taken by another process delays one item instead of every kernel (measured:
-    infer512 7.1 s -> 6.2 s on 2 idle cores). Each item is computed exactly as it would be serially;
+    infer512 7.1 s -> 6.7 s on 2 idle cores). Each item is computed exactly as it would be serially;
     consuming the results in order keeps sums over them deterministic.
 
     fn runs on worker threads: grad mode is per thread, so fn must set it itself.

@@ -606,7 +606,7 @@ class VolumeFeatureRenderer(nn.Module):
     def _fast_all(self, spec, tensors, keep_sdf0=False):
         """Every chunk without a graph, written into [B, N, ...] per key (sdf0 kept in spec if asked).
         Chunks write straight into the outputs: thousands of small per-chunk results kept alive
-        until a final concatenation would fragment the heap (measured: +400 MiB peak at 512 px)."""
+        until a final concatenation fragmented the heap (measured: up to +400 MiB peak at 512 px)."""
         keys = list(spec.keys) + (["_sdf0"] if keep_sdf0 else [])
         chunks = list(self._fast_chunks(spec))
         batch, n_rays = spec.rays_o.shape[:2]
