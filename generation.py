@@ -146,7 +146,6 @@ def load_models(opt, device, surface=False, n_samples=INFERENCE_SAMPLES, surface
     return generator.to(device).eval(), surface_generator
 
 
-@torch.no_grad()
 def load_for_editing(opt, n_samples):
     """(device, evaluation generator rendering `n_samples` per ray) for the editing and inversion tools."""
     if n_samples < 2:
@@ -156,6 +155,7 @@ def load_for_editing(opt, n_samples):
     return device, generator
 
 
+@torch.no_grad()
 def mean_latent(generator, n, seed=0):
     """[renderer mean w (1×D), decoder mean (1×2D) or None], as Generator.mean_latent computes them, from
     `n` latents drawn on the CPU with a fixed seed (same means on every device and rerun; global RNG
