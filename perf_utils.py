@@ -52,12 +52,11 @@ def configure_allocator(enable=None):
 
 
 def map_in_threads(fn, items, device):
-    """fn(item) for every item, yielded in order. On a CPU with several intra-op threads, the items
-    run on that many Python threads with one intra-op thread each instead (torch releases the GIL in
-    its kernels). For many mid-sized kernels this beats one OpenMP team: no barrier after every
-    kernel, so a core taken by another process delays one item instead of every kernel (measured:
-    infer512 7.1 s -> 6.7 s on 2 idle cores). Each item is computed exactly as it would be serially;
-    consuming the results in order keeps sums over them deterministic.
+    """[fn(item) for item in items], in order. On a CPU with several intra-op threads, the items run
+    on that many Python threads with one intra-op thread each instead (torch releases the GIL in its
+    kernels). For many mid-sized kernels this beats one OpenMP team: no barrier after every kernel,
+    so a core taken by another process delays one item instead of every kernel (measured: infer512
+    7.1 s -> 6.7 s on 2 idle cores). Each item is computed exactly as it would be serially.
 
     fn runs on worker threads: grad mode is per thread, so fn must set it itself.
     CNERF_RENDER_THREADS=1 in the environment turns this off (serial, OpenMP inside each kernel).
@@ -67,16 +66,12 @@ def map_in_threads(fn, items, device):
     wanted = int(os.environ.get("CNERF_RENDER_THREADS", threads) or 1)
     workers = min(threads, wanted, len(items))
     if torch.device(device).type != "cpu" or workers < 2:
-        yield from map(fn, items)
-        return
+        return [fn(item) for item in items]
     try:
         # set_num_threads(1) in a worker also lowers torch's process-wide default (and MKL's);
         # the caller's setting is restored below.
         with concurrent.futures.ThreadPoolExecutor(workers, initializer=torch.set_num_threads,
                                                    initargs=(1,)) as pool:
-            pending = [pool.submit(fn, item) for item in items]
-            for i, future in enumerate(pending):
-                yield future.result()
-                pending[i] = None  # let the result go once the caller is done with it
+            return list(pool.map(fn, items))
     finally:
         torch.set_num_threads(threads)

@@ -506,27 +506,22 @@ class VolumeFeatureRenderer(nn.Module):
         return out
 
     @staticmethod
-    def _trunk(weights, biases, xt, keep_pre, tap):
-        """SIREN trunk on points xt [3, P]: returns (pre-activations if keep_pre, output after layer
-        `tap`, final output), activations [K, C, P]."""
+    def _trunk(weights, biases, xt, tap):
+        """SIREN trunk on points xt [3, P]: returns (output after layer `tap`, final output),
+        activations [K, C, P]. (The eikonal path uses _SirenEikonal, which also keeps the cosines.)"""
         k, c = weights[0].shape[:2]
         # Without a graph the pre-activation is dead after sin: overwrite it instead of allocating
         # another [K, C, P] buffer (less memory traffic on the CPU, same values).
-        in_place = not keep_pre and not (torch.is_grad_enabled() and
-                                         (xt.requires_grad or any(w.requires_grad for w in weights)))
+        in_place = not (torch.is_grad_enabled() and (xt.requires_grad or any(w.requires_grad for w in weights)))
         act = (lambda t: t.sin_()) if in_place else torch.sin
         a = torch.addmm(biases[0].reshape(k * c, 1), weights[0].reshape(k * c, 3), xt).view(k, c, -1)
-        pre = [a] if keep_pre else None
         h = act(a)
         tapped = h if tap == 1 else None
         for l in range(1, len(weights)):
-            a = torch.baddbmm(biases[l].unsqueeze(-1), weights[l], h)
-            if keep_pre:
-                pre.append(a)
-            h = act(a)
+            h = act(torch.baddbmm(biases[l].unsqueeze(-1), weights[l], h))
             if l + 1 == tap:
                 tapped = h
-        return pre, tapped, h
+        return tapped, h
 
     def _fast_chunks(self, spec, chunk=None):
         n_rays = spec.rays_o.shape[1]
@@ -551,7 +546,7 @@ class VolumeFeatureRenderer(nn.Module):
             h_shape, h, grad_x = _SirenEikonal.apply(xt, self.depth, *weights_b, *[v[b] for v in p["b"]],
                                                      p["sdf_w"])
         else:
-            _, h_shape, h = self._trunk(weights_b, [v[b] for v in p["b"]], xt, False, self.depth)
+            h_shape, h = self._trunk(weights_b, [v[b] for v in p["b"]], xt, self.depth)
         k, c = h.shape[:2]
 
         if spec.sdf0 is not None:
@@ -559,7 +554,7 @@ class VolumeFeatureRenderer(nn.Module):
         else:
             with torch.no_grad():
                 init_w, init_b, (init_sw, init_sb) = spec.init
-                _, _, h0 = self._trunk([w[b] for w in init_w], [v[b] for v in init_b], xt, False, 0)
+                _, h0 = self._trunk([w[b] for w in init_w], [v[b] for v in init_b], xt, 0)
                 sdf0 = torch.baddbmm(init_sb.unsqueeze(-1), init_sw, h0)[0]  # [1, P]
                 del h0
 
@@ -624,8 +619,7 @@ class VolumeFeatureRenderer(nn.Module):
                 for key in keys:
                     merged[key][b, sl] = out[key]
 
-        for _ in perf_utils.map_in_threads(render, chunks, spec.rays_o.device):
-            pass
+        perf_utils.map_in_threads(render, chunks, spec.rays_o.device)
         if keep_sdf0:
             spec.sdf0 = merged.pop("_sdf0")
         return [merged[key] for key in spec.keys]
