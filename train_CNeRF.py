@@ -81,6 +81,29 @@ def gather_rng():
     return dist_utils.all_gather_object(tu.rng_state())
 
 
+def end_of_iteration(run, i, last, t, write_grid, checkpoint_state):
+    """The shared end of a training iteration: the sample grid (main process, every --sample_every
+    and at the last iteration; `write_grid(path)`) and the periodic checkpoint (every rank gives its
+    RNG state; the main process writes `checkpoint_state(rng)`)."""
+    if run.main and (i % t.sample_every == 0 or i == last):
+        path = os.path.join(run.samples_dir, f"{i:07d}.png")
+        write_grid(path)
+        run.logger.log_image("samples", path, step=i)
+    if should_save(i, last, t.save_every, t.sample_every):
+        rng = gather_rng()
+        if run.main:
+            save(checkpoint_state(rng), os.path.join(run.stage_dir, f"models_{i:07d}.pt"))
+
+
+def finish_run(run, g_ema, last_iter, name):
+    """The final EMA model <exp_dir>/<name> (main process), then close the logger and wait for every rank."""
+    if run.main:
+        save({"g_ema": g_ema.state_dict(), "iter": last_iter}, os.path.join(run.exp_dir, name))
+    run.logger.finish()
+    dist_utils.synchronize()
+    return run.exp_dir
+
+
 def restore_rng(ckpt, seed, start_iter):
     states = ckpt.get("rng")
     rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
@@ -178,7 +201,7 @@ def train(argv=None):
     t = opt.training
     run = tu.start_run(opt, STAGE, 1, ("g", "gd", "sd", "g_ema", "g_optim", "gd_optim", "sd_optim", "iter"))
     device, distributed, rank, main = run.device, run.distributed, run.rank, run.main
-    exp_dir, stage_dir, samples_dir, logger = run.exp_dir, run.stage_dir, run.samples_dir, run.logger
+    stage_dir, logger = run.stage_dir, run.logger
     ckpt, resume_path = run.ckpt, run.resume_path
 
     resolution = opt.model.renderer_spatial_output_dim
@@ -314,25 +337,14 @@ def train(argv=None):
             bar.set_postfix(d=f"{shown['d']:.3f}", sd=f"{shown['sd']:.3f}", g=f"{shown['g']:.3f}",
                             view=f"{shown['g_view']:.3f}", eik=f"{shown['eikonal']:.3f}")
             logger.log(shown, step=i)
-            if i % t.sample_every == 0 or i == last:
-                path = os.path.join(samples_dir, f"{i:07d}.png")
-                write_samples(sampler, g_ema, path)
-                logger.log_image("samples", path, step=i)
-        if should_save(i, last, t.save_every, t.sample_every):
-            rng = gather_rng()
-            if main:
-                save({"g": g_module.state_dict(), "gd": gd_module.state_dict(), "sd": sd_module.state_dict(),
-                      "g_ema": g_ema.state_dict(), "g_optim": g_optim.state_dict(),
-                      "gd_optim": gd_optim.state_dict(), "sd_optim": sd_optim.state_dict(), "iter": i,
-                      "seed": seed, "rng": rng, "opt": tu.plain(opt)},
-                     os.path.join(stage_dir, f"models_{i:07d}.pt"))
+        end_of_iteration(run, i, last, t, lambda path: write_samples(sampler, g_ema, path),
+                         lambda rng: {"g": g_module.state_dict(), "gd": gd_module.state_dict(),
+                                      "sd": sd_module.state_dict(), "g_ema": g_ema.state_dict(),
+                                      "g_optim": g_optim.state_dict(), "gd_optim": gd_optim.state_dict(),
+                                      "sd_optim": sd_optim.state_dict(), "iter": i, "seed": seed, "rng": rng,
+                                      "opt": tu.plain(opt)})
     bar.close()
-    if main:
-        save({"g_ema": g_ema.state_dict(), "iter": max(start_iter, t.iter) - 1},
-             os.path.join(exp_dir, f"{opt.experiment.expname}_vol_renderer.pt"))
-    logger.finish()
-    dist_utils.synchronize()
-    return exp_dir
+    return finish_run(run, g_ema, max(start_iter, t.iter) - 1, f"{opt.experiment.expname}_vol_renderer.pt")
 
 
 def main(argv=None):

@@ -25,8 +25,8 @@ from dataset import MultiResolutionDataset
 from losses import d_logistic_loss, g_nonsaturating_loss, g_path_regularize, r1_image_and_mask
 from model import Discriminator, Generator
 from options import BaseOptions
-from train_CNeRF import (EMA_DECAY, Sampler, camera, choose_seed, gather_rng, model_options, restore_rng, save,
-                         should_save, validate)
+from train_CNeRF import (EMA_DECAY, Sampler, camera, choose_seed, end_of_iteration, finish_run, model_options,
+                         restore_rng, validate)
 
 STAGE = "full_pipeline"
 TRAINED = ("decoder.", "feature_transfer.")  # the only parameters stage 2 optimises
@@ -92,7 +92,7 @@ def train(argv=None):
             raise tu.TrainingError(f"--{name} must be at least 1 (got {t[name]})")
     run = tu.start_run(opt, STAGE, 2, ("g", "d", "g_ema", "g_optim", "d_optim", "iter"))
     device, distributed, rank, main = run.device, run.distributed, run.rank, run.main
-    exp_dir, stage_dir, samples_dir, logger = run.exp_dir, run.stage_dir, run.samples_dir, run.logger
+    logger = run.logger
     ckpt, resume_path = run.ckpt, run.resume_path
 
     resolution = opt.model.renderer_spatial_output_dim
@@ -233,24 +233,14 @@ def train(argv=None):
             bar.set_postfix(d=f"{shown['d']:.3f}", g=f"{shown['g']:.3f}", r1=f"{shown['r1']:.3f}",
                             path=f"{shown['path']:.3f}", mean_path=f"{mean_path_length:.3f}")
             logger.log({**shown, "mean_path_length": mean_path_length}, step=i)
-            if i % t.sample_every == 0 or i == last:
-                path = os.path.join(samples_dir, f"{i:07d}.png")
-                write_samples(sampler, g_ema, path)
-                logger.log_image("samples", path, step=i)
-        if should_save(i, last, t.save_every, t.sample_every):
-            rng = gather_rng()
-            if main:
-                save({"g": g_module.state_dict(), "d": d_module.state_dict(), "g_ema": g_ema.state_dict(),
-                      "g_optim": g_optim.state_dict(), "d_optim": d_optim.state_dict(), "iter": i,
-                      "mean_path_length": mean_path_length, "seed": seed, "rng": rng, "opt": tu.plain(opt)},
-                     os.path.join(stage_dir, f"models_{i:07d}.pt"))
+        end_of_iteration(run, i, last, t, lambda path: write_samples(sampler, g_ema, path),
+                         lambda rng: {"g": g_module.state_dict(), "d": d_module.state_dict(),
+                                      "g_ema": g_ema.state_dict(), "g_optim": g_optim.state_dict(),
+                                      "d_optim": d_optim.state_dict(), "iter": i,
+                                      "mean_path_length": mean_path_length, "seed": seed, "rng": rng,
+                                      "opt": tu.plain(opt)})
     bar.close()
-    if main:
-        save({"g_ema": g_ema.state_dict(), "iter": max(start_iter, t.iter) - 1},
-             os.path.join(exp_dir, f"{opt.experiment.expname}_full_pipeline.pt"))
-    logger.finish()
-    dist_utils.synchronize()
-    return exp_dir
+    return finish_run(run, g_ema, max(start_iter, t.iter) - 1, f"{opt.experiment.expname}_full_pipeline.pt")
 
 
 def main(argv=None):
