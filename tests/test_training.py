@@ -327,6 +327,14 @@ def test_small_helpers():
 # ------------------------------------------------------------------------------- distributed
 
 
+def launcher_failure(result):
+    """Why a multi-process run failed: each rank's own lines and one-line errors (the tail alone is
+    mostly the other rank being shut down), then the tail."""
+    lines = result.stderr.splitlines()
+    own = [line for line in lines if line.startswith(("[rank0]", "error:")) or "Error" in line]
+    return "\n".join(own[-60:]) + "\n--- tail ---\n" + result.stderr[-1500:]
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -340,12 +348,12 @@ def test_two_ranks_on_cpu_gloo_both_stages(data, tmp_path):
     stage1 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              "--master_port", str(free_port()), str(ROOT / "train_CNeRF.py"), *base],
                             capture_output=True, text=True, timeout=400, env=env, cwd=ROOT, stdin=subprocess.DEVNULL)
-    assert stage1.returncode == 0, stage1.stderr[-3000:]
+    assert stage1.returncode == 0, launcher_failure(stage1)
     stage2 = subprocess.run([sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node", "2",
                              "--master_port", str(free_port()), str(ROOT / "train_Full.py"), *base, "--size", "16",
                              "--d_reg_every", "1", "--g_reg_every", "1"],
                             capture_output=True, text=True, timeout=400, env=env, cwd=ROOT, stdin=subprocess.DEVNULL)
-    assert stage2.returncode == 0, stage2.stderr[-3000:]
+    assert stage2.returncode == 0, launcher_failure(stage2)
     exp = tmp_path / "ddp"
     ckpt1 = load_checkpoint(exp / "volume_renderer" / "models_0000001.pt")
     assert STAGE1_KEYS <= set(ckpt1) and len(ckpt1["rng"]) == 2  # one RNG state per rank
