@@ -322,11 +322,11 @@ def render_surface(generator, surface_generator, codes, location, opt, mean_late
 
 def sample_points(renderer, extrinsics, focal, near, far):
     """World positions [B,r,r,S,3] of the renderer's evaluation samples (the frustum-aligned SDF grid)."""
-    from camera import camera_rays
+    from camera import camera_rays, depths_along_rays
 
     rays_o, rays_d, _ = camera_rays(renderer.grid_x, renderer.grid_y, focal, extrinsics)
-    t = renderer.t_vals.to(rays_o.dtype)
-    z = near.reshape(-1, 1, 1, 1) * (1 - t) + far.reshape(-1, 1, 1, 1) * t  # [B,1,1,S]
+    z = depths_along_rays(renderer.t_vals.to(rays_o.dtype), near.reshape(-1, 1, 1, 1),
+                          far.reshape(-1, 1, 1, 1))  # [B,1,1,S]: no jitter at inference
     return rays_o.unsqueeze(-2) + rays_d.unsqueeze(-2) * z.unsqueeze(-1)
 
 

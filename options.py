@@ -4,8 +4,23 @@ Parsed with configargparse (`--config FILE` reads the same keys) into a Munch tr
 dataset / experiment / training / inference / model / camera / rendering. Flags and defaults are
 the published ones; flags added by this project are marked "(new)".
 """
+import argparse
+import math
+
 import configargparse
 from munch import Munch
+
+
+def finite_float(text):
+    """float, refusing nan and inf: a non-finite weight or range would only surface as a NaN loss
+    (or nothing at all, for a weight that is compared with 0) hours into a run."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 class BaseOptions:
@@ -38,16 +53,16 @@ class BaseOptions:
         training.add_argument("--d_reg_every", type=int, default=16, help="lazy R1 interval")
         training.add_argument("--g_reg_every", type=int, default=4, help="path-length regularisation interval")
         training.add_argument("--local_rank", "--local-rank", type=int, default=0, help="local rank (torch.distributed.launch)")
-        training.add_argument("--mixing", type=float, default=0.9, help="style mixing probability")
-        training.add_argument("--lr", type=float, default=0.002, help="learning rate")
-        training.add_argument("--Semantic_D_lambda", type=float, default=1, help="semantic discriminator weight")
-        training.add_argument("--r1_img", type=float, default=10, help="R1 weight on images")
-        training.add_argument("--r1_seg", type=float, default=1000, help="R1 weight on masks")
-        training.add_argument("--view_lambda", type=float, default=15, help="viewpoint loss weight")
-        training.add_argument("--eikonal_lambda", type=float, default=0.1, help="eikonal loss weight")
-        training.add_argument("--min_surf_lambda", type=float, default=0.001, help="minimal surface loss weight")
-        training.add_argument("--min_surf_beta", type=float, default=100.0, help="minimal surface loss beta")
-        training.add_argument("--path_regularize", type=float, default=2, help="path-length regularisation weight")
+        training.add_argument("--mixing", type=finite_float, default=0.9, help="style mixing probability")
+        training.add_argument("--lr", type=finite_float, default=0.002, help="learning rate")
+        training.add_argument("--Semantic_D_lambda", type=finite_float, default=1, help="semantic discriminator weight")
+        training.add_argument("--r1_img", type=finite_float, default=10, help="R1 weight on images")
+        training.add_argument("--r1_seg", type=finite_float, default=1000, help="R1 weight on masks")
+        training.add_argument("--view_lambda", type=finite_float, default=15, help="viewpoint loss weight")
+        training.add_argument("--eikonal_lambda", type=finite_float, default=0.1, help="eikonal loss weight")
+        training.add_argument("--min_surf_lambda", type=finite_float, default=0.001, help="minimal surface loss weight")
+        training.add_argument("--min_surf_beta", type=finite_float, default=100.0, help="minimal surface loss beta")
+        training.add_argument("--path_regularize", type=finite_float, default=2, help="path-length regularisation weight")
         training.add_argument("--path_batch_shrink", type=int, default=2, help="batch shrink for path-length reg.")
         training.add_argument("--wandb", action="store_true", help="log with Weights & Biases")
         training.add_argument("--no_sphere_init", action="store_true", help="skip the SDF sphere initialisation")
@@ -59,7 +74,7 @@ class BaseOptions:
         inference = p.add_argument_group("inference")
         inference.add_argument("--results_dir", type=str, default="./evaluations", help="results directory")
         inference.add_argument("--semantics", type=str, default="", help="regions whose features reach the decoder, e.g. 2,3 or eye,mouth")
-        inference.add_argument("--truncation_ratio", type=float, default=0.7, help="truncation psi")
+        inference.add_argument("--truncation_ratio", type=finite_float, default=0.7, help="truncation psi")
         inference.add_argument("--truncation_mean", type=int, default=10000, help="latents averaged for the truncation mean")
         inference.add_argument("--identities", type=int, default=16, help="number of identities")
         inference.add_argument("--num_views_per_id", type=int, default=1, help="views per identity")
@@ -74,17 +89,17 @@ class BaseOptions:
         model.add_argument("--style_dim", type=int, default=256, help="style dimension")
         model.add_argument("--channel_multiplier", type=int, default=2, help="decoder channel multiplier")
         model.add_argument("--n_mlp", type=int, default=8, help="mapping layers (unused by CNeRF's mappings)")
-        model.add_argument("--lr_mapping", type=float, default=0.01, help="decoder mapping learning-rate multiplier")
+        model.add_argument("--lr_mapping", type=finite_float, default=0.01, help="decoder mapping learning-rate multiplier")
         model.add_argument("--renderer_spatial_output_dim", type=int, default=64, help="volume rendering resolution")
         model.add_argument("--project_noise", action="store_true", help="project decoder noise from the mesh")
         model.add_argument("--n_wcode", type=int, default=9, help="number of per-region code pairs")
 
         camera = p.add_argument_group("camera")
         camera.add_argument("--uniform", action="store_true", help="uniform instead of normal camera sampling")
-        camera.add_argument("--azim", type=float, default=0.3, help="azimuth range (rad)")
-        camera.add_argument("--elev", type=float, default=0.15, help="elevation range (rad)")
-        camera.add_argument("--fov", type=float, default=6, help="half field of view (degrees)")
-        camera.add_argument("--dist_radius", type=float, default=0.12, help="near/far distance from the unit sphere")
+        camera.add_argument("--azim", type=finite_float, default=0.3, help="azimuth range (rad)")
+        camera.add_argument("--elev", type=finite_float, default=0.15, help="elevation range (rad)")
+        camera.add_argument("--fov", type=finite_float, default=6, help="half field of view (degrees)")
+        camera.add_argument("--dist_radius", type=finite_float, default=0.12, help="near/far distance from the unit sphere")
 
         rendering = p.add_argument_group("rendering")
         rendering.add_argument("--n_render", type=int, default=9, help="number of semantic regions")
@@ -95,8 +110,8 @@ class BaseOptions:
         rendering.add_argument("--static_viewdirs", action="store_true", help="camera-space view directions")
         rendering.add_argument("--N_samples", type=int, default=24, help="samples per ray")
         rendering.add_argument("--no_offset_sampling", action="store_true", help="stratified instead of offset sampling")
-        rendering.add_argument("--perturb", type=float, default=1.0, help="training jitter of samples")
-        rendering.add_argument("--raw_noise_std", type=float, default=0.0, help="noise added to the sdf (training)")
+        rendering.add_argument("--perturb", type=finite_float, default=1.0, help="training jitter of samples")
+        rendering.add_argument("--raw_noise_std", type=finite_float, default=0.0, help="noise added to the sdf (training)")
         rendering.add_argument("--force_background", action="store_true", help="force the last sample opaque")
         rendering.add_argument("--return_xyz", action="store_true", help="return surface points")
         rendering.add_argument("--return_sdf", action="store_true", help="return the sdf")

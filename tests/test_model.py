@@ -257,3 +257,12 @@ def test_no_hard_coded_cuda_in_sources():
             if pattern.search(line):
                 offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_options_refuse_non_finite_numbers(value, capsys):
+    with pytest.raises(SystemExit) as stop:
+        default_options([f"--view_lambda={value}"])
+    assert stop.value.code == 2
+    assert f"argument --view_lambda: must be a finite number, got '{value}'" in capsys.readouterr().err
+    assert default_options(["--view_lambda", "1e-3", "--azim", "-0.5"]).camera.azim == -0.5
