@@ -51,6 +51,16 @@ def configure_allocator(enable=None):
     return _configured
 
 
+def render_threads_setting(default):
+    """CNERF_RENDER_THREADS from the environment (a positive integer), or `default` when unset."""
+    value = os.environ.get("CNERF_RENDER_THREADS", "").strip()
+    if not value:
+        return default
+    if not value.isdigit() or int(value) < 1:
+        raise SystemExit(f"error: environment variable CNERF_RENDER_THREADS={value!r} is not a positive integer")
+    return int(value)
+
+
 def map_in_threads(fn, items, device):
     """[fn(item) for item in items], in order. On a CPU with several intra-op threads, the items run
     on that many Python threads with one intra-op thread each instead (torch releases the GIL in its
@@ -63,7 +73,7 @@ def map_in_threads(fn, items, device):
     """
     items = list(items)
     threads = torch.get_num_threads()
-    wanted = int(os.environ.get("CNERF_RENDER_THREADS", threads) or 1)
+    wanted = render_threads_setting(threads)
     workers = min(threads, wanted, len(items))
     if torch.device(device).type != "cpu" or workers < 2:
         return [fn(item) for item in items]

@@ -238,6 +238,10 @@ def test_chunk_threads_give_the_serial_result_bit_for_bit(monkeypatch):
         assert [i for i, _ in results] == list(range(9))
         assert {n for _, n in results} == {1}  # each worker runs its kernels single-threaded
         assert torch.get_num_threads() == 2
+
+        monkeypatch.setenv("CNERF_RENDER_THREADS", "auto")
+        with pytest.raises(SystemExit, match="CNERF_RENDER_THREADS='auto' is not a positive integer"):
+            perf_utils.map_in_threads(lambda i: i, range(3), "cpu")
     finally:
         torch.set_num_threads(before)
 

@@ -230,14 +230,20 @@ def test_failed_save_keeps_previous_checkpoint(data, stage1, tmp_path, monkeypat
     assert [p.name for p in target.parent.iterdir() if p.name.startswith(".")] == []
 
 
-def test_non_finite_loss_stops_and_keeps_checkpoints(data, stage1, tmp_path):
+def test_non_finite_loss_stops_and_keeps_checkpoints(data, stage1, tmp_path, monkeypatch):
     ckdir = tmp_path / "ck"
     shutil.copytree(stage1 / "exp", ckdir / "exp")
     stage = ckdir / "exp" / "volume_renderer"
     before = {p.name: p.read_bytes() for p in stage.glob("*.pt")}
+    r1_image_and_mask = train_CNeRF.r1_image_and_mask
+
+    def nan_r1(*inputs, **options):  # the options refuse --r1_img nan, so the loss itself turns NaN
+        r1, *rest = r1_image_and_mask(*inputs, **options)
+        return (r1 * float("nan"), *rest)
+
+    monkeypatch.setattr(train_CNeRF, "r1_image_and_mask", nan_r1)
     with pytest.raises(SystemExit) as exit_info:
-        train_CNeRF.main(args(data, ckdir, "exp", "--iter", 4, "--continue_training", "--ckpt", 1,
-                              "--r1_img", "nan"))
+        train_CNeRF.main(args(data, ckdir, "exp", "--iter", 4, "--continue_training", "--ckpt", 1))
     message = str(exit_info.value.code)
     assert message.startswith("error: non-finite loss at iteration 2: ")
     assert "d_r1=nan" in message and "last checkpoint is kept" in message
