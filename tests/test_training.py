@@ -334,8 +334,8 @@ def test_small_helpers():
 
 
 def launcher_failure(result):
-    """Why a multi-process run failed: each rank's own lines and one-line errors (the tail alone is
-    mostly the other rank being shut down), then the tail."""
+    """Why a multi-process run failed: rank 0's lines and every error line (the tail alone is mostly
+    the launcher shutting the other rank down), then the tail."""
     lines = result.stderr.splitlines()
     own = [line for line in lines if line.startswith(("[rank0]", "error:")) or "Error" in line]
     return "\n".join(own[-60:]) + "\n--- tail ---\n" + result.stderr[-1500:]
