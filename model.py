@@ -522,6 +522,13 @@ VOLUME_D_CHANNELS = {2: 400, 3: 400, 4: 400, 6: 400, 8: 400, 12: 400, 16: 400, 2
 SEMANTIC_D_CHANNELS = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256, 128: 128}
 
 
+def scaled_channels(channels, scale):
+    """A discriminator's channel table with every width times `scale` (--d_channel_scale; 1 = published)."""
+    if scale == 1:
+        return dict(channels)
+    return {size: max(1, int(round(c * scale))) for size, c in channels.items()}
+
+
 def _volume_branch(in_channels, init_size, channels, stop_size, activate_first=True):
     convs = [DiscConv(in_channels, channels[init_size], 1, activate=activate_first)]
     in_channel = channels[init_size]
@@ -542,8 +549,9 @@ class VolumeRenderDiscriminator(nn.Module):
         init_size = opt.renderer_spatial_output_dim
         self.viewpoint_loss = not opt.get("no_viewpoint_loss", False)
         n_seg = opt.get("n_render", 9)
-        self.convs_img, in_channel = _volume_branch(3, init_size, VOLUME_D_CHANNELS, 2)
-        self.convs_seg, _ = _volume_branch(n_seg, init_size, VOLUME_D_CHANNELS, 2)
+        channels = scaled_channels(VOLUME_D_CHANNELS, opt.get("d_channel_scale", 1.0))
+        self.convs_img, in_channel = _volume_branch(3, init_size, channels, 2)
+        self.convs_seg, _ = _volume_branch(n_seg, init_size, channels, 2)
         self.final_conv = DiscConv(in_channel + 1, 3 if self.viewpoint_loss else 1, 2)
 
     def forward(self, img, seg):
@@ -562,14 +570,15 @@ class ComponentDualBranchDiscriminator(nn.Module):
         opt = _opt(opt)
         init_size = opt.renderer_spatial_output_dim
         n_classes = opt.get("n_render", 9)
-        self.convs_img, in_channel = _volume_branch(3, init_size, SEMANTIC_D_CHANNELS, 4)
-        self.convs_seg, _ = _volume_branch(1, init_size, SEMANTIC_D_CHANNELS, 4, activate_first=False)
-        self.final_conv = DiscConv(in_channel + 1, SEMANTIC_D_CHANNELS[4], 3)
-        flat = SEMANTIC_D_CHANNELS[4] * 2 * 2
-        self.final_linear = nn.Sequential(EqualLinear(flat, SEMANTIC_D_CHANNELS[4], activation="fused_lrelu"),
-                                          EqualLinear(SEMANTIC_D_CHANNELS[4], 1))
-        self.class_linear = nn.Sequential(EqualLinear(flat, SEMANTIC_D_CHANNELS[4], activation="fused_lrelu"),
-                                          EqualLinear(SEMANTIC_D_CHANNELS[4], n_classes))
+        channels = scaled_channels(SEMANTIC_D_CHANNELS, opt.get("d_channel_scale", 1.0))
+        self.convs_img, in_channel = _volume_branch(3, init_size, channels, 4)
+        self.convs_seg, _ = _volume_branch(1, init_size, channels, 4, activate_first=False)
+        self.final_conv = DiscConv(in_channel + 1, channels[4], 3)
+        flat = channels[4] * 2 * 2
+        self.final_linear = nn.Sequential(EqualLinear(flat, channels[4], activation="fused_lrelu"),
+                                          EqualLinear(channels[4], 1))
+        self.class_linear = nn.Sequential(EqualLinear(flat, channels[4], activation="fused_lrelu"),
+                                          EqualLinear(channels[4], n_classes))
 
     def forward(self, img, mask):
         out = minibatch_stddev(self.convs_img(img * mask) + self.convs_seg(mask))
@@ -585,7 +594,7 @@ class Discriminator(nn.Module):
         opt = _opt(opt)
         size = opt.size
         n_seg = opt.get("n_render", 9)
-        channels = decoder_channels(opt.channel_multiplier)
+        channels = scaled_channels(decoder_channels(opt.channel_multiplier), opt.get("d_channel_scale", 1.0))
         log_size = int(math.log2(size))
 
         def branch(in_channels):

@@ -70,6 +70,12 @@ class BaseOptions:
         training.add_argument("--sample_every", type=int, default=1000, help="(new) iterations between sample grids")
         training.add_argument("--save_every", type=int, default=10000, help="(new) iterations between checkpoints")
         training.add_argument("--num_workers", type=int, default=0, help="(new) data loader workers")
+        training.add_argument("--vol_g_lr", type=finite_float, default=2e-5,
+                              help="(new) stage-1 generator learning rate (published: 2e-5, hard-coded)")
+        training.add_argument("--vol_d_lr", type=finite_float, default=2e-4,
+                              help="(new) stage-1 learning rate of both discriminators (published: 2e-4, hard-coded)")
+        training.add_argument("--ema_decay", type=finite_float, default=None,
+                              help="(new) EMA decay per iteration, both stages (default: the published 0.5 ** (32 / 10000))")
 
         inference = p.add_argument_group("inference")
         inference.add_argument("--results_dir", type=str, default="./evaluations", help="results directory")
@@ -93,6 +99,8 @@ class BaseOptions:
         model.add_argument("--renderer_spatial_output_dim", type=int, default=64, help="volume rendering resolution")
         model.add_argument("--project_noise", action="store_true", help="project decoder noise from the mesh")
         model.add_argument("--n_wcode", type=int, default=9, help="number of per-region code pairs")
+        model.add_argument("--d_channel_scale", type=finite_float, default=1.0,
+                           help="(new) scale of every discriminator's channel widths (1 = the published widths)")
 
         camera = p.add_argument_group("camera")
         camera.add_argument("--uniform", action="store_true", help="uniform instead of normal camera sampling")

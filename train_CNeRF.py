@@ -44,8 +44,20 @@ def model_options(opt):
     return model_opt, renderer_opt
 
 
+def ema_decay(opt):
+    """--ema_decay, or the published 0.5 ** (32 / 10000) per iteration."""
+    return EMA_DECAY if opt.training.ema_decay is None else opt.training.ema_decay
+
+
 def validate(opt):
     t = opt.training
+    for name in ("vol_g_lr", "vol_d_lr"):
+        if t[name] <= 0:
+            raise tu.TrainingError(f"--{name} must be positive (got {t[name]})")
+    if t.ema_decay is not None and not 0 <= t.ema_decay < 1:
+        raise tu.TrainingError(f"--ema_decay must be in [0, 1) (got {t.ema_decay})")
+    if opt.model.d_channel_scale <= 0:
+        raise tu.TrainingError(f"--d_channel_scale must be positive (got {opt.model.d_channel_scale})")
     for name in ("batch", "chunk", "sample_every", "save_every", "val_n_sample"):
         if t[name] < 1:
             raise tu.TrainingError(f"--{name} must be at least 1 (got {t[name]})")
@@ -221,9 +233,9 @@ def train(argv=None):
     g_ema.eval()
     tu.requires_grad(g_ema, False)
 
-    g_optim = torch.optim.Adam(g.parameters(), lr=2e-5, betas=(0.0, 0.9))
-    gd_optim = torch.optim.Adam(gd.parameters(), lr=2e-4, betas=(0.0, 0.9))
-    sd_optim = torch.optim.Adam(sd.parameters(), lr=2e-4, betas=(0.0, 0.9))
+    g_optim = torch.optim.Adam(g.parameters(), lr=t.vol_g_lr, betas=(0.0, 0.9))
+    gd_optim = torch.optim.Adam(gd.parameters(), lr=t.vol_d_lr, betas=(0.0, 0.9))
+    sd_optim = torch.optim.Adam(sd.parameters(), lr=t.vol_d_lr, betas=(0.0, 0.9))
 
     start_iter = 0
     if ckpt is not None:
@@ -329,7 +341,7 @@ def train(argv=None):
                              "g_min_surf": t.min_surf_lambda * min_surf, "g_semantic": g_sem}, i)
             g_loss.backward()
         g_optim.step()
-        tu.accumulate(g_ema, g_module, EMA_DECAY, prefixes=("style.", "renderer."))
+        tu.accumulate(g_ema, g_module, ema_decay(opt), prefixes=("style.", "renderer."))
         losses.update(g=g_loss, g_view=g_view, eikonal=eik, min_surf=min_surf, g_sem=g_sem)
 
         shown = dist_utils.reduce_loss_dict(losses, device=device)

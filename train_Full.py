@@ -25,7 +25,7 @@ from dataset import MultiResolutionDataset
 from losses import d_logistic_loss, g_nonsaturating_loss, g_path_regularize, r1_image_and_mask
 from model import Discriminator, Generator
 from options import BaseOptions
-from train_CNeRF import (EMA_DECAY, Sampler, camera, choose_seed, end_of_iteration, finish_run, model_options,
+from train_CNeRF import (Sampler, ema_decay, camera, choose_seed, end_of_iteration, finish_run, model_options,
                          restore_rng, validate)
 
 STAGE = "full_pipeline"
@@ -225,7 +225,7 @@ def train(argv=None):
                 dist_utils.get_world_size()
             path_lengths_mean = path_lengths.detach().mean()
 
-        tu.accumulate(g_ema, g_module, EMA_DECAY, prefixes=TRAINED)
+        tu.accumulate(g_ema, g_module, ema_decay(opt), prefixes=TRAINED)
 
         shown = dist_utils.reduce_loss_dict({"d": d_loss, "r1": r1, "g": g_loss, "path": path_loss,
                                              "path_length": path_lengths_mean}, device=device)
