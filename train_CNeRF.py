@@ -150,11 +150,13 @@ def pick_channel(seg, labels):
     return seg[torch.arange(seg.shape[0], device=seg.device), labels].unsqueeze(1)
 
 
-def sphere_init(opt, g_module, device, resolution, path, show):
-    """Regress the initial SDF network onto a sphere (SPEC §7); writes `path` (rank 0)."""
-    # Published settings for this pass: Adam lr 1e-4, betas (0.9, 0.99), all generator parameters
-    # (only the initial SDF network and the mapping receive gradients).
-    optim = torch.optim.Adam(g_module.parameters(), lr=1e-4, betas=(0.9, 0.99))
+def sphere_init(opt, g_module, g_optim, device, resolution, path, show):
+    """Regress the initial SDF network onto a sphere (SPEC §7); writes `path` (rank 0).
+
+    As published, these steps use the generator's GAN optimiser (Adam, --vol_g_lr, betas (0, 0.9)), whose
+    state (step count, moments of the initial SDF network and the mapping) GAN training then continues.
+    """
+    optim = g_optim
     bar = tqdm(range(opt.training.sphere_init_iter), desc="sphere init", disable=not show, dynamic_ncols=True)
     for step in bar:
         noise = tu.mixing_noise(opt.training.batch, opt.model.style_dim, opt.training.mixing, device)
@@ -253,7 +255,8 @@ def train(argv=None):
         restore_rng(ckpt, seed, start_iter)
         del ckpt
     elif not t.no_sphere_init:
-        sphere_init(opt, g, device, resolution, os.path.join(stage_dir, "sdf_init_models_0000000.pt"), main)
+        sphere_init(opt, g, g_optim, device, resolution, os.path.join(stage_dir, "sdf_init_models_0000000.pt"),
+                    main)
 
     g.train()
     gd.train()

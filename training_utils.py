@@ -5,6 +5,7 @@ weights_only=True), EMA, requires_grad toggles, the resumable data order, sample
 PNG, the optional wandb logger and the non-finite loss check.
 """
 import contextlib
+import json
 import math
 import os
 import random
@@ -268,10 +269,16 @@ class WandbLogger:
     """Thin optional wandb wrapper: a no-op unless --wandb, and only on rank 0.
 
     Works offline with WANDB_MODE=offline. Without the package, --wandb stops with a clear message.
+    Whatever the flag, rank 0 also appends every logged step to `loss_log` (JSON lines, one object
+    {"step": i, name: value, ...} per iteration), which tools/plot_losses.py turns into curves; a
+    resumed run appends again from its resumed step (the plot keeps the last value logged for a step).
     """
 
-    def __init__(self, enabled, project, name, config, directory):
+    def __init__(self, enabled, project, name, config, directory, loss_log=None):
         self.run = None
+        self.loss_log = loss_log if dist_utils.is_main_process() else None
+        if self.loss_log:
+            os.makedirs(os.path.dirname(os.path.abspath(self.loss_log)), exist_ok=True)
         if not enabled or not dist_utils.is_main_process():
             return
         try:
@@ -283,6 +290,10 @@ class WandbLogger:
         self.run = wandb.init(project=project, name=name, config=config, dir=directory, resume="allow")
 
     def log(self, values, step):
+        if self.loss_log:
+            record = {"step": int(step), **{k: float(v) for k, v in values.items()}}
+            with open(self.loss_log, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
         if self.run is not None:
             self.run.log(dict(values), step=step)
 
@@ -356,7 +367,7 @@ def start_run(opt, stage, number, required_keys):
     run.samples_dir = os.path.join(run.stage_dir, "samples")
     # Before any heavy work, so that a missing wandb package stops the run at once.
     run.logger = WandbLogger(t.wandb, "CNeRF", f"{opt.experiment.expname}-stage{number}", plain(opt),
-                             os.path.join(run.exp_dir, "wandb"))
+                             os.path.join(run.exp_dir, "wandb"), loss_log=os.path.join(run.stage_dir, "losses.jsonl"))
     if opt.experiment.continue_training:
         run.resume_path = resolve_resume_path(opt.experiment.ckpt, run.stage_dir)
         run.ckpt = load_checkpoint(run.resume_path, map_location=device)
