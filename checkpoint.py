@@ -13,8 +13,51 @@ import torch
 GENERATOR_ENTRIES = ("g_ema", "g")
 
 
+# The options that fix a generator's architecture and what it was trained to render (its cameras). Final
+# checkpoints carry them as "config", so `--trained_ckpt FILE` alone rebuilds the model.
+ARCHITECTURE_OPTIONS = {
+    "model": ("size", "style_dim", "channel_multiplier", "lr_mapping", "renderer_spatial_output_dim", "n_wcode"),
+    "rendering": ("n_render", "depth", "width", "no_sdf", "no_z_normalize", "N_samples", "no_offset_sampling"),
+    "camera": ("uniform", "azim", "elev", "fov", "dist_radius"),
+}
+
+
 class CheckpointError(Exception):
     """A checkpoint that is missing, unreadable or of another configuration (one-line message)."""
+
+
+def architecture_config(opt):
+    """The ARCHITECTURE_OPTIONS of an option tree, as plain values (what a final checkpoint stores)."""
+    return {group: {key: opt[group][key] for key in keys} for group, keys in ARCHITECTURE_OPTIONS.items()}
+
+
+def saved_config(path):
+    """The "config" a checkpoint carries, or None (published checkpoints, unreadable or missing files:
+    loading reports those). Memory-mapped, so asking a large checkpoint costs little."""
+    try:
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # legacy (non-zip) files cannot be mapped; loading will read them
+        return None
+    config = ckpt.get("config") if isinstance(ckpt, dict) else None
+    return config if isinstance(config, dict) else None
+
+
+def apply_saved_config(opt, config, default_of, path):
+    """Fill `opt` with the architecture a checkpoint was trained with.
+
+    An option left at its default takes the checkpoint's value; one given with another value than the
+    checkpoint's is an error (the weights could not fit it). `default_of(key)` is the parser default.
+    """
+    for group, keys in ARCHITECTURE_OPTIONS.items():
+        saved = config.get(group) or {}
+        for key in keys:
+            if key not in saved or opt[group][key] == saved[key]:
+                continue
+            if opt[group][key] != default_of(key):
+                raise CheckpointError(f"--{key} {opt[group][key]}: {path} was trained with --{key} {saved[key]} "
+                                      f"(drop the flag: the checkpoint's options are used)")
+            opt[group][key] = saved[key]
+    return opt
 
 
 def load_checkpoint(path, map_location="cpu"):

@@ -22,7 +22,7 @@ from munch import Munch
 import devices
 import perf_utils
 from camera import fixed_locations, generate_camera_params, sweep_locations
-from checkpoint import CheckpointError, load_generator, load_state_strict
+from checkpoint import CheckpointError, apply_saved_config, load_generator, load_state_strict, saved_config
 from model import Generator
 from options import BaseOptions, group_options
 from regions import color_segmap, parse_regions
@@ -52,6 +52,10 @@ def parse_options(argv=None, add_arguments=None, title="script"):
     opt = group_options(base.parser, parsed)
     values = vars(parsed)
     own = Munch({a.dest: values[a.dest] for a in group._group_actions})
+    if opt.training.trained_ckpt:  # a checkpoint that knows its architecture needs no model flags
+        config = saved_config(opt.training.trained_ckpt)
+        if config is not None:
+            apply_saved_config(opt, config, base.parser.get_default, opt.training.trained_ckpt)
     opt.model.n_render = opt.rendering.n_render
     return opt, own
 

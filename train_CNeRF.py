@@ -23,7 +23,7 @@ import distributed as dist_utils
 import perf_utils
 import training_utils as tu
 from camera import generate_camera_params
-from checkpoint import CheckpointError, load_state_strict, save_checkpoint
+from checkpoint import CheckpointError, architecture_config, load_state_strict, save_checkpoint
 from dataset import MultiResolutionDataset
 from losses import (classification_loss, d_logistic_loss, eikonal_loss, g_nonsaturating_loss, r1_image_and_mask,
                     viewpoints_loss)
@@ -107,10 +107,13 @@ def end_of_iteration(run, i, last, t, write_grid, checkpoint_state):
             save(checkpoint_state(rng), os.path.join(run.stage_dir, f"models_{i:07d}.pt"))
 
 
-def finish_run(run, g_ema, last_iter, name):
-    """The final EMA model <exp_dir>/<name> (main process), then close the logger and wait for every rank."""
+def finish_run(run, opt, g_ema, last_iter, name):
+    """The final EMA model <exp_dir>/<name> (main process), then close the logger and wait for every rank.
+
+    It carries its architecture options ("config"), so `--trained_ckpt` alone rebuilds it."""
     if run.main:
-        save({"g_ema": g_ema.state_dict(), "iter": last_iter}, os.path.join(run.exp_dir, name))
+        save({"g_ema": g_ema.state_dict(), "iter": last_iter, "config": architecture_config(opt)},
+             os.path.join(run.exp_dir, name))
     run.logger.finish()
     dist_utils.synchronize()
     return run.exp_dir
@@ -359,7 +362,7 @@ def train(argv=None):
                                       "sd_optim": sd_optim.state_dict(), "iter": i, "seed": seed, "rng": rng,
                                       "opt": tu.plain(opt)})
     bar.close()
-    return finish_run(run, g_ema, max(start_iter, t.iter) - 1, f"{opt.experiment.expname}_vol_renderer.pt")
+    return finish_run(run, opt, g_ema, max(start_iter, t.iter) - 1, f"{opt.experiment.expname}_vol_renderer.pt")
 
 
 def main(argv=None):

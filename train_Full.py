@@ -240,7 +240,7 @@ def train(argv=None):
                                       "mean_path_length": mean_path_length, "seed": seed, "rng": rng,
                                       "opt": tu.plain(opt)})
     bar.close()
-    return finish_run(run, g_ema, max(start_iter, t.iter) - 1, f"{opt.experiment.expname}_full_pipeline.pt")
+    return finish_run(run, opt, g_ema, max(start_iter, t.iter) - 1, f"{opt.experiment.expname}_full_pipeline.pt")
 
 
 def main(argv=None):

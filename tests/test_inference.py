@@ -276,6 +276,28 @@ def test_bad_inputs_in_process(ckpts, tmp_path, capsys):
     assert not (tmp_path / "never").exists()
 
 
+def test_checkpoint_with_its_config_needs_no_model_flags(tiny_generator, tmp_path):
+    # Final checkpoints of this project carry their architecture options: --trained_ckpt alone rebuilds
+    # the model; a flag that contradicts the checkpoint is one clear line.
+    import inference_Full
+    from checkpoint import architecture_config
+
+    path = tmp_path / "with_config.pt"
+    save_checkpoint({"g_ema": tiny_generator.state_dict(), "config": architecture_config(tiny_options())}, path)
+    opt, _ = gen.parse_options(["--trained_ckpt", str(path)])
+    assert (opt.model.size, opt.model.style_dim, opt.rendering.width, opt.model.n_render) == (64, 32, 32, 9)
+    out = tmp_path / "out"
+    result = run_script("inference_Full.py", "--trained_ckpt", path, "--results_dir", out, *FAST, "--identities", "1",
+                        "--no_surface_renderings", "--seed", SEED)
+    assert result.returncode == 0, result.stderr
+    assert image_size(out / "0_img.png") == (10 * SIZE, SIZE)
+    with pytest.raises(SystemExit) as exit_info:
+        inference_Full.main(["--trained_ckpt", str(path), "--size", "128", "--results_dir", str(tmp_path / "never")])
+    assert exit_info.value.code == f"error: --size 128: {path} was trained with --size 64 " \
+                                   "(drop the flag: the checkpoint's options are used)"
+    assert not (tmp_path / "never").exists()
+
+
 # ------------------------------------------------------------------------------------------ render_video
 
 
