@@ -61,7 +61,8 @@ def error(message, status=400):
 async def read_json(request):
     body = await request.body()
     if len(body) > MAX_UPLOAD_BYTES:
-        raise region_editor.EditError(f"request of {len(body) >> 20} MiB refused (at most {MAX_UPLOAD_BYTES >> 20} MiB)")
+        raise region_editor.EditError(f"request of {len(body) >> 20} MiB refused "
+                                      f"(at most {MAX_UPLOAD_BYTES >> 20} MiB)")
     try:
         return json.loads(body or b"{}")
     except (ValueError, UnicodeDecodeError):
@@ -126,7 +127,8 @@ def create_app(editor):
         try:
             steps = int(data.get("steps") or editor.invert_steps)
         except (TypeError, ValueError):
-            raise region_editor.EditError(f"inversion steps: expected a whole number, got {data.get('steps')!r}") from None
+            raise region_editor.EditError(
+                f"inversion steps: expected a whole number, got {data.get('steps')!r}") from None
         psi = region_editor.parse_state({"psi": data.get("psi", editor.opt.inference.truncation_ratio)},
                                         editor.n_regions, editor.camera_limits).psi
         job = await run_in_threadpool(editor.start_inversion, image, data.get("image_name"), mask,

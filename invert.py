@@ -24,7 +24,6 @@ Writes into --out_dir (default <results_dir>/invert):
 import os
 
 import numpy as np
-import torch
 
 import editing
 import generation as gen

@@ -147,3 +147,36 @@ def test_several_clients_at_once_are_served_in_turn(server, browser):
     assert len(set(images)) == len(states)  # every state its own picture
     status, data = post_render(url, {"texture": [2.0] * 9})
     assert status == 400 and data["error"].startswith("texture[background]: 2.0 is not in [0, 1]")
+
+
+def test_inversion_with_progress_becomes_the_source_and_latents_load_back(server, browser):
+    url, folder = server
+    eb.open_editor(browser, url)
+    portrait = folder / "portrait.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(portrait)
+    before = src(browser)
+    count = eb.render_count(browser)
+    upload(browser, "portrait-file", portrait)
+    browser.find_element("id", "invert-button").click()
+    eb.wait_for(lambda: browser.find_element("id", "invert-status").text.startswith("done"), 60,
+                what="the inversion")
+    assert "PSNR" in browser.find_element("id", "invert-status").text
+    progress = browser.find_element("id", "invert-progress")
+    assert progress.get_attribute("value") == progress.get_attribute("max") == "2"  # --invert_steps 2
+    source = browser.find_element("id", "source-kind").get_attribute("value")
+    assert source.startswith("id")
+    eb.wait_idle(browser, count + 1)
+    assert src(browser) != before and message(browser) == ""
+
+    # The current latents, downloaded through the API, load back as an identity that renders the same.
+    state = browser.execute_script("return currentState()")
+    request = urllib.request.Request(url + "/api/latents", data=json.dumps(state).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        (folder / "current.pt").write_bytes(response.read())
+    shown = src(browser)
+    count = eb.render_count(browser)
+    upload(browser, "latent-file", folder / "current.pt")
+    eb.wait_idle(browser, count + 1)
+    assert browser.find_element("id", "source-kind").get_attribute("value") != source
+    assert src(browser) == shown and message(browser) == ""
