@@ -242,3 +242,39 @@ def test_inversion_runs_in_the_background_and_becomes_an_identity(tiny):
     assert job["identity"] in editor.identities and len(job["camera"]) == 2
     image = editor.render(editor.parse({"source": job["identity"], "reference": 7}))["images"]["image"]
     assert image.shape == target.shape
+
+
+# ------------------------------------------------------------------------------------ command line
+
+
+def editor_error(*args):
+    """The one-line error editor.py stops with (in-process: gen.fail exits with its message)."""
+    import editor
+
+    with pytest.raises(SystemExit) as stopped:
+        editor.main([str(a) for a in args])
+    message = str(stopped.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def test_editor_refuses_a_missing_or_foreign_checkpoint_with_one_line(tiny, tmp_path):
+    import subprocess
+
+    import editor_browser
+
+    path, _ = tiny
+    port = editor_browser.free_port()
+    if not (ROOT / "checkpoints" / "synthetic_portraits.pt").exists():
+        # The default is the shipped model; without it, one line on stderr saying what to do.
+        result = subprocess.run([sys.executable, str(ROOT / "editor.py"), *TINY, "--port", str(port)], cwd=ROOT,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "checkpoints/synthetic_portraits.pt: checkpoint file not found" in result.stderr
+        assert "pass --trained_ckpt FILE" in result.stderr
+    assert "none.pt: checkpoint file not found" in editor_error(*TINY, "--trained_ckpt", tmp_path / "none.pt",
+                                                                "--port", port)
+    other = [a if a != "32" else "16" for a in TINY]  # style_dim and width 16: another configuration
+    message = editor_error(*other, "--trained_ckpt", path, "--port", port)
+    assert str(path) in message and "does not fit the generator" in message
+    assert "--port 70000" in editor_error(*TINY, "--trained_ckpt", path, "--port", 70000)
