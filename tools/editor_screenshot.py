@@ -108,6 +108,7 @@ def main(argv=None):
         try:
             if not driver.save_screenshot(tmp):
                 raise RuntimeError("the browser did not take the screenshot")
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would follow the picture into git
             os.replace(tmp, args.out)
         finally:
             if os.path.exists(tmp):
