@@ -180,3 +180,38 @@ def test_inversion_with_progress_becomes_the_source_and_latents_load_back(server
     eb.wait_idle(browser, count + 1)
     assert browser.find_element("id", "source-kind").get_attribute("value") != source
     assert src(browser) == shown and message(browser) == ""
+
+
+def test_resample_semantics_reset_and_download(server, browser, tmp_path):
+    url, _ = server
+    eb.open_editor(browser, url)
+    original = src(browser)
+
+    count = eb.render_count(browser)
+    browser.find_element("id", "resample-texture-7").click()
+    eb.wait_idle(browser, count + 1)
+    resampled = src(browser)
+    assert resampled != original
+
+    count = eb.render_count(browser)
+    browser.find_element("id", "semantic-0").click()  # background features no longer reach the decoder
+    eb.wait_idle(browser, count + 1)
+    assert src(browser) != resampled
+    for k in range(1, 9):
+        browser.find_element("id", f"semantic-{k}").click()
+    eb.wait_for(lambda: "at least one region" in message(browser), 20, what="the semantics error")
+
+    count = eb.render_count(browser)
+    browser.find_element("id", "reset").click()
+    eb.wait_idle(browser, count + 1)
+    assert src(browser) == original and message(browser) == ""
+
+    # "download current latents" saves a latent file of the shown state through the browser.
+    browser.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(tmp_path)})
+    browser.find_element("id", "resample-shape-2").click()
+    browser.find_element("id", "download-latents").click()
+    saved = eb.wait_for(lambda: [p for p in tmp_path.glob("*.pt")], 30, what="the downloaded latents")
+    from latents import load_latents
+
+    data = load_latents(saved[0], style_dim=32, n_regions=9)
+    assert data["codes"].shape == (1, 18, 32) and "brow" not in data["note"] and "eye shape resampled" in data["note"]
