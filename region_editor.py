@@ -269,6 +269,7 @@ class RegionEditor:
         self.lock = threading.Lock()
         self.mean = gen.mean_latent(generator, opt.inference.truncation_mean)  # fixed seed, as the scripts
         self.identities = collections.OrderedDict()
+        self._identities_lock = threading.Lock()  # uploads and inversions add while pages list them
         self._ids = itertools.count(1)
         self.seed_codes = LRUCache(4 * cache_size)
         self.views = LRUCache(cache_size)
@@ -282,14 +283,17 @@ class RegionEditor:
     # ----- identities
 
     def _add_identity(self, identity):
-        key = f"id{next(self._ids)}"
-        self.identities[key] = identity
-        while len(self.identities) > MAX_IDENTITIES:
-            self.identities.popitem(last=False)
-        return key
+        with self._identities_lock:
+            key = f"id{next(self._ids)}"
+            self.identities[key] = identity
+            while len(self.identities) > MAX_IDENTITIES:
+                self.identities.popitem(last=False)
+            return key
 
     def identity_list(self):
-        return [{"id": key, "label": ident.label, "camera": ident.camera} for key, ident in self.identities.items()]
+        with self._identities_lock:
+            return [{"id": key, "label": ident.label, "camera": ident.camera}
+                    for key, ident in self.identities.items()]
 
     def identity_codes(self, spec, psi):
         """(codes [1,2K,D], styles_global [1,D]) of a seed (at ψ, cached) or a held identity."""
