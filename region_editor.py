@@ -475,8 +475,16 @@ class RegionEditor:
 
         try:
             with self.lock:
-                result = editing.invert(self.generator, target, self.mean, psi, self.opt.camera,
-                                        target_seg=target_seg, steps=steps, progress=False, callback=step_done)
+                # One intra-op thread, as for renders: on a shared CPU, measured at the shipped model's
+                # configuration, 4.4 s per step instead of 15.6 s with two.
+                threads = torch.get_num_threads()
+                if torch.device(self.device).type == "cpu":
+                    torch.set_num_threads(1)
+                try:
+                    result = editing.invert(self.generator, target, self.mean, psi, self.opt.camera,
+                                            target_seg=target_seg, steps=steps, progress=False, callback=step_done)
+                finally:
+                    torch.set_num_threads(threads)
             camera = tuple(float(v) for v in result["camera"][0].tolist())
             job["identity"] = self._add_identity(Identity(result["codes"], result["styles_global"], job["label"],
                                                           camera))
