@@ -8,15 +8,18 @@ renderer mean (a second time, as the published script does), the global style `s
 the decoder, fixed decoder noise. Editing only ever changes codes, so everything not edited renders
 exactly as before.
 """
+import io
 import math
+import os
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import generation as gen
 from camera import sweep_locations
-from regions import NUM_REGIONS
+from regions import CELEBAMASK_CLASSES, NUM_REGIONS, label19_to_regions
 
 ATTRIBUTES = ("shape", "texture", "both")
 
@@ -201,12 +204,13 @@ class PerceptualLoss(torch.nn.Module):
 
 def invert(generator, target, mean_latent, truncation, camera_opt, target_seg=None, steps=200, lr=0.03,
            camera_lr=0.01, pixel_loss="l2", mask_weight=1.0, perceptual=None, perceptual_weight=1.0,
-           init_location=(0.0, 0.0), progress=True):
+           init_location=(0.0, 0.0), progress=True, callback=None):
     """Fit the 2K region codes, the global style and the camera (azimuth, elevation) to `target`.
 
     target [1,3,H,W] in [-1,1] at the generator's output size; target_seg [1,K,H,W] one-hot regions
     or None. Starts from the renderer mean latent. Gradients flow through the (frozen) generator into
     the codes and the camera only: torch.autograd.grad on the variables leaves the weights untouched.
+    `callback(step, steps, loss)`, when given, is called after every step (the editor's progress bar).
     Returns dict(codes [1,2K,D], styles_global [1,D], camera [1,2], losses [steps] (total per step),
     rgb, seg (the final reconstruction)).
     """
@@ -240,11 +244,82 @@ def invert(generator, target, mean_latent, truncation, camera_opt, target_seg=No
         optimizer.step()
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if callback is not None:
+            callback(len(losses), steps, losses[-1])
     with torch.no_grad():
         cam = gen.cameras(generator.renderer.out_im_res, location, camera_opt, device)
         rgb, seg, _, _ = render(generator, codes, styles_global, cam, mean_latent, truncation)
     return {"codes": codes.detach(), "styles_global": styles_global.detach(), "camera": location.detach(),
             "losses": losses, "rgb": rgb, "seg": seg}
+
+
+# -------------------------------------------------------------------------- portraits and label maps
+
+
+def _open_source(source, name, what):
+    """(file object, label for messages) for a path or the bytes of an upload named `name`."""
+    if isinstance(source, (bytes, bytearray)):
+        return io.BytesIO(source), name or f"uploaded {what}"
+    path = str(source)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: {what} file not found")
+    return path, name or path
+
+
+def load_image(source, size, name=None, max_aspect=None):
+    """[1,3,size,size] in [-1,1]: centre-cropped to a square, resized with LANCZOS (as prepare_data).
+
+    `source` is a path or an upload's bytes (`name` then labels the messages). With `max_aspect`,
+    an image whose long side exceeds `max_aspect` × its short side is refused instead of cropped.
+    """
+    from PIL import Image
+
+    handle, label = _open_source(source, name, "image")
+    try:
+        with Image.open(handle) as image:
+            image = image.convert("RGB")
+    except Exception as error:
+        raise ValueError(f"{label}: not a readable image ({type(error).__name__})") from None
+    if max_aspect is not None and max(image.size) > max_aspect * min(image.size):
+        raise ValueError(f"{label}: the image is {image.width}×{image.height}; the model's portraits are square "
+                         f"(crop it to a square first)")
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.LANCZOS)
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1).unsqueeze(0)
+    return x / 127.5 - 1
+
+
+def load_mask(source, size, name=None):
+    """Region map [size,size] (long, 0-8) from a 19-class label map PNG / .npy (nearest resize).
+
+    `source` is a path or an upload's bytes (`name`, e.g. "face.npy", then labels the messages and
+    tells .npy from an image)."""
+    from PIL import Image
+
+    handle, label = _open_source(source, name, "mask")
+    try:
+        if label.lower().endswith(".npy"):
+            label_map = np.load(handle, allow_pickle=False)
+        else:
+            with Image.open(handle) as image:
+                label_map = np.asarray(image)
+    except Exception as error:
+        raise ValueError(f"{label}: not a readable mask ({type(error).__name__})") from None
+    if label_map.ndim == 3:  # a grey PNG saved as RGB: all channels hold the ids
+        label_map = label_map[..., 0]
+    if label_map.ndim != 2 or not (np.issubdtype(label_map.dtype, np.integer)
+                                   or np.all(label_map == np.round(label_map))):
+        raise ValueError(f"{label}: expected a 2-D map of class ids, got shape {label_map.shape} "
+                         f"dtype {label_map.dtype}")
+    if label_map.min() < 0 or label_map.max() >= len(CELEBAMASK_CLASSES):
+        raise ValueError(f"{label}: class ids must be 0..{len(CELEBAMASK_CLASSES) - 1}, "
+                         f"found {int(label_map.min())}..{int(label_map.max())}")
+    side = min(label_map.shape)
+    top, left = (label_map.shape[0] - side) // 2, (label_map.shape[1] - side) // 2
+    label_map = Image.fromarray(label_map[top:top + side, left:left + side].astype(np.uint8))
+    label_map = np.asarray(label_map.resize((size, size), Image.NEAREST)).astype(np.int64)
+    return torch.from_numpy(np.asarray(label19_to_regions(label_map), dtype=np.int64))
 
 
 def psnr(a, b):
@@ -263,6 +338,4 @@ def one_hot_regions(region_map, n_regions=NUM_REGIONS, size=None):
 
 def image_grid(rows):
     """rows: lists of uint8 [H,W,3] images (all the same size) → one uint8 grid image."""
-    import numpy as np
-
     return np.concatenate([np.concatenate(list(row), axis=1) for row in rows], axis=0)

@@ -24,13 +24,13 @@ Writes into --out_dir (default <results_dir>/invert):
 import os
 
 import numpy as np
-import torch
 
 import editing
 import generation as gen
 from checkpoint import CheckpointError, load_checkpoint
 from latents import save_latents
-from regions import CELEBAMASK_CLASSES, color_segmap, label19_to_regions
+from editing import load_image, load_mask
+from regions import color_segmap
 
 
 def add_arguments(group):
@@ -50,52 +50,6 @@ def add_arguments(group):
     group.add_argument("--inference_samples", type=int, default=gen.INFERENCE_SAMPLES,
                        help="samples per ray of the renderer (published inference: 64), as inference_Full.py")
     group.add_argument("--name", type=str, default="", help="output name prefix (default: the image's name)")
-
-
-def load_image(path, size):
-    """[1,3,size,size] in [-1,1]: centre-cropped to a square, resized with LANCZOS (as prepare_data)."""
-    from PIL import Image
-
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: image file not found")
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-    except Exception as error:
-        raise ValueError(f"{path}: not a readable image ({type(error).__name__})") from None
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.LANCZOS)
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1).unsqueeze(0)
-    return x / 127.5 - 1
-
-
-def load_mask(path, size):
-    """Region map [size,size] (long, 0-8) from a 19-class label map PNG / .npy (nearest resize)."""
-    from PIL import Image
-
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: mask file not found")
-    try:
-        if path.lower().endswith(".npy"):
-            label = np.load(path, allow_pickle=False)
-        else:
-            with Image.open(path) as image:
-                label = np.asarray(image)
-    except Exception as error:
-        raise ValueError(f"{path}: not a readable mask ({type(error).__name__})") from None
-    if label.ndim == 3:  # a grey PNG saved as RGB: all channels hold the ids
-        label = label[..., 0]
-    if label.ndim != 2 or not (np.issubdtype(label.dtype, np.integer) or np.all(label == np.round(label))):
-        raise ValueError(f"{path}: expected a 2-D map of class ids, got shape {label.shape} dtype {label.dtype}")
-    if label.min() < 0 or label.max() >= len(CELEBAMASK_CLASSES):
-        raise ValueError(f"{path}: class ids must be 0..{len(CELEBAMASK_CLASSES) - 1}, "
-                         f"found {int(label.min())}..{int(label.max())}")
-    side = min(label.shape)
-    top, left = (label.shape[0] - side) // 2, (label.shape[1] - side) // 2
-    label = Image.fromarray(label[top:top + side, left:left + side].astype(np.uint8))
-    label = np.asarray(label.resize((size, size), Image.NEAREST)).astype(np.int64)
-    return torch.from_numpy(np.asarray(label19_to_regions(label), dtype=np.int64))
 
 
 def load_perceptual(path, device):

@@ -1,0 +1,78 @@
+#!/usr/bin/env python
+"""Interactive region editor in the browser, for a headless machine used locally or over SSH.
+
+  python editor.py [--trained_ckpt CKPT] [--host 127.0.0.1] [--port 7860] [--device cpu] [model flags]
+
+Opens nothing itself: it prints the address to open. From another machine, forward the port first:
+`ssh -L 7860:localhost:7860 HOST`, then open http://localhost:7860. The logic is region_editor.py,
+the page and its API editor_web.py.
+"""
+import socket
+
+import generation as gen
+from checkpoint import CheckpointError
+
+DEFAULT_CKPT = "checkpoints/synthetic_portraits.pt"
+
+
+def add_arguments(group):
+    group.add_argument("--host", type=str, default="127.0.0.1",
+                       help="address to listen on (default: this machine only; 0.0.0.0 exposes the editor)")
+    group.add_argument("--port", type=int, default=7860, help="port to listen on")
+    group.add_argument("--inference_samples", type=int, default=0,
+                       help="samples per ray while editing (default: --N_samples, for speed; 64 = the published "
+                            "inference)")
+    group.add_argument("--surface_resolution", type=int, default=0,
+                       help="resolution of the shape pass (default: --renderer_spatial_output_dim)")
+    group.add_argument("--surface_samples", type=int, default=0,
+                       help="samples per ray of the shape pass (default: the editing samples)")
+    group.add_argument("--invert_steps", type=int, default=200, help="default Adam steps of an inversion")
+    group.add_argument("--cache_size", type=int, default=64, help="rendered views (and shapes) kept in memory")
+    # The shipped model by default (the shared option's default is empty).
+    group.set_defaults(trained_ckpt=DEFAULT_CKPT)
+
+
+def check_port(host, port):
+    """Fail with one line now rather than after loading the model when the address cannot be bound."""
+    if not 0 < port < 65536:
+        raise gen.UsageError(f"--port {port} is not a port number (1-65535)")
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(info[0], socket.SOCK_STREAM) as probe:
+            probe.bind(info[4])
+    except OSError as error:
+        raise gen.UsageError(f"--host {host} --port {port}: cannot listen there ({error.strerror or error})") from None
+
+
+def main(argv=None):
+    opt, own = gen.parse_options(argv, add_arguments, "editor")
+    import region_editor  # after option parsing, so --help stays quick
+
+    samples = own.inference_samples or opt.rendering.N_samples
+    try:
+        if own.invert_steps < 1 or own.cache_size < 0:
+            raise gen.UsageError("--invert_steps must be at least 1 and --cache_size at least 0")
+        check_port(own.host, own.port)
+        editor = region_editor.load_editor(
+            opt, samples, own.surface_resolution or opt.model.renderer_spatial_output_dim,
+            own.surface_samples or samples, cache_size=own.cache_size, invert_steps=own.invert_steps)
+    except CheckpointError as error:
+        hint = ("; the shipped model is not in this checkout yet: pass --trained_ckpt FILE (and its model flags)"
+                if opt.training.trained_ckpt == DEFAULT_CKPT and "not found" in str(error) else "")
+        gen.fail(f"{error}{hint}")
+    except gen.UsageError as error:
+        gen.fail(error)
+
+    import uvicorn
+
+    import editor_web
+
+    app = editor_web.create_app(editor)
+    print(f"CNeRF region editor: {editor.label}")
+    print(f"open http://{own.host}:{own.port}/  (from another machine: ssh -L {own.port}:localhost:{own.port} "
+          f"THIS_HOST, then http://localhost:{own.port}/)", flush=True)
+    uvicorn.run(app, host=own.host, port=own.port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()
