@@ -24,7 +24,6 @@ import training_steps as steps
 import training_utils as tu
 from checkpoint import CheckpointError, load_state_strict
 from dataset import MultiResolutionDataset
-from model import ComponentDualBranchDiscriminator, Generator, VolumeRenderDiscriminator
 from options import BaseOptions
 
 STAGE = "volume_renderer"
@@ -53,22 +52,6 @@ def write_samples(sampler, g_ema, path, psi=0.7):
     tu.save_grid(path, rows)
 
 
-def build_models(opt, device):
-    """(g, g_ema, gd, sd, g_optim, gd_optim, sd_optim): the published stage-1 models and Adam optimisers."""
-    t = opt.training
-    model_opt, renderer_opt = tu.model_options(opt)
-    g = Generator(model_opt, renderer_opt, full_pipeline=False).to(device)
-    g_ema = Generator(model_opt, renderer_opt, ema=True, full_pipeline=False).to(device)
-    gd = VolumeRenderDiscriminator(model_opt).to(device)
-    sd = ComponentDualBranchDiscriminator(model_opt).to(device)
-    g_ema.eval()
-    tu.requires_grad(g_ema, False)
-    g_optim = torch.optim.Adam(g.parameters(), lr=t.vol_g_lr, betas=(0.0, 0.9))
-    gd_optim = torch.optim.Adam(gd.parameters(), lr=t.vol_d_lr, betas=(0.0, 0.9))
-    sd_optim = torch.optim.Adam(sd.parameters(), lr=t.vol_d_lr, betas=(0.0, 0.9))
-    return g, g_ema, gd, sd, g_optim, gd_optim, sd_optim
-
-
 def train(argv=None):
     opt = BaseOptions().parse(argv)
     tu.validate(opt)
@@ -87,7 +70,8 @@ def train(argv=None):
     except (OSError, ValueError) as error:
         raise tu.TrainingError(f"--dataset_path: {error}") from None
 
-    g, g_ema, gd, sd, g_optim, gd_optim, sd_optim = build_models(opt, device)
+    g, g_ema, gd, sd = steps.build_stage1(opt, device)
+    g_optim, gd_optim, sd_optim = steps.stage1_optimizers(opt, g, gd, sd)
     m = Munch(g=g, g_module=g, gd=gd, sd=sd, g_optim=g_optim, gd_optim=gd_optim, sd_optim=sd_optim,
                  device=device, resolution=resolution)
 

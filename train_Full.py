@@ -24,7 +24,6 @@ import training_steps as steps
 import training_utils as tu
 from checkpoint import CheckpointError, generator_state, load_checkpoint, load_state_strict
 from dataset import MultiResolutionDataset
-from model import Discriminator, Generator
 from options import BaseOptions
 
 STAGE = "full_pipeline"
@@ -69,23 +68,6 @@ def write_samples(sampler, g_ema, path, psi=0.7):
     tu.save_grid(path, rows)
 
 
-def build_models(opt, device):
-    """(g, g_ema, d, g_optim, d_optim): the published stage-2 models and Adam optimisers (renderer not loaded)."""
-    t = opt.training
-    model_opt, renderer_opt = tu.model_options(opt)
-    g = Generator(model_opt, renderer_opt, full_pipeline=True).to(device)
-    g_ema = Generator(model_opt, renderer_opt, ema=True, full_pipeline=True).to(device)
-    d = Discriminator(model_opt).to(device)
-    g_ema.eval()
-    tu.requires_grad(g_ema, False)
-    # Lazy regularisation rescales Adam's hyper-parameters (StyleGAN2).
-    g_ratio = t.g_reg_every / (t.g_reg_every + 1)
-    d_ratio = t.d_reg_every / (t.d_reg_every + 1)
-    g_optim = torch.optim.Adam(steps.trained_parameters(g), lr=t.lr * g_ratio, betas=(0.0, 0.99 ** g_ratio))
-    d_optim = torch.optim.Adam(d.parameters(), lr=t.lr * d_ratio, betas=(0.0, 0.99 ** d_ratio))
-    return g, g_ema, d, g_optim, d_optim
-
-
 def train(argv=None):
     opt = BaseOptions().parse(argv)
     tu.validate(opt)
@@ -113,10 +95,10 @@ def train(argv=None):
     except (OSError, ValueError) as error:
         raise tu.TrainingError(f"--dataset_path: {error}") from None
 
-    g, g_ema, d, g_optim, d_optim = build_models(opt, device)
+    g, g_ema, d = steps.build_stage2(opt, device)
     if ckpt is None:
         load_renderer(g, stage1_path, device)
-    g.freeze_renderer()
+    g_optim, d_optim = steps.stage2_optimizers(opt, g, d)
 
     start_iter = 0
     # Running path-length mean: starts at 0 (the published script used it before defining it).

@@ -21,9 +21,53 @@ import draws
 import training_utils as tu
 from losses import (classification_loss, d_logistic_loss, eikonal_loss, g_nonsaturating_loss, g_path_regularize,
                     r1_image_and_mask, viewpoints_loss)
+from model import ComponentDualBranchDiscriminator, Discriminator, Generator, VolumeRenderDiscriminator
 
 STAGE1_EMA = ("style.", "renderer.")  # every stage-1 generator parameter
 STAGE2_TRAINED = ("decoder.", "feature_transfer.")  # the only parameters stage 2 optimises
+
+
+def build_stage1(opt, device):
+    """(g, g_ema, gd, sd): the stage-1 generator (no decoder), its EMA copy, the global and semantic D."""
+    model_opt, renderer_opt = tu.model_options(opt)
+    g = Generator(model_opt, renderer_opt, full_pipeline=False).to(device)
+    g_ema = Generator(model_opt, renderer_opt, ema=True, full_pipeline=False).to(device)
+    gd = VolumeRenderDiscriminator(model_opt).to(device)
+    sd = ComponentDualBranchDiscriminator(model_opt).to(device)
+    g_ema.eval()
+    tu.requires_grad(g_ema, False)
+    return g, g_ema, gd, sd
+
+
+def stage1_optimizers(opt, g, gd, sd):
+    """(g_optim, gd_optim, sd_optim): Adam, betas (0, 0.9), lr --vol_g_lr / --vol_d_lr (published 2e-5 / 2e-4)."""
+    t = opt.training
+    return (torch.optim.Adam(g.parameters(), lr=t.vol_g_lr, betas=(0.0, 0.9)),
+            torch.optim.Adam(gd.parameters(), lr=t.vol_d_lr, betas=(0.0, 0.9)),
+            torch.optim.Adam(sd.parameters(), lr=t.vol_d_lr, betas=(0.0, 0.9)))
+
+
+def build_stage2(opt, device):
+    """(g, g_ema, d): the full generator with its renderer frozen (weights still to load), its EMA copy,
+    the stage-2 discriminator."""
+    model_opt, renderer_opt = tu.model_options(opt)
+    g = Generator(model_opt, renderer_opt, full_pipeline=True).to(device)
+    g_ema = Generator(model_opt, renderer_opt, ema=True, full_pipeline=True).to(device)
+    d = Discriminator(model_opt).to(device)
+    g_ema.eval()
+    tu.requires_grad(g_ema, False)
+    g.freeze_renderer()
+    return g, g_ema, d
+
+
+def stage2_optimizers(opt, g, d):
+    """(g_optim over the decoder and feature transfer, d_optim); lazy regularisation rescales Adam's
+    hyper-parameters (StyleGAN2): lr·r, betas (0, 0.99^r), r = every / (every + 1)."""
+    t = opt.training
+    g_ratio = t.g_reg_every / (t.g_reg_every + 1)
+    d_ratio = t.d_reg_every / (t.d_reg_every + 1)
+    return (torch.optim.Adam(trained_parameters(g), lr=t.lr * g_ratio, betas=(0.0, 0.99 ** g_ratio)),
+            torch.optim.Adam(d.parameters(), lr=t.lr * d_ratio, betas=(0.0, 0.99 ** d_ratio)))
 
 
 def _record(**values):
