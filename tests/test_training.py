@@ -132,6 +132,21 @@ def test_stage1_writes_published_files_and_trains(stage1):
     assert tensors_equal(final["g_ema"], ckpt["g_ema"])
 
 
+def test_stage1_sphere_init_runs_with_the_gan_optimiser(stage1):
+    """The published sphere initialisation steps the generator's GAN optimiser, whose state carries on:
+    after 2 sphere-init steps and 2 iterations, Adam has counted 2 steps for the initial SDF network
+    (no gradient in GAN training), 4 for the mapping and 2 for the region generators."""
+    ckpt = load_checkpoint(stage1 / "exp" / "volume_renderer" / "models_0000001.pt")
+    opt = default_options(MODEL)
+    model_opt, renderer_opt = tu.model_options(opt)
+    names = [name for name, _ in Generator(model_opt, renderer_opt, full_pipeline=False).named_parameters()]
+    state = ckpt["g_optim"]["state"]
+    step = lambda name: int(state[names.index(name)]["step"])
+    assert step("renderer.init_network.sdf_linear.weight") == 2
+    assert step("style.0.weight") == 4 and step("renderer.network.0.sdf_linear.weight") == 2
+    assert ckpt["g_optim"]["param_groups"][0]["lr"] == 2e-5
+
+
 def test_stage1_sample_grid(stage1):
     samples = sorted((stage1 / "exp" / "volume_renderer" / "samples").glob("*.png"))
     assert [p.name for p in samples] == ["0000000.png", "0000001.png"]
