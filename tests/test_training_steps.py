@@ -178,3 +178,33 @@ def test_draws_using_restores_the_previous_draws():
             assert draws.current().labels(9, 3, "cpu").tolist() == [7, 7, 7]
             raise RuntimeError
     assert type(draws.current()) is draws.Draws
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("config, published", [
+    ("ffhq_stage1.yaml", {"size": 64, "batch": 1, "chunk": 1, "iter": 300001}),
+    ("ffhq_stage2.yaml", {"size": 512, "batch": 4, "chunk": 4, "iter": 500001}),
+])
+def test_configs_hold_the_published_recipes(config, published):
+    path = os.path.join(ROOT, "configs", config)
+    opt = default_options(["--config", path])
+    defaults = default_options([])
+    got = {"size": opt.model.size, "batch": opt.training.batch, "chunk": opt.training.chunk,
+           "iter": opt.training.iter}
+    assert got == published
+    for group in defaults:  # everything else at the published defaults
+        for key, value in defaults[group].items():
+            if key not in published and key != "config":
+                assert opt[group][key] == value, (group, key)
+    # Flags after the file override it (the published single-GPU stage-1 line).
+    assert default_options(["--config", path, "--batch", "4", "--chunk", "2"]).training.chunk == 2
+
+
+def test_launch_scripts_use_the_configs():
+    stage1 = open(os.path.join(ROOT, "scripts", "train_CNeRF.sh")).read()
+    stage2 = open(os.path.join(ROOT, "scripts", "train_Full.sh")).read()
+    assert "--nproc_per_node 4 train_CNeRF.py \\\n      --config configs/ffhq_stage1.yaml" in stage1
+    assert "train_CNeRF.py --config configs/ffhq_stage1.yaml --batch 4 --chunk 2" in stage1
+    assert "--nproc_per_node 4 train_Full.py \\\n      --config configs/ffhq_stage2.yaml" in stage2
