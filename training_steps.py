@@ -194,7 +194,8 @@ def stage1_g_phase(m, opt, i):
     tu.requires_grad(m.sd, False)
     want_sdf, want_eik = t.min_surf_lambda > 0, t.eikonal_lambda > 0
     records = []
-    for _, n in chunks(t.batch, t.chunk):
+    for _ in range(0, t.batch, t.chunk):
+        n = t.chunk  # published: every generator chunk has --chunk samples, also when it does not divide --batch
         noise = rand.mixing_noise(n, opt.model.style_dim, t.mixing, m.device)
         cam, focal, near, far, gt_view = rand.camera(opt.camera, n, m.device, m.resolution)
         out = m.g(noise, cam, focal, near, far, return_sdf=want_sdf, return_eikonal=want_eik)
@@ -294,7 +295,8 @@ def stage2_g_phase(m, opt, i):
     set_trainable(m.g_module, True)
     tu.requires_grad(m.d, False)
     records = []
-    for _, n in chunks(t.batch, t.chunk):
+    for _ in range(0, t.batch, t.chunk):
+        n = t.chunk  # published: every generator chunk has --chunk samples, also when it does not divide --batch
         noise = rand.mixing_noise(n, opt.model.style_dim, t.mixing, m.device)
         cam, focal, near, far, _ = rand.camera(opt.camera, n, m.device, m.resolution)
         (fake_img, fake_seg), _, _ = m.g(noise, cam, focal, near, far)
@@ -311,30 +313,38 @@ def stage2_g_phase(m, opt, i):
 
 def stage2_path_phase(m, opt, mean_path_length, i):
     """Path-length regularisation on batch / path_batch_shrink samples, weighted path_regularize ·
-    g_reg_every; one optimiser step. Returns (record, new running mean)."""
+    g_reg_every; one optimiser step. Returns (records, new running mean).
+
+    As published, the pass over the path batch repeats once per --chunk step of it (the whole path
+    batch each time, fresh projection noise, the running mean updated each time, gradients summed):
+    one pass whenever --chunk ≥ batch / path_batch_shrink, as in the published recipes.
+    """
     rand = draws.current()
     t = opt.training
     path_batch = max(1, t.batch // t.path_batch_shrink)
     noise = rand.mixing_noise(path_batch, opt.model.style_dim, t.mixing, m.device)
     cam, focal, near, far, _ = rand.camera(opt.camera, path_batch, m.device, m.resolution)
-    # On the unwrapped generator: DDP's output wrapper cuts the graph between its outputs (image and
-    # latents), so gradients are averaged across ranks by hand below.
-    fake_img, fake_seg, latents = m.g_module(noise, cam, focal, near, far, return_latents=True)
-    path_loss, mean_path, path_lengths = g_path_regularize(fake_img, latents, mean_path_length)
-    weighted = t.path_regularize * t.g_reg_every * path_loss
-    tu.check_finite({"path_length": path_loss}, i)
-    # The zero terms keep both outputs in the graph, so that every decoder parameter gets a (zero)
-    # gradient and Adam counts it, as published.
-    (weighted + 0 * fake_img[0, 0, 0, 0] + 0 * fake_seg[0, 0, 0, 0]).backward()
+    records = []
+    mean_path = mean_path_length
+    for _ in range(0, path_batch, t.chunk):
+        # On the unwrapped generator: DDP's output wrapper cuts the graph between its outputs (image
+        # and latents), so gradients are averaged across ranks by hand below.
+        fake_img, fake_seg, latents = m.g_module(noise, cam, focal, near, far, return_latents=True)
+        path_loss, mean_path, path_lengths = g_path_regularize(fake_img, latents, mean_path)
+        weighted = t.path_regularize * t.g_reg_every * path_loss
+        tu.check_finite({"path_length": path_loss}, i)
+        # The zero terms keep both outputs in the graph, so that every decoder parameter gets a (zero)
+        # gradient and Adam counts it, as published.
+        (weighted + 0 * fake_img[0, 0, 0, 0] + 0 * fake_seg[0, 0, 0, 0]).backward()
+        records.append(_record(path_loss=path_loss, path_lengths=path_lengths, mean_path_length=mean_path,
+                               weighted_path_loss=weighted, path_fake_img=fake_img, path_fake_seg=fake_seg,
+                               path_latents=latents))
     dist_utils.average_gradients(trained_parameters(m.g_module))
     m.g_optim.step()
     m.g.zero_grad(set_to_none=True)
     # The running mean is kept identical on every rank.
     mean_path_length = float(dist_utils.reduce_sum(mean_path.detach().reshape(1))) / dist_utils.get_world_size()
-    record = _record(path_loss=path_loss, path_lengths=path_lengths, mean_path_length=mean_path,
-                     weighted_path_loss=weighted, path_fake_img=fake_img, path_fake_seg=fake_seg,
-                     path_latents=latents)
-    return record, mean_path_length
+    return records, mean_path_length
 
 
 def stage2_iteration(m, opt, real_img, real_mask, mean_path_length, i):
@@ -342,6 +352,6 @@ def stage2_iteration(m, opt, real_img, real_mask, mean_path_length, i):
     records = [("d_loss", r) for r in stage2_d_phase(m, opt, real_img, real_mask, i)]
     records += [("g_loss", r) for r in stage2_g_phase(m, opt, i)]
     if i % opt.training.g_reg_every == 0:
-        record, mean_path_length = stage2_path_phase(m, opt, mean_path_length, i)
-        records.append(("weighted_path_loss", record))
+        path_records, mean_path_length = stage2_path_phase(m, opt, mean_path_length, i)
+        records += [("weighted_path_loss", r) for r in path_records]
     return records, mean_path_length

@@ -91,6 +91,30 @@ def snapshot_before_step(optimizer, module, into):
     optimizer.register_step_pre_hook(hook)
 
 
+def test_generator_chunks_have_chunk_samples_as_published():
+    """--batch 3 --chunk 2: the D fakes are the batch's slices [2, 1]; every generator chunk draws
+    --chunk samples (the published loop draws `opt.chunk`, so G sees 4)."""
+    opt, m = stage1("--batch", 3, "--chunk", 2)
+    calls = []
+    m.g.register_forward_pre_hook(lambda module, args: calls.append(args[0][0].shape[0]))
+    steps.stage1_iteration(m, opt, *real_batch(3, 8), 0)
+    assert calls == [2, 1, 2, 2]
+
+
+def test_path_regularisation_repeats_per_chunk_as_published():
+    """Path batch 2 with --chunk 1: two passes over the whole path batch (published loop), the
+    running mean updated by each, one optimiser step."""
+    opt, m = stage2("--batch", 4, "--chunk", 1)
+    count = count_steps(m.g_optim)
+    calls = []
+    m.g.register_forward_pre_hook(lambda module, args, kwargs: calls.append(args[0][0].shape[0]), with_kwargs=True)
+    records, mean = steps.stage2_path_phase(m, opt, 0.0, 0)
+    assert calls == [2, 2] and len(records) == 2 and len(count) == 1
+    first = 0.01 * float(records[0]["path_lengths"].mean())
+    assert float(records[0]["mean_path_length"]) == pytest.approx(first)
+    assert mean == pytest.approx(first + 0.01 * (float(records[1]["path_lengths"].mean()) - first))
+
+
 def count_steps(optimizer):
     count = []
     optimizer.register_step_pre_hook(lambda *_: count.append(1))
@@ -160,7 +184,7 @@ def test_stage2_path_regularisation_gives_every_decoder_parameter_a_gradient():
     def hook(*_):
         seen["none"] = sorted(k for k, p in params.items() if k.startswith(steps.STAGE2_TRAINED) and p.grad is None)
     m.g_optim.register_step_pre_hook(hook)
-    record, mean = steps.stage2_path_phase(m, opt, 0.0, 0)
+    (record,), mean = steps.stage2_path_phase(m, opt, 0.0, 0)
     # The zero terms on the image AND the mask (published) make Adam count every decoder parameter;
     # only the StyledConv biases, which the published model holds but never uses, stay without one.
     assert all(name.endswith(".bias") and name.startswith("decoder.conv") for name in seen["none"])

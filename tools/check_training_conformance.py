@@ -477,9 +477,10 @@ def main(argv=None):
     report = Report()
     for path in paths:
         for name in names:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             run_case(report, name, cases[name], path)
-            print(f"{name} [{path}]: {time.perf_counter() - start:.1f} s", flush=True)
+            print(f"{name} [{path}]: {time.perf_counter() - start:.1f} s ({time.process_time() - cpu:.1f} s CPU)",
+                  flush=True)
     print(f"{report.passed} groups passed, {report.failed} failed, {report.skipped} items skipped")
     return 0 if report.failed == 0 else 1
 
