@@ -1,10 +1,12 @@
 """Training-step conformance (issue 13): this project's training step replayed on the published
 scripts' recorded run (../shared/reference/training_vectors.pt) through tools/check_training_conformance.py.
 
-The suite runs a representative subset on the fast render path (the sphere initialisation, and a
-stage-1 run with chunks of 1: both discriminators, the generator with the fast path's hand-written
-eikonal backward, two iterations of Adam); stage 2 and the reference path in the full check, which
-runs when CNERF_FULL_TRAINING_CONFORMANCE=1 (about 5 minutes of CPU on this machine).
+The suite runs a representative subset (about 70 s of CPU): on the fast render path the sphere
+initialisation and a stage-1 run with chunks of 1 (both discriminators, the generator with the fast
+path's hand-written eikonal backward, two iterations of Adam), on the reference path a stage-2 run
+with chunks of 1 (lazy R1 and path-length regularisation at iteration 0). The whole file on both
+paths (10 case runs, about 4.5 minutes of CPU on one thread here) runs when
+CNERF_FULL_TRAINING_CONFORMANCE=1.
 """
 import copy
 import importlib.util
@@ -51,6 +53,8 @@ def test_training_step_matches_the_published_run(capsys):
     check = load_check()
     status = check.main([str(VECTORS), "--render_path", "fast", "--cases", "stage1_sphere_init,stage1_chunk1"])
     check_output(capsys, status, ["stage1_sphere_init [fast] it 1", "stage1_chunk1 [fast] it 1"])
+    status = check.main([str(VECTORS), "--render_path", "reference", "--cases", "stage2_chunk1"])
+    check_output(capsys, status, ["stage2_chunk1 [reference] it 0", "stage2_chunk1 [reference] it 1"])
 
 
 @needs_vectors
