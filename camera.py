@@ -4,6 +4,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+import draws
+
 
 def generate_camera_params(resolution, device, batch=1, locations=None, sweep=False, uniform=False,
                            azim_range=0.3, elev_range=0.15, fov_ang=6, dist_radius=0.12):
@@ -93,12 +95,16 @@ def depths_along_rays(t_vals, near, far, perturb=0.0, offset_sampling=True, gene
         if offset_sampling:
             upper = torch.cat([z[..., 1:], far], -1)
             lower = z
-            u = torch.rand(z.shape[:-1] + (1,), device=z.device, dtype=z.dtype, generator=generator)
+            shape = z.shape[:-1] + (1,)
         else:
             mids = 0.5 * (z[..., 1:] + z[..., :-1])
             upper = torch.cat([mids, z[..., -1:]], -1)
             lower = torch.cat([z[..., :1], mids], -1)
-            u = torch.rand(z.shape, device=z.device, dtype=z.dtype, generator=generator)
+            shape = z.shape
+        if generator is None:  # training draws go through draws.current() (replaceable by the conformance check)
+            u = draws.current().ray_jitter(shape, z.dtype, z.device)
+        else:
+            u = torch.rand(shape, device=z.device, dtype=z.dtype, generator=generator)
         z = lower + (upper - lower) * u
     return z
 

@@ -3,8 +3,12 @@ accelerator when there is one, else the CPU."""
 import torch
 
 
+class UsageError(ValueError):
+    """Bad user input (a flag, a file, a device): every script stops on it with its one-line message."""
+
+
 def select_device(requested=None, local_rank=0):
-    """torch.device for `--device`; raises ValueError with one line for a device that cannot be used.
+    """torch.device for `--device`; raises UsageError with one line for a device that cannot be used.
 
     None or "" picks the current accelerator (device `local_rank` under a multi-process launch) or the
     CPU; a bare accelerator type such as "cuda" also means this process's device.
@@ -18,14 +22,14 @@ def select_device(requested=None, local_rank=0):
     try:
         device = torch.device(requested)
     except (RuntimeError, ValueError):
-        raise ValueError(f"--device {requested!r} is not a torch device (examples: cpu, cuda, cuda:1)") from None
+        raise UsageError(f"--device {requested!r} is not a torch device (examples: cpu, cuda, cuda:1)") from None
     if device.type == "cpu":
         return device
     if accelerator is None or accelerator.type != device.type:
-        raise ValueError(f"--device {requested}: no {device.type} device is available on this machine "
+        raise UsageError(f"--device {requested}: no {device.type} device is available on this machine "
                          f"(use --device cpu)")
     if device.index is None:
         return torch.device(device.type, local_rank % max(1, count))
     if device.index >= count:
-        raise ValueError(f"--device {requested}: only {count} {device.type} device(s) present")
+        raise UsageError(f"--device {requested}: only {count} {device.type} device(s) present")
     return device

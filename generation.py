@@ -33,8 +33,7 @@ SURFACE_RESOLUTION = 128
 SURFACE_SAMPLES = 128
 
 
-class UsageError(ValueError):
-    """Bad command-line input (one-line message)."""
+UsageError = devices.UsageError  # the project's one user-error type (bad command-line input, one line)
 
 
 # ------------------------------------------------------------------------------------------ options
@@ -68,14 +67,6 @@ def eval_rendering_options(rendering, n_samples=INFERENCE_SAMPLES):
     rendering.perturb = 0.0
     rendering.raw_noise_std = 0.0
     return rendering
-
-
-def select_device(name=None):
-    """devices.select_device, with its one-line error as a usage error."""
-    try:
-        return devices.select_device(name)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
 
 
 def seed_everything(seed=None):
@@ -154,7 +145,7 @@ def load_for_editing(opt, n_samples):
     """(device, evaluation generator rendering `n_samples` per ray) for the editing and inversion tools."""
     if n_samples < 2:
         raise UsageError(f"--inference_samples must be at least 2, got {n_samples}")
-    device = select_device(opt.experiment.device)
+    device = devices.select_device(opt.experiment.device)
     generator, _ = load_models(opt, device, n_samples=n_samples)
     return device, generator
 

@@ -18,6 +18,7 @@ import sys
 import torch
 from tqdm import tqdm
 
+import devices
 import generation as gen
 from checkpoint import CheckpointError
 from latents import LatentFileError, load_latents
@@ -56,7 +57,7 @@ def prepare(argv):
     opt, own = gen.parse_options(argv, add_arguments, "inference_Full")
     check_arguments(opt, own)
     semantics = gen.parse_semantics(opt.inference.semantics)
-    device = gen.select_device(opt.experiment.device)
+    device = devices.select_device(opt.experiment.device)
     surfaces = not opt.inference.no_surface_renderings
     generator, surface_generator = gen.load_models(
         opt, device, surface=surfaces, n_samples=own.inference_samples,

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import autograd
 
+import draws
+
 
 def d_logistic_loss(real_pred, fake_pred):
     return F.softplus(-real_pred).mean() + F.softplus(fake_pred).mean()
@@ -45,7 +47,7 @@ def classification_loss(logits, labels):
 
 def g_path_regularize(fake_img, latents, mean_path_length, decay=0.01):
     """Path-length penalty w.r.t. the decoder latents; returns (penalty, new running mean, lengths)."""
-    noise = torch.randn_like(fake_img) / math.sqrt(fake_img.shape[2] * fake_img.shape[3])
+    noise = draws.current().path_noise(fake_img) / math.sqrt(fake_img.shape[2] * fake_img.shape[3])
     grad, = autograd.grad(outputs=(fake_img * noise).sum(), inputs=latents, create_graph=True)
     path_lengths = torch.sqrt(grad.pow(2).sum(2).mean(1))
     path_mean = mean_path_length + decay * (path_lengths.mean() - mean_path_length)

@@ -4,13 +4,13 @@ volume renderer, StyleGAN2 decoder, and the stage-1 global / semantic and stage-
 Parameter and buffer names follow the published checkpoint (reference/state_dict_layout.json).
 """
 import math
-import random
 
 import torch
 import torch.nn.functional as F
 from munch import Munch
 from torch import nn
 
+import draws
 from op import FusedLeakyReLU, fused_leaky_relu, upfirdn2d
 from volume_renderer import VolumeFeatureRenderer
 
@@ -155,8 +155,7 @@ class NoiseInjection(nn.Module):
 
     def forward(self, image, noise=None):
         if noise is None:
-            batch, _, height, width = image.shape
-            noise = image.new_empty(batch, 1, height, width).normal_()
+            noise = draws.current().decoder_noise(image)
         return image + self.weight * noise
 
 
@@ -288,7 +287,7 @@ class Decoder(nn.Module):
             latent = styles[0].unsqueeze(1).repeat(1, self.n_latent, 1) if styles[0].ndim < 3 else styles[0]
         else:
             if inject_index is None:
-                inject_index = random.randint(1, self.n_latent - 1)
+                inject_index = draws.current().inject_index(self.n_latent)
             latent = torch.cat([styles[0].unsqueeze(1).repeat(1, inject_index, 1),
                                 styles[1].unsqueeze(1).repeat(1, self.n_latent - inject_index, 1)], 1)
         return latent
@@ -375,7 +374,7 @@ class Generator(nn.Module):
             w1, w2 = styles
             batch = w1.shape[0]
             # Per region and sample: (shape, texture) = (w1,w1), (w1,w2) or (w2,w2).
-            choice = torch.randint(0, 3, (batch, self.n_render), device=w1.device)
+            choice = draws.current().region_mix(batch, self.n_render, w1.device)
             use_w2_shape = (choice == 2)
             use_w2_texture = (choice >= 1)
             use_w2 = torch.stack([use_w2_shape, use_w2_texture], -1).reshape(batch, self.n_latent, 1)

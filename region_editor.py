@@ -29,6 +29,7 @@ import time
 import numpy as np
 import torch
 
+import devices
 import editing
 import generation as gen
 import perf_utils
@@ -501,7 +502,7 @@ def load_editor(opt, inference_samples, surface_resolution, surface_samples, cac
     """Load --trained_ckpt strictly (CheckpointError / UsageError, one line) and build the editor."""
     if inference_samples < 2 or surface_samples < 2 or surface_resolution < 2:
         raise gen.UsageError("--inference_samples, --surface_samples and --surface_resolution must be at least 2")
-    device = gen.select_device(opt.experiment.device)
+    device = devices.select_device(opt.experiment.device)
     generator, surface_generator = gen.load_models(opt, device, surface=True, n_samples=inference_samples,
                                                    surface_resolution=surface_resolution,
                                                    surface_samples=surface_samples)

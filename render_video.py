@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import devices
 import generation as gen
 from checkpoint import CheckpointError
 from latents import LatentFileError, load_latents
@@ -69,7 +70,7 @@ def prepare(argv):
     opt, own = gen.parse_options(argv, add_arguments, "render_video")
     check_arguments(opt, own)
     semantics = gen.parse_semantics(opt.inference.semantics)
-    device = gen.select_device(opt.experiment.device)
+    device = devices.select_device(opt.experiment.device)
     generator, surface_generator = gen.load_models(
         opt, device, surface=not opt.inference.no_surface_renderings, n_samples=own.inference_samples,
         surface_resolution=own.surface_resolution, surface_samples=own.surface_samples)

@@ -14,22 +14,19 @@ Checkpoint i holds the state after iteration i (0-based); `--continue_training -
 import os
 
 import torch
+from munch import Munch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import distributed as dist_utils
 import perf_utils
+import training_steps as steps
 import training_utils as tu
 from checkpoint import CheckpointError, generator_state, load_checkpoint, load_state_strict
 from dataset import MultiResolutionDataset
-from losses import d_logistic_loss, g_nonsaturating_loss, g_path_regularize, r1_image_and_mask
-from model import Discriminator, Generator
 from options import BaseOptions
-from train_CNeRF import (Sampler, ema_decay, camera, choose_seed, end_of_iteration, finish_run, model_options,
-                         restore_rng, validate)
 
 STAGE = "full_pipeline"
-TRAINED = ("decoder.", "feature_transfer.")  # the only parameters stage 2 optimises
 
 
 def renderer_path(opt):
@@ -53,15 +50,6 @@ def load_renderer(g, path, device):
     load_state_strict(g.renderer, state, path, "volume renderer (renderer.*)", prefix="renderer.")
 
 
-def trained_parameters(g):
-    return [p for name, p in g.named_parameters() if name.startswith(TRAINED)]
-
-
-def set_trainable(g, flag):
-    for p in trained_parameters(g):
-        p.requires_grad = flag
-
-
 def write_samples(sampler, g_ema, path, psi=0.7):
     """One row per identity: per view, high-res image | its seg | low-res image | its seg (EMA, ψ = 0.7)."""
     rows = []
@@ -82,7 +70,7 @@ def write_samples(sampler, g_ema, path, psi=0.7):
 
 def train(argv=None):
     opt = BaseOptions().parse(argv)
-    validate(opt)
+    tu.validate(opt)
     t = opt.training
     if opt.model.size <= opt.model.renderer_spatial_output_dim:
         raise tu.TrainingError(f"--size {opt.model.size} must be larger than --renderer_spatial_output_dim "
@@ -98,7 +86,7 @@ def train(argv=None):
     resolution = opt.model.renderer_spatial_output_dim
     if ckpt is None:
         stage1_path = renderer_path(opt)
-    seed = int(ckpt["seed"]) if ckpt is not None and "seed" in ckpt else choose_seed(opt)
+    seed = int(ckpt["seed"]) if ckpt is not None and "seed" in ckpt else tu.choose_seed(opt)
     tu.seed_all(seed, rank)
 
     try:
@@ -107,21 +95,10 @@ def train(argv=None):
     except (OSError, ValueError) as error:
         raise tu.TrainingError(f"--dataset_path: {error}") from None
 
-    model_opt, renderer_opt = model_options(opt)
-    g = Generator(model_opt, renderer_opt, full_pipeline=True).to(device)
-    g_ema = Generator(model_opt, renderer_opt, ema=True, full_pipeline=True).to(device)
-    d = Discriminator(model_opt).to(device)
-    g_ema.eval()
-    tu.requires_grad(g_ema, False)
+    g, g_ema, d = steps.build_stage2(opt, device)
     if ckpt is None:
         load_renderer(g, stage1_path, device)
-    g.freeze_renderer()
-
-    # Lazy regularisation rescales Adam's hyper-parameters (StyleGAN2).
-    g_ratio = t.g_reg_every / (t.g_reg_every + 1)
-    d_ratio = t.d_reg_every / (t.d_reg_every + 1)
-    g_optim = torch.optim.Adam(trained_parameters(g), lr=t.lr * g_ratio, betas=(0.0, 0.99 ** g_ratio))
-    d_optim = torch.optim.Adam(d.parameters(), lr=t.lr * d_ratio, betas=(0.0, 0.99 ** d_ratio))
+    g_optim, d_optim = steps.stage2_optimizers(opt, g, d)
 
     start_iter = 0
     # Running path-length mean: starts at 0 (the published script used it before defining it).
@@ -137,110 +114,56 @@ def train(argv=None):
             raise CheckpointError(f"{resume_path}: optimiser state does not fit ({error})") from None
         start_iter = int(ckpt["iter"]) + 1
         mean_path_length = float(ckpt.get("mean_path_length", 0.0))
-        restore_rng(ckpt, seed, start_iter)
+        tu.restore_rng(ckpt, seed, start_iter)
         del ckpt
 
     g.train()
     d.train()
     g_module, d_module = g, d
+    m = Munch(g=g, g_module=g, d=d, g_optim=g_optim, d_optim=d_optim, device=device, resolution=resolution)
     if distributed:
         ddp = dict(device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
                    find_unused_parameters=True)
-        g, d = DDP(g, **ddp), DDP(d, **ddp)
+        m.g, m.d = DDP(g, **ddp), DDP(d, **ddp)
     if start_iter == 0:
         g_ema.load_state_dict(g_module.state_dict())  # also copies the decoder's fixed noise buffers
 
     loader = tu.make_loader(dataset, t.batch, seed, start_iter, t.num_workers, device)
     data_iter = iter(loader)
-    sampler = Sampler(opt, device, seed, resolution) if main else None
-    style_dim = opt.model.style_dim
+    sampler = tu.Sampler(opt, device, seed, resolution) if main else None
     last = t.iter - 1
-    path_loss = torch.zeros((), device=device)
-    path_lengths_mean = torch.zeros((), device=device)
-    r1 = torch.zeros((), device=device)
+    shown_r1 = shown_path = shown_lengths = torch.zeros((), device=device)
     bar = tqdm(range(start_iter, t.iter), initial=start_iter, total=t.iter, desc="stage 2", disable=not main,
                dynamic_ncols=True, smoothing=0.01)
     for i in bar:
         real_img, _, real_mask = next(data_iter)
-        real_img, real_mask = real_img.to(device), real_mask.to(device)
+        records, mean_path_length = steps.stage2_iteration(m, opt, real_img.to(device), real_mask.to(device),
+                                                           mean_path_length, i)
+        tu.accumulate(g_ema, g_module, tu.ema_decay(opt), prefixes=steps.STAGE2_TRAINED)
 
-        # -- discriminator ----------------------------------------------------------------------
-        set_trainable(g_module, False)
-        tu.requires_grad(d, True)
-        noise = tu.mixing_noise(t.batch, style_dim, t.mixing, device)
-        cam, focal, near, far, _ = camera(opt, t.batch, device, resolution)
-        with torch.no_grad():
-            (fake_img, fake_seg), _, _ = g(noise, cam, focal, near, far)
-        fake_pred = d(fake_img, fake_seg)
-        real_pred = d(real_img, real_mask)
-        d_loss = d_logistic_loss(real_pred, fake_pred)
-        tu.check_finite({"d": d_loss}, i)
-        d.zero_grad(set_to_none=True)
-        d_loss.backward()
-        d_optim.step()
-
+        by_name = {}
+        for name, record in records:
+            by_name.setdefault(name, []).append(record)
         if i % t.d_reg_every == 0:
-            # Lazy R1 on image and mask. SPEC §13 names no weights for stage 2: the stage-1 pair
-            # (--r1_img on the image, --r1_seg on the mask) is used, times d_reg_every.
-            img_r = real_img.detach().requires_grad_(True)
-            seg_r = real_mask.detach().requires_grad_(True)
-            real_pred = d(img_r, seg_r)
-            r1, _, _ = r1_image_and_mask(real_pred, img_r, seg_r, t.r1_img, t.r1_seg)
-            tu.check_finite({"r1": r1}, i)
-            d.zero_grad(set_to_none=True)
-            (r1 * t.d_reg_every + 0 * real_pred[0, 0]).backward()
-            d_optim.step()
-
-        # -- generator (decoder + feature transfer), gradients accumulated over chunks --------------
-        set_trainable(g_module, True)
-        tu.requires_grad(d, False)
-        g.zero_grad(set_to_none=True)
-        for start in range(0, t.batch, t.chunk):
-            n = min(t.chunk, t.batch - start)
-            noise = tu.mixing_noise(n, style_dim, t.mixing, device)
-            cam, focal, near, far, _ = camera(opt, n, device, resolution)
-            (fake_img, fake_seg), _, _ = g(noise, cam, focal, near, far)
-            g_loss = g_nonsaturating_loss(d(fake_img, fake_seg))
-            tu.check_finite({"g": g_loss}, i)
-            g_loss.backward()
-        g_optim.step()
-
-        if i % t.g_reg_every == 0:
-            path_batch = max(1, t.batch // t.path_batch_shrink)
-            noise = tu.mixing_noise(path_batch, style_dim, t.mixing, device)
-            cam, focal, near, far, _ = camera(opt, path_batch, device, resolution)
-            # On the unwrapped generator: DDP's output wrapper cuts the graph between its outputs
-            # (image and latents), so gradients are averaged across ranks by hand below.
-            fake_img, _, latents = g_module(noise, cam, focal, near, far, return_latents=True)
-            path_loss, mean_path, path_lengths = g_path_regularize(fake_img, latents, mean_path_length)
-            weighted = t.path_regularize * t.g_reg_every * path_loss
-            tu.check_finite({"path_length": path_loss}, i)
-            g.zero_grad(set_to_none=True)
-            # The zero term keeps the image in the graph even when the penalty does not reach it.
-            (weighted + 0 * fake_img[0, 0, 0, 0]).backward()
-            dist_utils.average_gradients(trained_parameters(g_module))
-            g_optim.step()
-            # The running mean is kept identical on every rank.
-            mean_path_length = float(dist_utils.reduce_sum(mean_path.detach().reshape(1))) / \
-                dist_utils.get_world_size()
-            path_lengths_mean = path_lengths.detach().mean()
-
-        tu.accumulate(g_ema, g_module, ema_decay(opt), prefixes=TRAINED)
-
-        shown = dist_utils.reduce_loss_dict({"d": d_loss, "r1": r1, "g": g_loss, "path": path_loss,
-                                             "path_length": path_lengths_mean}, device=device)
+            shown_r1 = sum(r["r1_loss"] for r in by_name["d_loss"])
+        if "weighted_path_loss" in by_name:
+            path_record = by_name["weighted_path_loss"][0]
+            shown_path, shown_lengths = path_record["path_loss"], path_record["path_lengths"].mean()
+        shown = dist_utils.reduce_loss_dict({"d": by_name["d_loss"][-1]["d_gan_loss"], "r1": shown_r1,
+                                             "g": by_name["g_loss"][-1]["g_loss"], "path": shown_path,
+                                             "path_length": shown_lengths}, device=device)
         if main:
             bar.set_postfix(d=f"{shown['d']:.3f}", g=f"{shown['g']:.3f}", r1=f"{shown['r1']:.3f}",
                             path=f"{shown['path']:.3f}", mean_path=f"{mean_path_length:.3f}")
             logger.log({**shown, "mean_path_length": mean_path_length}, step=i)
-        end_of_iteration(run, i, last, t, lambda path: write_samples(sampler, g_ema, path),
-                         lambda rng: {"g": g_module.state_dict(), "d": d_module.state_dict(),
-                                      "g_ema": g_ema.state_dict(), "g_optim": g_optim.state_dict(),
-                                      "d_optim": d_optim.state_dict(), "iter": i,
-                                      "mean_path_length": mean_path_length, "seed": seed, "rng": rng,
-                                      "opt": tu.plain(opt)})
+        tu.end_of_iteration(run, i, last, t, lambda path: write_samples(sampler, g_ema, path),
+                            lambda rng: {"g": g_module.state_dict(), "d": d_module.state_dict(),
+                                         "g_ema": g_ema.state_dict(), "g_optim": g_optim.state_dict(),
+                                         "d_optim": d_optim.state_dict(), "iter": i,
+                                         "mean_path_length": mean_path_length, "seed": seed, "rng": rng,
+                                         "opt": tu.plain(opt)})
     bar.close()
-    return finish_run(run, opt, g_ema, max(start_iter, t.iter) - 1, f"{opt.experiment.expname}_full_pipeline.pt")
+    return tu.finish_run(run, opt, g_ema, max(start_iter, t.iter) - 1, f"{opt.experiment.expname}_full_pipeline.pt")
 
 
 def main(argv=None):

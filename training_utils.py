@@ -1,8 +1,10 @@
 """Pieces shared by both training stages (train_CNeRF.py, train_Full.py).
 
-Device choice, seeding, RNG capture/restore in a tensors-only form (checkpoints load with
-weights_only=True), EMA, requires_grad toggles, the resumable data order, sample grids written as
-PNG, the optional wandb logger and the non-finite loss check.
+The start and end of a run (device, process group, folders, logger, resume checkpoint; sample grid,
+periodic checkpoint, final EMA model), option checks, model options, EMA, seeding, RNG capture/
+restore in a tensors-only form (checkpoints load with weights_only=True), requires_grad toggles, the
+resumable data order, sample grids written as PNG, the optional wandb logger and the non-finite loss
+check. The training step itself is in training_steps.py.
 """
 import contextlib
 import json
@@ -13,15 +15,20 @@ import sys
 
 import numpy as np
 import torch
+from munch import Munch
 from PIL import Image
 from torch.utils import data
 
 import devices
 import distributed as dist_utils
+from camera import generate_camera_params
 from regions import color_segmap
 
+EMA_DECAY = 0.5 ** (32 / (10 * 1000))  # published, per iteration
+SAMPLE_VIEWS = 8  # generate_camera_params(sweep=True) gives 8 azimuths per identity
 
-class TrainingError(Exception):
+
+class TrainingError(devices.UsageError):
     """A problem that stops training with a one-line message (bad option, missing file, ...)."""
 
 
@@ -29,15 +36,43 @@ class NonFiniteLoss(TrainingError):
     """A loss became NaN or infinite; training stops without writing anything further."""
 
 
-# ------------------------------------------------------------------------------------------ device
+# ---------------------------------------------------------------------------------------- options
 
 
-def select_device(requested=None, local_rank=0):
-    """devices.select_device, with its one-line error as a TrainingError."""
-    try:
-        return devices.select_device(requested, local_rank)
-    except ValueError as error:
-        raise TrainingError(str(error)) from None
+def model_options(opt):
+    """(model options, renderer options) for the generator and discriminators of a training stage."""
+    model_opt = Munch(opt.model)
+    model_opt.n_render = opt.rendering.n_render
+    # The published code fails with --view_lambda 0 (SPEC §17): build D without the viewpoint head instead.
+    model_opt.no_viewpoint_loss = opt.training.view_lambda == 0
+    renderer_opt = Munch(opt.rendering)
+    return model_opt, renderer_opt
+
+
+def ema_decay(opt):
+    """--ema_decay, or the published 0.5 ** (32 / 10000) per iteration."""
+    return EMA_DECAY if opt.training.ema_decay is None else opt.training.ema_decay
+
+
+def validate(opt):
+    """Option checks both stages share; one-line TrainingError naming the flag."""
+    t = opt.training
+    for name in ("vol_g_lr", "vol_d_lr"):
+        if t[name] <= 0:
+            raise TrainingError(f"--{name} must be positive (got {t[name]})")
+    if t.ema_decay is not None and not 0 <= t.ema_decay < 1:
+        raise TrainingError(f"--ema_decay must be in [0, 1) (got {t.ema_decay})")
+    if opt.model.d_channel_scale <= 0:
+        raise TrainingError(f"--d_channel_scale must be positive (got {opt.model.d_channel_scale})")
+    for name in ("batch", "chunk", "sample_every", "save_every", "val_n_sample"):
+        if t[name] < 1:
+            raise TrainingError(f"--{name} must be at least 1 (got {t[name]})")
+    if t.iter < 0:
+        raise TrainingError(f"--iter must be non-negative (got {t.iter})")
+    if t.sphere_init_iter < 0:
+        raise TrainingError(f"--sphere_init_iter must be non-negative (got {t.sphere_init_iter})")
+    if t.num_workers < 0:
+        raise TrainingError(f"--num_workers must be non-negative (got {t.num_workers})")
 
 
 # ------------------------------------------------------------------------------------------- RNG
@@ -94,23 +129,16 @@ def isolated_rng(device, seed=None):
     Training must not depend on how often samples are drawn, or a resumed run would diverge from an
     uninterrupted one. With `seed` the block also sees the same random numbers every time.
     """
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+    cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
     py_state = random.getstate()
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=cuda_devices):
         if seed is not None:
             torch.manual_seed(seed)
         try:
             yield
         finally:
             random.setstate(py_state)
-
-
-def mixing_noise(batch, latent_dim, prob, device):
-    """One z [B,D], or two (style mixing) with probability `prob`."""
-    if prob > 0 and random.random() < prob:
-        return list(torch.randn(2, batch, latent_dim, device=device).unbind(0))
-    return [torch.randn(batch, latent_dim, device=device)]
 
 
 # ----------------------------------------------------------------------------------- parameters
@@ -338,7 +366,7 @@ def run_training(train, argv=None):
 
     try:
         train(argv)
-    except (TrainingError, CheckpointError) as error:
+    except (devices.UsageError, CheckpointError) as error:
         message = str(error)
         if isinstance(error, NonFiniteLoss):
             message += "; training stopped, the last checkpoint is kept"
@@ -354,12 +382,10 @@ def start_run(opt, stage, number, required_keys):
     ckpt (None unless --continue_training) and resume_path. `required_keys` are the entries a resume
     checkpoint of this stage must have.
     """
-    from munch import Munch
-
     from checkpoint import CheckpointError, load_checkpoint
 
     t = opt.training
-    device = select_device(opt.experiment.device, dist_utils.local_rank_from(t.local_rank))
+    device = devices.select_device(opt.experiment.device, dist_utils.local_rank_from(t.local_rank))
     run = Munch(device=device, distributed=dist_utils.setup(device), rank=dist_utils.get_rank(),
                 main=dist_utils.is_main_process(), ckpt=None, resume_path=None)
     run.exp_dir = os.path.join(t.checkpoints_dir, opt.experiment.expname)
@@ -375,3 +401,96 @@ def start_run(opt, stage, number, required_keys):
             if key not in run.ckpt:
                 raise CheckpointError(f"{run.resume_path}: not a stage-{number} training checkpoint (no '{key}' entry)")
     return run
+
+
+# ------------------------------------------------------------------------------------ run tail
+
+
+def choose_seed(opt):
+    """--seed, or one random seed shared by all ranks (recorded in the checkpoints)."""
+    if opt.experiment.seed is not None:
+        return int(opt.experiment.seed)
+    return int(dist_utils.all_gather_object(int.from_bytes(os.urandom(4), "little"))[0])
+
+
+def should_save(i, last, save_every, sample_every):
+    """Published schedule: every save_every iterations, more often (every sample_every) before the
+    first save_every; plus the last iteration so that every run can be resumed."""
+    return i == last or i % save_every == 0 or (i < save_every and i % sample_every == 0)
+
+
+def gather_rng():
+    """Every rank's RNG state (collective), so a resumed multi-process run continues each stream."""
+    return dist_utils.all_gather_object(rng_state())
+
+
+def restore_rng(ckpt, seed, start_iter):
+    states = ckpt.get("rng")
+    rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
+    if isinstance(states, list) and len(states) == world:
+        set_rng_state(states[rank])
+    else:  # another world size: streams cannot continue exactly; start fresh, reproducible ones
+        seed_all(seed + 7919 * start_iter, rank)
+
+
+def save(obj, path):
+    from checkpoint import save_checkpoint
+
+    try:
+        save_checkpoint(obj, path)
+    except OSError as error:
+        raise TrainingError(f"could not write checkpoint {path} ({error}); the previous checkpoint is intact") \
+            from None
+
+
+def end_of_iteration(run, i, last, t, write_grid, checkpoint_state):
+    """The shared end of a training iteration: the sample grid (main process, every --sample_every
+    and at the last iteration; `write_grid(path)`) and the periodic checkpoint (every rank gives its
+    RNG state; the main process writes `checkpoint_state(rng)`)."""
+    if run.main and (i % t.sample_every == 0 or i == last):
+        path = os.path.join(run.samples_dir, f"{i:07d}.png")
+        write_grid(path)
+        run.logger.log_image("samples", path, step=i)
+    if should_save(i, last, t.save_every, t.sample_every):
+        rng = gather_rng()
+        if run.main:
+            save(checkpoint_state(rng), os.path.join(run.stage_dir, f"models_{i:07d}.pt"))
+
+
+def finish_run(run, opt, g_ema, last_iter, name):
+    """The final EMA model <exp_dir>/<name> (main process), then close the logger and wait for every rank.
+
+    It carries its architecture options ("config"), so `--trained_ckpt` alone rebuilds it."""
+    from checkpoint import architecture_config
+
+    if run.main:
+        save({"g_ema": g_ema.state_dict(), "iter": last_iter, "config": architecture_config(opt)},
+             os.path.join(run.exp_dir, name))
+    run.logger.finish()
+    dist_utils.synchronize()
+    return run.exp_dir
+
+
+class Sampler:
+    """Fixed identities and sweep cameras for the sample grids, drawn without touching training RNGs."""
+
+    def __init__(self, opt, device, seed, resolution):
+        self.opt = opt
+        self.device = device
+        n = opt.training.val_n_sample
+        with isolated_rng(device, seed=seed + 12345):
+            self.z = torch.randn(n, opt.model.style_dim, device=device)
+            c = opt.camera
+            self.cams = generate_camera_params(resolution, device, batch=n, sweep=True, uniform=c.uniform,
+                                               azim_range=c.azim, elev_range=c.elev, fov_ang=c.fov,
+                                               dist_radius=c.dist_radius)[:4]
+        self.seed = seed
+
+    def identity_inputs(self, k):
+        views = slice(k * SAMPLE_VIEWS, (k + 1) * SAMPLE_VIEWS)
+        z = self.z[k:k + 1].expand(SAMPLE_VIEWS, -1)
+        return z, [c[views] for c in self.cams]
+
+    def mean_latent(self, g_ema):
+        with isolated_rng(self.device, seed=self.seed + 54321):
+            return g_ema.mean_latent(self.opt.inference.truncation_mean, self.device)

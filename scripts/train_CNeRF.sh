@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Stage 1: the compositional volume renderer at 64x64 (writes checkpoints/<expname>/<expname>_vol_renderer.pt).
 # Run from the repository root. DATASET is an LMDB made by prepare_data.py with sizes including 64 and masks.
+# The published recipe is configs/ffhq_stage1.yaml; flags after it override it.
 set -euo pipefail
 DATASET=${DATASET:-./datasets/FFHQ_lmdb}
 EXPNAME=${EXPNAME:-ffhq}
 
 case "${1:-multi}" in
-  multi)   # several GPUs (published launcher; torchrun --nproc_per_node 4 works the same way)
-    python -m torch.distributed.launch --nproc_per_node 4 train_CNeRF.py \
-      --expname "$EXPNAME" --dataset_path "$DATASET" --size 64 --batch 4 --chunk 4 ;;
-  single)  # one GPU
-    python train_CNeRF.py --expname "$EXPNAME" --dataset_path "$DATASET" --size 64 --batch 4 --chunk 4 ;;
+  multi)   # 4 GPUs, --batch 1 --chunk 1 each (published launcher; torchrun --nproc_per_node 4 works the same way)
+    python -m torch.distributed.launch --master_port 1234 --nproc_per_node 4 train_CNeRF.py \
+      --config configs/ffhq_stage1.yaml --expname "$EXPNAME" --dataset_path "$DATASET" ;;
+  single)  # one GPU, as published: --batch 4 --chunk 2
+    python train_CNeRF.py --config configs/ffhq_stage1.yaml --batch 4 --chunk 2 \
+      --expname "$EXPNAME" --dataset_path "$DATASET" ;;
   cpu)     # (on a busy machine OMP_NUM_THREADS=1 is often much faster)
            # a tiny CPU run (seconds per iteration): 16x16 rendering on a 16-px dataset
     python train_CNeRF.py --expname tiny --dataset_path "$DATASET" --device cpu --seed 0 \

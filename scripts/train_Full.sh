@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Stage 2: the StyleGAN2 decoder on the frozen stage-1 renderer (writes checkpoints/<expname>/<expname>_full_pipeline.pt).
 # Needs checkpoints/<expname>/<expname>_vol_renderer.pt from scripts/train_CNeRF.sh (or --pretrain_render_path).
-# DATASET must hold the output size (e.g. prepare_data.py --size 256,64) and masks.
+# DATASET must hold the output size (e.g. prepare_data.py --size 512,64) and masks.
+# The published recipe (--size 512, --batch 4 --chunk 4 on 4 GPUs) is configs/ffhq_stage2.yaml.
 set -euo pipefail
 DATASET=${DATASET:-./datasets/FFHQ_lmdb}
 EXPNAME=${EXPNAME:-ffhq}
 
 case "${1:-multi}" in
-  multi)   # several GPUs (published launcher; torchrun --nproc_per_node 4 works the same way)
-    python -m torch.distributed.launch --nproc_per_node 4 train_Full.py \
-      --expname "$EXPNAME" --dataset_path "$DATASET" --size 256 --batch 4 --chunk 4 ;;
-  single)  # one GPU
-    python train_Full.py --expname "$EXPNAME" --dataset_path "$DATASET" --size 256 --batch 4 --chunk 4 ;;
+  multi)   # 4 GPUs (published launcher; torchrun --nproc_per_node 4 works the same way)
+    python -m torch.distributed.launch --master_port 1234 --nproc_per_node 4 train_Full.py \
+      --config configs/ffhq_stage2.yaml --expname "$EXPNAME" --dataset_path "$DATASET" ;;
+  single)  # one GPU, the same per-GPU recipe
+    python train_Full.py --config configs/ffhq_stage2.yaml --expname "$EXPNAME" --dataset_path "$DATASET" ;;
   cpu)     # (on a busy machine OMP_NUM_THREADS=1 is often much faster)
            # a tiny CPU run after `scripts/train_CNeRF.sh cpu` (decoder 16 -> 32)
     python train_Full.py --expname tiny --dataset_path "$DATASET" --device cpu --seed 0 \

@@ -22,9 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import devices  # noqa: E402
 import distributed as dist_utils  # noqa: E402
 import train_CNeRF  # noqa: E402
 import train_Full  # noqa: E402
+import training_steps  # noqa: E402
 import training_utils as tu  # noqa: E402
 from checkpoint import load_checkpoint, load_generator  # noqa: E402
 from model import Generator  # noqa: E402
@@ -130,6 +132,21 @@ def test_stage1_writes_published_files_and_trains(stage1):
     assert tensors_equal(final["g_ema"], ckpt["g_ema"])
 
 
+def test_stage1_sphere_init_runs_with_the_gan_optimiser(stage1):
+    """The published sphere initialisation steps the generator's GAN optimiser, whose state carries on:
+    after 2 sphere-init steps and 2 iterations, Adam has counted 2 steps for the initial SDF network
+    (no gradient in GAN training), 4 for the mapping and 2 for the region generators."""
+    ckpt = load_checkpoint(stage1 / "exp" / "volume_renderer" / "models_0000001.pt")
+    opt = default_options(MODEL)
+    model_opt, renderer_opt = tu.model_options(opt)
+    names = [name for name, _ in Generator(model_opt, renderer_opt, full_pipeline=False).named_parameters()]
+    state = ckpt["g_optim"]["state"]
+    step = lambda name: int(state[names.index(name)]["step"])
+    assert step("renderer.init_network.sdf_linear.weight") == 2
+    assert step("style.0.weight") == 4 and step("renderer.network.0.sdf_linear.weight") == 2
+    assert ckpt["g_optim"]["param_groups"][0]["lr"] == 2e-5
+
+
 def test_stage1_sample_grid(stage1):
     samples = sorted((stage1 / "exp" / "volume_renderer" / "samples").glob("*.png"))
     assert [p.name for p in samples] == ["0000000.png", "0000001.png"]
@@ -159,7 +176,7 @@ def test_stage2_starts_from_stage1_and_keeps_the_renderer(stage2):
     assert ckpt["mean_path_length"] > 0 and np.isfinite(ckpt["mean_path_length"])
     # The final file loads strictly into a full generator at this configuration.
     opt = default_options(MODEL + ["--size", "16"])
-    model_opt, renderer_opt = train_CNeRF.model_options(opt)
+    model_opt, renderer_opt = tu.model_options(opt)
     g = Generator(model_opt, renderer_opt, ema=True, full_pipeline=True)
     load_generator(g, exp / "exp_full_pipeline.pt")
     assert torch.equal(g.state_dict()["decoder.conv1.conv.weight"], ckpt["g_ema"]["decoder.conv1.conv.weight"])
@@ -235,13 +252,13 @@ def test_non_finite_loss_stops_and_keeps_checkpoints(data, stage1, tmp_path, mon
     shutil.copytree(stage1 / "exp", ckdir / "exp")
     stage = ckdir / "exp" / "volume_renderer"
     before = {p.name: p.read_bytes() for p in stage.glob("*.pt")}
-    r1_image_and_mask = train_CNeRF.r1_image_and_mask
+    r1_image_and_mask = training_steps.r1_image_and_mask
 
     def nan_r1(*inputs, **options):  # the options refuse --r1_img nan, so the loss itself turns NaN
         r1, *rest = r1_image_and_mask(*inputs, **options)
         return (r1 * float("nan"), *rest)
 
-    monkeypatch.setattr(train_CNeRF, "r1_image_and_mask", nan_r1)
+    monkeypatch.setattr(training_steps, "r1_image_and_mask", nan_r1)
     with pytest.raises(SystemExit) as exit_info:
         train_CNeRF.main(args(data, ckdir, "exp", "--iter", 4, "--continue_training", "--ckpt", 1))
     message = str(exit_info.value.code)
@@ -314,20 +331,20 @@ def test_small_helpers():
     with pytest.raises(tu.NonFiniteLoss, match="iteration 7: g_gan=inf"):
         tu.check_finite({"d": torch.tensor(1.0), "g_gan": torch.tensor(float("inf"))}, 7)
     tu.check_finite({"d": torch.tensor(1.0), "x": 2.0}, 0)
-    assert tu.select_device("cpu") == torch.device("cpu")
+    assert devices.select_device("cpu") == torch.device("cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(tu.TrainingError, match="no cuda device is available"):
-            tu.select_device("cuda")
-        assert tu.select_device(None) == torch.device("cpu")
+        with pytest.raises(devices.UsageError, match="no cuda device is available"):
+            devices.select_device("cuda")
+        assert devices.select_device(None) == torch.device("cpu")
     assert dist_utils.reduce_loss_dict({"a": torch.tensor(2.0), "b": 3}) == {"a": 2.0, "b": 3.0}
     a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     weight, bias = a.weight.detach().clone(), a.bias.detach().clone()
     tu.accumulate(a, b, 0.25, prefixes=("bias",))
     assert torch.equal(a.weight, weight)  # outside the prefixes: untouched
     assert torch.allclose(a.bias, 0.25 * bias + 0.75 * b.bias.detach())
-    assert train_CNeRF.should_save(5, 9, 100, 5) and not train_CNeRF.should_save(6, 9, 100, 5)
-    assert train_CNeRF.should_save(9, 9, 100, 5) and train_CNeRF.should_save(200, 999, 100, 5)
-    assert not train_CNeRF.should_save(205, 999, 100, 5)
+    assert tu.should_save(5, 9, 100, 5) and not tu.should_save(6, 9, 100, 5)
+    assert tu.should_save(9, 9, 100, 5) and tu.should_save(200, 999, 100, 5)
+    assert not tu.should_save(205, 999, 100, 5)
 
 
 # ------------------------------------------------------------------------------- distributed
@@ -369,7 +386,7 @@ def test_two_ranks_on_cpu_gloo_both_stages(data, tmp_path):
     renderer = load_checkpoint(exp / "ddp_vol_renderer.pt")["g_ema"]
     assert all(torch.equal(ckpt2["g"][k], v) for k, v in renderer.items())
     opt = default_options(MODEL + ["--size", "16"])
-    model_opt, renderer_opt = train_CNeRF.model_options(opt)
+    model_opt, renderer_opt = tu.model_options(opt)
     load_generator(Generator(model_opt, renderer_opt, ema=True, full_pipeline=True), exp / "ddp_full_pipeline.pt")
     # Only rank 0 writes: one sample grid per sampled iteration, no stray files.
     assert sorted(p.name for p in (exp / "full_pipeline" / "samples").iterdir()) == ["0000000.png", "0000001.png"]
