@@ -16,7 +16,8 @@ GENERATOR_ENTRIES = ("g_ema", "g")
 # The options that fix a generator's architecture and what it was trained to render (its cameras). Final
 # checkpoints carry them as "config", so `--trained_ckpt FILE` alone rebuilds the model.
 ARCHITECTURE_OPTIONS = {
-    "model": ("size", "style_dim", "channel_multiplier", "lr_mapping", "renderer_spatial_output_dim", "n_wcode"),
+    "model": ("size", "style_dim", "channel_multiplier", "lr_mapping", "renderer_spatial_output_dim", "n_wcode",
+              "d_channel_scale"),
     "rendering": ("n_render", "depth", "width", "no_sdf", "no_z_normalize", "N_samples", "no_offset_sampling"),
     "camera": ("uniform", "azim", "elev", "fov", "dist_radius"),
 }

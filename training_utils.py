@@ -305,8 +305,6 @@ class WandbLogger:
     def __init__(self, enabled, project, name, config, directory, loss_log=None):
         self.run = None
         self.loss_log = loss_log if dist_utils.is_main_process() else None
-        if self.loss_log:
-            os.makedirs(os.path.dirname(os.path.abspath(self.loss_log)), exist_ok=True)
         if not enabled or not dist_utils.is_main_process():
             return
         try:
@@ -318,7 +316,8 @@ class WandbLogger:
         self.run = wandb.init(project=project, name=name, config=config, dir=directory, resume="allow")
 
     def log(self, values, step):
-        if self.loss_log:
+        if self.loss_log:  # its folder is made at the first record: a run that fails early writes nothing
+            os.makedirs(os.path.dirname(os.path.abspath(self.loss_log)), exist_ok=True)
             record = {"step": int(step), **{k: float(v) for k, v in values.items()}}
             with open(self.loss_log, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
@@ -400,6 +399,16 @@ def start_run(opt, stage, number, required_keys):
         for key in required_keys:
             if key not in run.ckpt:
                 raise CheckpointError(f"{run.resume_path}: not a stage-{number} training checkpoint (no '{key}' entry)")
+        if isinstance(run.ckpt.get("opt"), dict):
+            # The run's architecture (incl. --d_channel_scale) comes with the checkpoint: resuming needs no
+            # model flags, and a contradicting one is one clear line.
+            from checkpoint import apply_saved_config
+            from options import BaseOptions
+
+            parser = BaseOptions()
+            parser.initialize()
+            apply_saved_config(opt, run.ckpt["opt"], parser.parser.get_default, run.resume_path)
+            opt.model.n_render = opt.rendering.n_render
     return run
 
 

@@ -28,7 +28,7 @@ import train_CNeRF  # noqa: E402
 import train_Full  # noqa: E402
 import training_steps  # noqa: E402
 import training_utils as tu  # noqa: E402
-from checkpoint import load_checkpoint, load_generator  # noqa: E402
+from checkpoint import CheckpointError, load_checkpoint, load_generator  # noqa: E402
 from model import Generator  # noqa: E402
 from options import default_options  # noqa: E402
 
@@ -130,6 +130,12 @@ def test_stage1_writes_published_files_and_trains(stage1):
         assert torch.isfinite(value).all(), name
     final = load_checkpoint(exp / "exp_vol_renderer.pt")
     assert tensors_equal(final["g_ema"], ckpt["g_ema"])
+    assert final["config"]["model"]["renderer_spatial_output_dim"] == 8 and final["config"]["rendering"]["width"] == 32
+    # One loss record per iteration, for tools/plot_losses.py.
+    import json
+    records = [json.loads(line) for line in (stage / "losses.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1]
+    assert {"d", "sd", "g", "eikonal"} <= set(records[0]) and all(np.isfinite(v) for v in records[1].values())
 
 
 def test_stage1_sphere_init_runs_with_the_gan_optimiser(stage1):
@@ -210,6 +216,21 @@ def test_stage1_resume_is_exact(data, tmp_path):
     b = load_checkpoint(tmp_path / "b" / "exp" / "volume_renderer" / "models_0000003.pt")
     for key in ("g", "gd", "sd", "g_ema", "g_optim", "gd_optim", "sd_optim", "iter", "rng"):
         assert tensors_equal(a[key], b[key]), key
+
+
+def test_resume_takes_the_architecture_from_the_checkpoint(data, tmp_path):
+    """--d_channel_scale (and every model flag) is saved with the run: resuming needs none of them, and a
+    contradicting one stops with one line naming the flag and the checkpoint."""
+    train_CNeRF.train(args(data, tmp_path, "exp", "--iter", 1, "--d_channel_scale", 0.5, "--no_sphere_init"))
+    first = load_checkpoint(tmp_path / "exp" / "volume_renderer" / "models_0000000.pt")
+    assert first["gd"]["convs_img.0.conv.weight"].shape[0] == 200  # 400 published channels at 8x8, halved
+    resume = ["--dataset_path", str(data), "--checkpoints_dir", str(tmp_path), "--expname", "exp", *TRAIN,
+              "--iter", 2, "--continue_training", "--ckpt", 0]
+    train_CNeRF.train(list(map(str, resume)))  # no model flags at all
+    second = load_checkpoint(tmp_path / "exp" / "volume_renderer" / "models_0000001.pt")
+    assert second["iter"] == 1 and second["gd"]["convs_img.0.conv.weight"].shape[0] == 200
+    with pytest.raises(CheckpointError, match=r"--width 64: .*models_0000000.pt was trained with --width 32"):
+        train_CNeRF.train(list(map(str, resume + ["--width", 64])))
 
 
 def test_stage2_resume_is_exact(data, stage1, tmp_path):
