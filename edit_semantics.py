@@ -14,7 +14,8 @@ edited, so everything outside the chosen slots stays the source's. (The decoder'
 shared by all regions; taking the reference's would change the whole image, not the chosen regions.)
 
 Writes into --out_dir (default <results_dir>/edit):
-  edit_grid.png           rows: source, its seg, reference, its seg, edited, its seg; columns: views
+  edit_grid.png           rows: source, its seg, reference, its seg, edited, its seg, |Δ| edited vs source
+                          (mean absolute RGB change, black 0, white ≥ 0.5 of the [-1,1] range); columns: views
   edit_latents.pt         the edited codes + global style (inference_Full.py --latents FILE)
   interpolation.png/.pt   with --interpolate N: N steps from source to the full swap (+ .mp4 with --video)
   resample.png/.pt        with --resample K: K fresh codes for the chosen regions
@@ -110,7 +111,8 @@ def main(argv=None):
     render = lambda codes, styles: editing.render_identities(generator, codes, styles, locations, opt, mean, psi)
     rgb, seg = render(torch.cat([source, reference, edited]),
                       torch.cat([source_global, reference_global, source_global]))
-    grid = editing.image_grid(sum((rows_for(rgb[i], seg[i]) for i in range(3)), []))
+    delta_row = [editing.delta_image(rgb[2, v], rgb[0, v]) for v in range(rgb.shape[1])]
+    grid = editing.image_grid(sum((rows_for(rgb[i], seg[i]) for i in range(3)), []) + [delta_row])
 
     outputs = []  # (kind, path, payload) written together at the end: nothing half-written on errors
     out_dir = own.out_dir or os.path.join(opt.inference.results_dir, "edit")

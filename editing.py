@@ -336,6 +336,14 @@ def one_hot_regions(region_map, n_regions=NUM_REGIONS, size=None):
     return onehot
 
 
+def delta_image(edited, source):
+    """|Δ| map of two renders [3,H,W] in [-1,1]: the mean absolute RGB change per pixel as a grey
+    uint8 [H,W,3] image, 0 black and 0.5 or more white."""
+    delta = (edited.float() - source.float()).abs().mean(0)
+    grey = (delta.clamp(0, 0.5) / 0.5 * 255).round().to(torch.uint8).cpu().numpy()
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
 def image_grid(rows):
     """rows: lists of uint8 [H,W,3] images (all the same size) → one uint8 grid image."""
     return np.concatenate([np.concatenate(list(row), axis=1) for row in rows], axis=0)

@@ -222,14 +222,6 @@ class LRUCache:
 # ----------------------------------------------------------------------------------------- images
 
 
-def delta_image(edited, source):
-    """|Δ| map of two renders [3,H,W] in [-1,1]: the mean absolute RGB change per pixel as a grey
-    uint8 [H,W,3] image, 0 black and 0.5 or more white (the scale of tools/measure_editing.py)."""
-    delta = (edited.float() - source.float()).abs().mean(0)
-    grey = (delta.clamp(0, 0.5) / 0.5 * 255).round().to(torch.uint8).cpu().numpy()
-    return np.repeat(grey[..., None], 3, axis=-1)
-
-
 def png_bytes(image):
     """uint8 [H,W,3] → PNG file bytes."""
     from PIL import Image
@@ -404,7 +396,7 @@ class RegionEditor:
                 values[(id(cache), key)] = cache.put(key, value)
             (rgb, seg), (source_rgb, _), shape = [values[(id(cache), key)] for cache, key, _ in wanted]
             return {"images": {"image": gen.to_uint8(rgb), "seg": seg, "shape": shape,
-                               "delta": delta_image(rgb, source_rgb)},
+                               "delta": editing.delta_image(rgb, source_rgb)},
                     "seconds": time.perf_counter() - start, "cached": not todo}
 
     def _compute(self, jobs):

@@ -145,8 +145,8 @@ def test_edit_semantics_writes_grid_and_latents_that_round_trip(tiny, tmp_path):
     assert torch.equal(inter["codes"][0], codes[0]) and torch.equal(inter["codes"][-1], expected[0])
     assert load_latents(out / "resample_latents.pt", 32, NUM_REGIONS)["codes"].shape == (2, 18, 32)
 
-    # Grid: source, seg, reference, seg, edited, seg over 2 views; rows are what the codes render.
-    grid = split_grid(out / "edit_grid.png", 6, 2, 16)
+    # Grid: source, seg, reference, seg, edited, seg, |Δ| over 2 views; rows are what the codes render.
+    grid = split_grid(out / "edit_grid.png", 7, 2, 16)
     rgb, _ = editing.render_identities(generator, torch.cat([codes, expected]), torch.cat([styles, styles[:1]]),
                                        editing.edit_locations(opt, 2), opt, mean)
     pixels = gen.to_uint8(rgb)
@@ -154,6 +154,10 @@ def test_edit_semantics_writes_grid_and_latents_that_round_trip(tiny, tmp_path):
         for view in range(2):
             assert np.array_equal(grid[row][view], pixels[identity, view])
     assert not np.array_equal(grid[4][0], grid[0][0])  # the edit changed the picture
+    for view in range(2):  # the |Δ| row: grey mean |edited - source| per pixel, saturating at 0.5
+        delta = (rgb[2, view] - rgb[0, view]).abs().mean(0).clamp(0, 0.5) / 0.5 * 255
+        assert np.array_equal(grid[6][view][..., 0], delta.round().to(torch.uint8).numpy())
+        assert np.array_equal(grid[6][view][..., 0], grid[6][view][..., 2])
     split_grid(out / "interpolation.png", 6, 2, 16)
     split_grid(out / "resample.png", 4, 2, 16)
 
@@ -162,9 +166,10 @@ def test_edit_semantics_writes_grid_and_latents_that_round_trip(tiny, tmp_path):
     again = tmp_path / "again"
     edit_semantics.main(argv("--trained_ckpt", path, *RUN, "--source", out / "edit_latents.pt", "--reference", "8",
                          "--regions", "7,3", "--attribute", "texture", "--n_views", "2", "--out_dir", again))
-    grid2 = split_grid(again / "edit_grid.png", 6, 2, 16)
+    grid2 = split_grid(again / "edit_grid.png", 7, 2, 16)
     for view in range(2):
         assert np.array_equal(grid2[4][view], grid2[0][view]) and np.array_equal(grid2[5][view], grid2[1][view])
+        assert not grid2[6][view].any()  # nothing changed: a black |Δ| map
         assert np.array_equal(grid2[0][view], grid[4][view])
     assert torch.equal(load_latents(again / "edit_latents.pt")["codes"], expected)
 
