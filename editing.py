@@ -1,5 +1,5 @@
 """Semantic manipulation and inversion: the logic shared by edit_semantics.py, invert.py and
-tools/measure_editing.py.
+calc_metrics.py (evaluation.py).
 
 Codes are the generator's per-region codes [N, 2K, D] (already mapped and truncated once, as the
 inference script builds them by hand): code 2k is region k's shape code, 2k+1 its texture code.
@@ -8,7 +8,6 @@ renderer mean (a second time, as the published script does), the global style `s
 the decoder, fixed decoder noise. Editing only ever changes codes, so everything not edited renders
 exactly as before.
 """
-import math
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +15,7 @@ from tqdm import tqdm
 
 import generation as gen
 from camera import sweep_locations
+from metrics import psnr  # noqa: F401  (editing.psnr: the inversion tools' name for it)
 from regions import NUM_REGIONS
 
 ATTRIBUTES = ("shape", "texture", "both")
@@ -245,12 +245,6 @@ def invert(generator, target, mean_latent, truncation, camera_opt, target_seg=No
         rgb, seg, _, _ = render(generator, codes, styles_global, cam, mean_latent, truncation)
     return {"codes": codes.detach(), "styles_global": styles_global.detach(), "camera": location.detach(),
             "losses": losses, "rgb": rgb, "seg": seg}
-
-
-def psnr(a, b):
-    """PSNR in dB of two images in [-1, 1] (peak-to-peak 2)."""
-    mse = (a.double() - b.double()).pow(2).mean().item()
-    return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
 
 
 def one_hot_regions(region_map, n_regions=NUM_REGIONS, size=None):
