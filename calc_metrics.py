@@ -78,7 +78,7 @@ def add_arguments(group):
     group.add_argument("--parser", type=str, default="", help="face parser file (else one is trained on the LMDB)")
     group.add_argument("--parser_size", type=int, default=0,
                        help="input size of a TorchScript parser (default: the images' size)")
-    group.add_argument("--parser_epochs", type=int, default=12, help="epochs of a parser trained here")
+    group.add_argument("--parser_epochs", type=int, default=10, help="epochs of a parser trained here")
     group.add_argument("--n_pairs", type=int, default=20, help="identity pairs for locality")
     group.add_argument("--locality_attributes", type=str, default="texture,shape", help="swapped codes: texture, shape")
     group.add_argument("--min_area", type=float, default=0.01, help="smallest region area (fraction) locality counts")

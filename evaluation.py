@@ -51,7 +51,7 @@ class InceptionFeatures:
                                   f"Inception-v3 TorchScript file or torchvision inception_v3 state dict)")
         if face_parser.is_torchscript(self.path):
             try:
-                self.module = torch.jit.load(self.path, map_location="cpu").eval().to(device)
+                self.module = face_parser.load_torchscript(self.path).eval().to(device)
             except Exception as error:
                 raise EvaluationError(f"--inception {self.path}: not a loadable TorchScript file "
                                       f"({str(error).splitlines()[0][:150]})") from None

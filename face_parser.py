@@ -12,6 +12,7 @@ Saved parsers are checkpoint.save_checkpoint files holding tensors and plain val
 """
 import math
 import os
+import warnings
 import zipfile
 
 import numpy as np
@@ -46,7 +47,8 @@ class UNet(nn.Module):
     further level halves the size (2× max pool, two convs). The decoder goes back up with bilinear
     2× upsampling, concatenation of the level's skip and one conv; a full-resolution head sees the
     upsampled features next to the input RGB (so thin parts such as brows and eyes keep sharp
-    boundaries) and classifies with a 3×3 conv. The input side must be divisible by 2^levels.
+    boundaries) through one more conv before the 1×1 classifier. The input side must be divisible by
+    2^levels.
     """
 
     def __init__(self, widths=DEFAULT_WIDTHS, n_classes=NUM_REGIONS):
@@ -55,13 +57,23 @@ class UNet(nn.Module):
         if len(widths) < 2 or min(widths) < 1:
             raise ValueError(f"U-Net widths must be at least two positive numbers, got {widths}")
         self.widths, self.n_classes = widths, int(n_classes)
-        self.down = nn.ModuleList([nn.Sequential(conv(3, widths[0], stride=2), conv(widths[0], widths[0]))])
+        # Input: RGB and the pixel's (x, y) in [-1, 1], so where a part usually sits is learnt at once.
+        self.down = nn.ModuleList([nn.Sequential(conv(5, widths[0], stride=2), conv(widths[0], widths[0]))])
         for cin, cout in zip(widths[:-1], widths[1:]):
             self.down.append(nn.Sequential(nn.MaxPool2d(2), conv(cin, cout), conv(cout, cout)))
         self.up = nn.ModuleList(conv(widths[i] + widths[i + 1], widths[i]) for i in range(len(widths) - 1))
-        self.head = nn.Conv2d(widths[0] + 3, self.n_classes, 3, padding=1)
+        self.head = nn.Sequential(conv(widths[0] + 3, widths[0]), nn.Conv2d(widths[0], self.n_classes, 1))
+
+    @staticmethod
+    def with_coordinates(image):
+        batch, _, height, width = image.shape
+        ys = torch.linspace(-1, 1, height, device=image.device, dtype=image.dtype)
+        xs = torch.linspace(-1, 1, width, device=image.device, dtype=image.dtype)
+        grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij")).expand(batch, -1, -1, -1)
+        return torch.cat([image, grid], 1)
 
     def encode(self, x):
+        x = self.with_coordinates(x)
         skips = []
         for block in self.down:
             x = block(x)
@@ -139,6 +151,14 @@ def is_torchscript(path):
         return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
 
 
+def load_torchscript(path):
+    """torch.jit.load on the CPU, without its deprecation warning (TorchScript is how these published
+    parsers and detectors are distributed)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(path, map_location="cpu")
+
+
 def load_parser(path, device="cpu", size=None):
     """A Parser from a tools/train_parser.py file or a TorchScript module (19 or 9 output classes).
 
@@ -150,7 +170,7 @@ def load_parser(path, device="cpu", size=None):
         raise ParserError(f"parser file {path} not found")
     if is_torchscript(path):
         try:
-            module = torch.jit.load(path, map_location="cpu").eval().to(device)
+            module = load_torchscript(path).eval().to(device)
         except Exception as error:
             raise ParserError(f"{path}: not a loadable TorchScript parser ({str(error).splitlines()[0][:150]})") \
                 from None
@@ -241,7 +261,7 @@ def augment(images, labels, generator, shift):
     return images, labels
 
 
-def train(images, labels, widths=DEFAULT_WIDTHS, epochs=10, batch=32, lr=3e-3, seed=0, device="cpu",
+def train(images, labels, widths=DEFAULT_WIDTHS, epochs=10, batch=8, lr=3e-3, seed=0, device="cpu",
           shift=None, progress=True):
     """Train a U-Net on uint8 images [N,3,S,S] and region maps [N,S,S]: Adam, class-weighted cross-entropy,
     learning rate on a cosine schedule to 0, flips and small shifts. Returns the network in eval mode."""

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the face parser of calc_metrics.py on an LMDB's images and label maps.
 
-  python tools/train_parser.py --dataset_path LMDB --size S [--out parser.pt] [--epochs 12] [--batch 32]
+  python tools/train_parser.py --dataset_path LMDB --size S [--out parser.pt] [--epochs 10] [--batch 8]
       [--lr 0.003] [--widths 16,32,64,128] [--holdout 0.1] [--seed 0] [--device cpu]
 
 The LMDB (prepare_data.py --mask_path) must hold images and 19-class label maps at size S; the labels
@@ -32,8 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--dataset_path", required=True, help="LMDB with images and label maps (prepare_data.py --mask_path)")
     p.add_argument("--size", type=int, required=True, help="image size to train at (stored in the LMDB)")
     p.add_argument("--out", default="", help="parser file to write (default: parser_<size>.pt beside the LMDB)")
-    p.add_argument("--epochs", type=int, default=12, help="passes over the training images")
-    p.add_argument("--batch", type=int, default=32, help="images per step")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the training images")
+    p.add_argument("--batch", type=int, default=8, help="images per step (small batches learn faster per image here)")
     p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (cosine decay to 0)")
     p.add_argument("--widths", default=",".join(map(str, face_parser.DEFAULT_WIDTHS)),
                    help="U-Net widths per level, finest first")
