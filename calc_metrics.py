@@ -51,7 +51,6 @@ import tempfile
 import time
 
 import numpy as np
-import torch
 
 import editing
 import evaluation
@@ -60,7 +59,7 @@ import generation as gen
 import metrics
 from checkpoint import CheckpointError
 from dataset import MultiResolutionDataset
-from regions import NUM_REGIONS, REGION_NAMES
+from regions import REGION_NAMES
 
 METRICS = ("fid", "kid", "miou", "locality", "consistency", "inversion")
 
@@ -122,15 +121,14 @@ def open_dataset(path, size, masks, why):
         raise ValueError(f"{why}: {error}") from None
 
 
-def get_parser(own, opt, out_dir, device):
-    """The face parser: --parser, else one trained on the LMDB's label maps (cached in out_dir)."""
+def get_parser(own, dataset_path, size, out_dir, device):
+    """The face parser: --parser, else one trained on the LMDB's label maps at `size` (cached in out_dir)."""
     if own.parser:
         try:
             return face_parser.load_parser(own.parser, device, size=own.parser_size or None)
         except face_parser.ParserError as error:
             raise ValueError(f"--parser {error}") from None
-    size = opt.model.size
-    data = open_dataset(opt.dataset.dataset_path, size, True,
+    data = open_dataset(dataset_path, size, True,
                         "miou (and fid/kid without --inception) need a face parser: pass --parser FILE or an LMDB "
                         "with label maps to train one")
     cached = os.path.join(out_dir, "parser.pt")
@@ -256,7 +254,6 @@ def per_region(values):
 def main(argv=None):
     opt, own = gen.parse_options(argv, add_arguments, "calc_metrics")
     out_dir = own.out or os.path.join(opt.inference.results_dir, "metrics")
-    size = opt.model.size
     try:
         chosen = parse_metrics(own.metrics)
         attributes = check_settings(own, chosen)
@@ -264,6 +261,9 @@ def main(argv=None):
         extractor = None
         if own.inception and ("fid" in chosen or "kid" in chosen):
             extractor = evaluation.InceptionFeatures(own.inception, device)
+        # The model first: its output size (from the flags or the checkpoint) sets the data's size.
+        _, generator = gen.load_for_editing(opt, own.inference_samples)
+        size = generator.size
         need_parser = "miou" in chosen or (extractor is None and ("fid" in chosen or "kid" in chosen))
         data = None
         if "fid" in chosen or "kid" in chosen:
@@ -276,10 +276,9 @@ def main(argv=None):
             inversion_data = open_dataset(path, size, True, "inversion needs portraits with label maps")
             if len(inversion_data) < own.n_inversions:
                 raise ValueError(f"{path}: --n_inversions {own.n_inversions} but the LMDB holds {len(inversion_data)}")
-        parser = get_parser(own, opt, out_dir, device) if need_parser else None
+        parser = get_parser(own, opt.dataset.dataset_path, size, out_dir, device) if need_parser else None
         if extractor is None and ("fid" in chosen or "kid" in chosen):
             extractor = evaluation.ParserFeatures(parser)
-        _, generator = gen.load_for_editing(opt, own.inference_samples)
     except (ValueError, CheckpointError, face_parser.ParserError) as error:
         gen.fail(error)
 

@@ -349,3 +349,30 @@ def test_calc_metrics_bad_inputs_are_one_line(lmdbs, tmp_path):
     assert_one_line(run_main(*common, "--dataset_path", lmdbs["lmdb"], "--metrics", "kid", "--inception", not_inception),
                     str(not_inception), "inception_v3")
     assert not (tmp_path / "out").exists()
+
+
+class Detector(torch.nn.Module):
+    """Stands in for the StyleGAN2-ADA Inception TorchScript: called on uint8 images with return_features."""
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        if x.dtype != torch.uint8 or not return_features:
+            raise RuntimeError("expects uint8 images and return_features=True")
+        return x.float().mean((2, 3))
+
+
+def test_inception_files_load_from_local_files_only(tmp_path):
+    scripted = tmp_path / "detector.pt"
+    torch.jit.script(Detector()).save(str(scripted))
+    features = evaluation.InceptionFeatures(scripted, "cpu")
+    images = torch.full((2, 3, 8, 8), -1.0)
+    images[1] = 1.0
+    assert np.allclose(features(images), [[0, 0, 0], [255, 255, 255]])
+    import torchvision
+
+    state = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict()
+    path = tmp_path / "inception_v3.pt"
+    save_checkpoint(state, path)
+    del state
+    features = evaluation.InceptionFeatures(path, "cpu")
+    assert features(torch.zeros(1, 3, 16, 16)).shape == (1, 2048)  # the pool features, classifier dropped
+    path.unlink()
