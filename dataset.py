@@ -149,14 +149,17 @@ def process_item(img, label, flip, transform=None, nerf_resolution=64):
 class MultiResolutionDataset(data.Dataset):
     """(image, low-res image, 9-channel mask) items from an LMDB prepared by `prepare_data.py`.
 
+    masks=False opens an LMDB for its images alone (`load` then gives no label map; items need masks).
+
     Each item is flipped left-right with probability 1/2 (Python's `random`, which DataLoader seeds
     per worker); `get(index, flip)` gives an item with a chosen flip.
     Raises ValueError / FileNotFoundError with a one-line message when the path is not a prepared
     LMDB, the resolution is not stored, or masks are missing.
     """
 
-    def __init__(self, path, transform=None, resolution=256, nerf_resolution=64):
+    def __init__(self, path, transform=None, resolution=256, nerf_resolution=64, masks=True):
         self.path = str(path)
+        self.masks = bool(masks)
         self.transform = transform or default_transform()
         self.resolution = int(resolution)
         self.nerf_resolution = int(nerf_resolution)
@@ -180,7 +183,9 @@ class MultiResolutionDataset(data.Dataset):
             mask_keys = self._count_prefix(txn, f"mask-{self.resolution}-".encode())
 
         self.mask_dir = None
-        if mask_keys == 0:
+        if not self.masks:  # images only (e.g. FID statistics): masks are neither needed nor looked for
+            missing = []
+        elif mask_keys == 0:
             # No masks in the LMDB: fall back to the published .npy layout beside it.
             mask_dir = published_mask_dir(self.path, self.resolution)
             if not os.path.isfile(os.path.join(mask_dir, "00000.npy")):
@@ -239,7 +244,8 @@ class MultiResolutionDataset(data.Dataset):
         return self.length
 
     def load(self, index):
-        """The stored (PIL RGB image, [S, S] uint8 label map) for an index, unflipped."""
+        """The stored (PIL RGB image, [S, S] uint8 label map) for an index, unflipped; the label map is
+        None for a dataset opened with masks=False."""
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} images in {self.path}")
         with self._txn() as txn:
@@ -249,6 +255,8 @@ class MultiResolutionDataset(data.Dataset):
             raise ValueError(f"{self.path} has no key {image_key(self.resolution, index).decode()}")
         img = Image.open(BytesIO(img_bytes)).convert("RGB")
 
+        if not self.masks:
+            return img, None
         if self.mask_dir:
             npy = os.path.join(self.mask_dir, f"{index:05d}.npy")
             if not os.path.isfile(npy):

@@ -1,5 +1,5 @@
 """Semantic manipulation and inversion: the logic shared by edit_semantics.py, invert.py and
-tools/measure_editing.py.
+calc_metrics.py (evaluation.py).
 
 Codes are the generator's per-region codes [N, 2K, D] (already mapped and truncated once, as the
 inference script builds them by hand): code 2k is region k's shape code, 2k+1 its texture code.
@@ -9,7 +9,6 @@ the decoder, fixed decoder noise. Editing only ever changes codes, so everything
 exactly as before.
 """
 import io
-import math
 import os
 
 import numpy as np
@@ -19,6 +18,7 @@ from tqdm import tqdm
 
 import generation as gen
 from camera import sweep_locations
+from metrics import psnr  # noqa: F401  (editing.psnr: the inversion tools' name for it)
 from regions import CELEBAMASK_CLASSES, NUM_REGIONS, label19_to_regions
 
 ATTRIBUTES = ("shape", "texture", "both")
@@ -320,12 +320,6 @@ def load_mask(source, size, name=None):
     label_map = Image.fromarray(label_map[top:top + side, left:left + side].astype(np.uint8))
     label_map = np.asarray(label_map.resize((size, size), Image.NEAREST)).astype(np.int64)
     return torch.from_numpy(np.asarray(label19_to_regions(label_map), dtype=np.int64))
-
-
-def psnr(a, b):
-    """PSNR in dB of two images in [-1, 1] (peak-to-peak 2)."""
-    mse = (a.double() - b.double()).pow(2).mean().item()
-    return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
 
 
 def one_hot_regions(region_map, n_regions=NUM_REGIONS, size=None):
