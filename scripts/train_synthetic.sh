@@ -44,6 +44,14 @@ if [ -f "$out/lmdb/data.mdb" ]; then echo "done: $out/lmdb"
 else "$py" prepare_data.py --out_path "$out/lmdb" --n_worker 2 --size 64,32 \
     --mask_path "$out/portraits/masks" "$out/portraits/images"; fi
 
+step "held-out portraits for the inversion metric (20, seed 1: not in the training set)"
+if [ -f "$out/heldout_lmdb/data.mdb" ]; then echo "done: $out/heldout_lmdb"
+else
+  "$py" tools/synthetic_portraits.py --out "$out/heldout" --n 20 --size 128 --seed 1
+  "$py" prepare_data.py --out_path "$out/heldout_lmdb" --n_worker 2 --size 64,32 \
+      --mask_path "$out/heldout/masks" "$out/heldout/images"
+fi
+
 step "stage 1: volume renderer at 32x32"
 train_stage train_CNeRF.py configs/synthetic_stage1.yaml "$exp/volume_renderer" "$exp/synthetic_vol_renderer.pt"
 
@@ -52,7 +60,8 @@ train_stage train_Full.py configs/synthetic_stage2.yaml "$exp/full_pipeline" "$e
 
 step "face parser on the same data"
 if [ -f "$out/synthetic_parser.pt" ]; then echo "done: $out/synthetic_parser.pt"
-else "$py" tools/train_parser.py --dataset_path "$out/lmdb" --size 64 --seed 0 --out "$out/synthetic_parser.pt"; fi
+else "$py" tools/train_parser.py --dataset_path "$out/lmdb" --size 64 --seed 0 --max_images 2000 \
+    --out "$out/synthetic_parser.pt"; fi
 
 step "export the EMA generator (float16 on disk)"
 "$py" tools/export_generator.py "$exp/synthetic_full_pipeline.pt" "$out/synthetic_portraits.pt" --half
@@ -63,8 +72,9 @@ step "loss curves"
 
 step "evaluation"
 "$py" calc_metrics.py --trained_ckpt "$out/synthetic_portraits.pt" --dataset_path "$out/lmdb" \
-    --parser "$out/synthetic_parser.pt" --metrics fid,kid,miou,locality,consistency,inversion \
-    --n 500 --n_inversions 20 --seed 0 --out "$out/metrics"
+    --parser "$out/synthetic_parser.pt" --metrics fid,kid,miou,locality,consistency,inversion --seed 0 \
+    --n 500 --n_pairs 20 --n_consistency 20 --n_inversions 20 --inversion_dataset "$out/heldout_lmdb" \
+    --inversion_steps 100 --inference_samples 24 --out "$out/metrics"
 
 if [ "${SHIP:-0}" = 1 ]; then
   step "ship"
