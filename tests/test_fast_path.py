@@ -211,6 +211,25 @@ def test_bench_tool_prints_one_line():
     assert float(fields["min_s"]) <= float(fields["median_s"]) and float(fields["peak_rss_mib"]) > 0
 
 
+@pytest.mark.parametrize("workload", ["stage1_small", "stage2_small"])
+def test_bench_times_the_real_training_iterations(workload):
+    """stage1_small / stage2_small run the training scripts' own loops (on a tiny synthetic LMDB) and
+    time each iteration between EMA updates; shrunk here with --extra so that the test stays short."""
+    tiny = "--renderer_spatial_output_dim 8 --width 16 --style_dim 16 --N_samples 4 --batch 2 --chunk 1"
+    if workload == "stage2_small":
+        tiny += " --size 16"
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench.py"), workload, "--repeat", "2",
+                          "--d_channel_scale", "0.0625", f"--extra={tiny}"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{workload} median_s="), out.stdout
+    fields = dict(item.split("=") for item in lines[0].split()[1:])
+    assert {"median_s", "min_s", "mean_s", "peak_rss_mib", "threads"} <= set(fields)
+    assert float(fields["d_channel_scale"]) == 0.0625
+    assert 0 < float(fields["min_s"]) <= float(fields["median_s"]) and float(fields["peak_rss_mib"]) > 0
+
+
 def test_chunk_threads_give_the_serial_result_bit_for_bit(monkeypatch):
     """perf_utils.map_in_threads: two single-threaded workers render the same numbers as one serial
     loop, in order, and the caller's intra-op thread count is restored."""
