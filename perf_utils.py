@@ -6,6 +6,7 @@ touch (measured ~25× slower elementwise work here). `configure_allocator()` tel
 large blocks in the heap and not to trim freed memory, so buffers are reused like a caching
 allocator's. It is a no-op where glibc's mallopt is not available, and it never changes results.
 """
+import collections
 import concurrent.futures
 import ctypes
 import ctypes.util
@@ -51,14 +52,24 @@ def configure_allocator(enable=None):
     return _configured
 
 
-def render_threads_setting(default):
-    """CNERF_RENDER_THREADS from the environment (a positive integer), or `default` when unset."""
-    value = os.environ.get("CNERF_RENDER_THREADS", "").strip()
+def _env_integer(name, default, minimum, what):
+    value = os.environ.get(name, "").strip()
     if not value:
         return default
-    if not value.isdigit() or int(value) < 1:
-        raise SystemExit(f"error: environment variable CNERF_RENDER_THREADS={value!r} is not a positive integer")
+    if not value.isdigit() or int(value) < minimum:
+        raise SystemExit(f"error: environment variable {name}={value!r} is not {what}")
     return int(value)
+
+
+def render_threads_setting(default):
+    """CNERF_RENDER_THREADS from the environment (a positive integer), or `default` when unset."""
+    return _env_integer("CNERF_RENDER_THREADS", default, 1, "a positive integer")
+
+
+def keep_mib_setting(default):
+    """CNERF_KEEP_MIB from the environment (MiB, a non-negative integer), or `default` when unset:
+    the memory the fast renderer may spend keeping the forward pass's chunk graphs for backward."""
+    return _env_integer("CNERF_KEEP_MIB", default, 0, "a non-negative integer")
 
 
 def map_in_threads(fn, items, device):
@@ -71,17 +82,37 @@ def map_in_threads(fn, items, device):
     fn runs on worker threads: grad mode is per thread, so fn must set it itself.
     CNERF_RENDER_THREADS=1 in the environment turns this off (serial, OpenMP inside each kernel).
     """
+    return list(imap_in_threads(fn, items, device))
+
+
+def imap_in_threads(fn, items, device):
+    """map_in_threads as a generator: results come in order while later items are computed, with at
+    most two items per worker in flight (bounded memory when each result is large and is consumed,
+    e.g. summed, by the caller)."""
     items = list(items)
     threads = torch.get_num_threads()
     wanted = render_threads_setting(threads)
     workers = min(threads, wanted, len(items))
     if torch.device(device).type != "cpu" or workers < 2:
-        return [fn(item) for item in items]
+        for item in items:
+            yield fn(item)
+        return
     try:
         # set_num_threads(1) in a worker also lowers torch's process-wide default (and MKL's);
         # the caller's setting is restored below.
         with concurrent.futures.ThreadPoolExecutor(workers, initializer=torch.set_num_threads,
                                                    initargs=(1,)) as pool:
-            return list(pool.map(fn, items))
+            pending = collections.deque()
+            queue = iter(items)
+            for item in queue:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= 2 * workers:
+                    break
+            while pending:
+                result = pending.popleft().result()
+                for item in queue:
+                    pending.append(pool.submit(fn, item))
+                    break
+                yield result
     finally:
         torch.set_num_threads(threads)

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import volume_renderer
 from camera import generate_camera_params
 from losses import eikonal_loss
 from model import Generator
@@ -85,6 +86,65 @@ def test_stage1_outputs_and_parameter_gradients_match_reference():
     for name, g in grads_ref.items():
         assert g.abs().max() > 0 or name.startswith("renderer.init_network"), f"{name} has no gradient"
         _close(grads_fast[name], g, f"grad {name}")
+
+
+def test_kept_and_re_rendered_chunks_give_the_same_numbers_bit_for_bit(monkeypatch):
+    """Chunk graphs kept from the forward pass (lean: the reverse pass recomputed in backward), chunks
+    re-rendered in backward, and a mix of both give identical outputs and gradients, serially and
+    on two worker threads (gradients are added in chunk order either way)."""
+    g, _, opt = _pair(False, True, perturb=1.0, raw_noise_std=0.5)
+    g.renderer.render_path = "fast"
+    g.renderer.fast_points = g.renderer.fast_grad_points = 6 * 10  # 7 chunks of 10 rays per 8×8 image
+    one_chunk = 2.2 * 5 * 9 * 16 * 8 * 6 * 10 / 2 ** 20  # the renderer's estimate of a kept chunk (MiB)
+    cam = _camera(2)
+    z = torch.randn(2, opt.model.style_dim, dtype=torch.float64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    results = []
+    try:
+        for keep_mib, threads in ((0, "1"), (0, "2"), (3.5 * one_chunk, "2"), (2048, "1"), (2048, "2")):
+            g.renderer.fast_keep_mib = keep_mib
+            monkeypatch.setenv("CNERF_RENDER_THREADS", threads)
+            torch.manual_seed(7)  # same jitter and raw noise every time
+            results.append(_stage1_step(g, cam, z))
+    finally:
+        torch.set_num_threads(before)
+    (out0, grads0) = results[0]
+    assert len(grads0) > 100
+    for outs, grads in results[1:]:
+        for a, b in zip(outs, out0):
+            assert torch.equal(a, b)
+        assert set(grads) == set(grads0)
+        for name in grads0:
+            assert torch.equal(grads[name], grads0[name]), name
+
+
+def test_kept_chunk_count_follows_the_memory_budget(monkeypatch):
+    g, _, opt = _pair(False, True)
+    g.renderer.render_path = "fast"
+    g.renderer.fast_grad_points = 6 * 10
+    seen = []
+    original = volume_renderer._FastRender.forward
+
+    def spy(ctx, renderer, spec, *tensors):
+        seen.append(spec.keep)
+        return original(ctx, renderer, spec, *tensors)
+
+    monkeypatch.setattr(volume_renderer._FastRender, "forward", staticmethod(spy))
+    cam = _camera(1)
+    z = torch.randn(1, opt.model.style_dim, dtype=torch.float64)
+    one_chunk = 2.2 * 5 * 9 * 16 * 8 * 6 * 10 / 2 ** 20
+    for keep_mib, expected in ((None, 7), (0, 0), (2.5 * one_chunk, 2)):
+        g.renderer.fast_keep_mib = keep_mib
+        g([z], *cam, return_sdf=True, return_eikonal=True)
+        assert min(seen[-1], 7) == expected
+    g.renderer.fast_keep_mib = None
+    monkeypatch.setenv("CNERF_KEEP_MIB", "0")
+    g([z], *cam, return_sdf=True, return_eikonal=True)
+    assert seen[-1] == 0
+    monkeypatch.setenv("CNERF_KEEP_MIB", "lots")
+    with pytest.raises(SystemExit, match="CNERF_KEEP_MIB='lots' is not a non-negative integer"):
+        g([z], *cam, return_sdf=True, return_eikonal=True)
 
 
 def test_stage1_randomness_is_reused_when_re_rendering():
