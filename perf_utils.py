@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import os
 
+import numpy as np
 import torch
 
 _M_TRIM_THRESHOLD = -1
@@ -80,7 +81,8 @@ def map_in_threads(fn, items, device):
     7.1 s -> 6.7 s on 2 idle cores). Each item is computed exactly as it would be serially.
 
     fn runs on worker threads: grad mode is per thread, so fn must set it itself.
-    CNERF_RENDER_THREADS=1 in the environment turns this off (serial, OpenMP inside each kernel).
+    CNERF_RENDER_THREADS=1 in the environment turns this off (serial, OpenMP inside each kernel);
+    CNERF_RENDER_THREADS=N sets the number of workers (default: torch's intra-op thread count).
     """
     return list(imap_in_threads(fn, items, device))
 
@@ -91,8 +93,10 @@ def imap_in_threads(fn, items, device):
     e.g. summed, by the caller)."""
     items = list(items)
     threads = torch.get_num_threads()
-    wanted = render_threads_setting(threads)
-    workers = min(threads, wanted, len(items))
+    # CNERF_RENDER_THREADS may ask for more workers than intra-op threads: with OMP_NUM_THREADS=1
+    # (no OpenMP barriers in the convolutions, the safe setting on a shared CPU) and
+    # CNERF_RENDER_THREADS=2, the renderer still uses both cores.
+    workers = min(render_threads_setting(threads), len(items))
     if torch.device(device).type != "cpu" or workers < 2:
         for item in items:
             yield fn(item)
@@ -116,3 +120,33 @@ def imap_in_threads(fn, items, device):
                 yield result
     finally:
         torch.set_num_threads(threads)
+
+
+def _numpy_float32(t):
+    """The NumPy view of `t` when NumPy's sin/cos may stand in for torch's on it, else None."""
+    if t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad:
+        return t.numpy()
+    return None
+
+
+def sin_(t):
+    """sin in place, outside autograd graphs. On float32 CPU tensors NumPy's vectorised sin (2.4x
+    faster than torch's here: 0.32 vs 0.76 ms per 590k values on one core; both within about one
+    ulp of the exact value, so results differ from torch.sin only in the last bit of some values);
+    float64 and other devices use torch (bit-identical to torch.sin). NumPy releases the GIL, so
+    the chunk workers of map_in_threads run it in parallel."""
+    a = _numpy_float32(t)
+    if a is None:
+        return t.sin_()
+    np.sin(a, out=a)
+    return t
+
+
+def cos(t):
+    """cos into a new tensor, outside autograd graphs; float32 CPU through NumPy, as sin_."""
+    a = _numpy_float32(t)
+    if a is None:
+        return torch.cos(t)
+    out = torch.empty_like(t)
+    np.cos(a, out=out.numpy())
+    return out

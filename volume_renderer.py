@@ -153,8 +153,10 @@ class _SirenEikonal(torch.autograd.Function):
         for i in range(n_layers):
             if i:
                 a = torch.baddbmm(biases[i].unsqueeze(-1), weights[i], hs[-1])
-            cs.append(torch.cos(a))
-            hs.append(a.sin_())  # the pre-activation is not needed any more: sin in place (same values)
+            # Inside an autograd.Function's forward: no graph, so perf_utils' faster sin/cos apply;
+            # the pre-activation is not needed any more, so sin works in place.
+            cs.append(perf_utils.cos(a))
+            hs.append(perf_utils.sin_(a))
         del a
         deltas, us = _SirenEikonal._reverse(weights, w_sdf, cs)
         grad_x = torch.mm(weights[0].reshape(k * c, 3).t(), deltas[0].reshape(k * c, -1))
@@ -559,7 +561,7 @@ class VolumeFeatureRenderer(nn.Module):
         # Without a graph the pre-activation is dead after sin: overwrite it instead of allocating
         # another [K, C, P] buffer (less memory traffic on the CPU, same values).
         in_place = not (torch.is_grad_enabled() and (xt.requires_grad or any(w.requires_grad for w in weights)))
-        act = (lambda t: t.sin_()) if in_place else torch.sin
+        act = perf_utils.sin_ if in_place else torch.sin
         a = torch.addmm(biases[0].reshape(k * c, 1), weights[0].reshape(k * c, 3), xt).view(k, c, -1)
         h = act(a)
         tapped = h if tap == 1 else None
