@@ -6,11 +6,13 @@ touch (measured ~25× slower elementwise work here). `configure_allocator()` tel
 large blocks in the heap and not to trim freed memory, so buffers are reused like a caching
 allocator's. It is a no-op where glibc's mallopt is not available, and it never changes results.
 """
+import collections
 import concurrent.futures
 import ctypes
 import ctypes.util
 import os
 
+import numpy as np
 import torch
 
 _M_TRIM_THRESHOLD = -1
@@ -51,14 +53,24 @@ def configure_allocator(enable=None):
     return _configured
 
 
-def render_threads_setting(default):
-    """CNERF_RENDER_THREADS from the environment (a positive integer), or `default` when unset."""
-    value = os.environ.get("CNERF_RENDER_THREADS", "").strip()
+def _env_integer(name, default, minimum, what):
+    value = os.environ.get(name, "").strip()
     if not value:
         return default
-    if not value.isdigit() or int(value) < 1:
-        raise SystemExit(f"error: environment variable CNERF_RENDER_THREADS={value!r} is not a positive integer")
+    if not value.isdigit() or int(value) < minimum:
+        raise SystemExit(f"error: environment variable {name}={value!r} is not {what}")
     return int(value)
+
+
+def render_threads_setting(default):
+    """CNERF_RENDER_THREADS from the environment (a positive integer), or `default` when unset."""
+    return _env_integer("CNERF_RENDER_THREADS", default, 1, "a positive integer")
+
+
+def keep_mib_setting(default):
+    """CNERF_KEEP_MIB from the environment (MiB, a non-negative integer), or `default` when unset:
+    the memory the fast renderer may spend keeping the forward pass's chunk graphs for backward."""
+    return _env_integer("CNERF_KEEP_MIB", default, 0, "a non-negative integer")
 
 
 def map_in_threads(fn, items, device):
@@ -69,19 +81,72 @@ def map_in_threads(fn, items, device):
     7.1 s -> 6.7 s on 2 idle cores). Each item is computed exactly as it would be serially.
 
     fn runs on worker threads: grad mode is per thread, so fn must set it itself.
-    CNERF_RENDER_THREADS=1 in the environment turns this off (serial, OpenMP inside each kernel).
+    CNERF_RENDER_THREADS=1 in the environment turns this off (serial, OpenMP inside each kernel);
+    CNERF_RENDER_THREADS=N sets the number of workers (default: torch's intra-op thread count).
     """
+    return list(imap_in_threads(fn, items, device))
+
+
+def imap_in_threads(fn, items, device):
+    """map_in_threads as a generator: results come in order while later items are computed, with at
+    most two items per worker in flight (bounded memory when each result is large and is consumed,
+    e.g. summed, by the caller)."""
     items = list(items)
     threads = torch.get_num_threads()
-    wanted = render_threads_setting(threads)
-    workers = min(threads, wanted, len(items))
+    # CNERF_RENDER_THREADS may ask for more workers than intra-op threads: with OMP_NUM_THREADS=1
+    # (no OpenMP barriers in the convolutions, the safe setting on a shared CPU) and
+    # CNERF_RENDER_THREADS=2, the renderer still uses both cores.
+    workers = min(render_threads_setting(threads), len(items))
     if torch.device(device).type != "cpu" or workers < 2:
-        return [fn(item) for item in items]
+        for item in items:
+            yield fn(item)
+        return
     try:
         # set_num_threads(1) in a worker also lowers torch's process-wide default (and MKL's);
         # the caller's setting is restored below.
         with concurrent.futures.ThreadPoolExecutor(workers, initializer=torch.set_num_threads,
                                                    initargs=(1,)) as pool:
-            return list(pool.map(fn, items))
+            pending = collections.deque()
+            queue = iter(items)
+            for item in queue:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= 2 * workers:
+                    break
+            while pending:
+                result = pending.popleft().result()
+                for item in queue:
+                    pending.append(pool.submit(fn, item))
+                    break
+                yield result
     finally:
         torch.set_num_threads(threads)
+
+
+def _numpy_float32(t):
+    """The NumPy view of `t` when NumPy's sin/cos may stand in for torch's on it, else None."""
+    if t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad:
+        return t.numpy()
+    return None
+
+
+def sin_(t):
+    """sin in place, outside autograd graphs. On float32 CPU tensors NumPy's vectorised sin (2.4x
+    faster than torch's here: 0.32 vs 0.76 ms per 590k values on one core; both within about one
+    ulp of the exact value, so results differ from torch.sin only in the last bit of some values);
+    float64 and other devices use torch (bit-identical to torch.sin). NumPy releases the GIL, so
+    the chunk workers of map_in_threads run it in parallel."""
+    a = _numpy_float32(t)
+    if a is None:
+        return t.sin_()
+    np.sin(a, out=a)
+    return t
+
+
+def cos(t):
+    """cos into a new tensor, outside autograd graphs; float32 CPU through NumPy, as sin_."""
+    a = _numpy_float32(t)
+    if a is None:
+        return torch.cos(t)
+    out = torch.empty_like(t)
+    np.cos(a, out=out.numpy())
+    return out

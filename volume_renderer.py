@@ -123,32 +123,48 @@ def expand_codes(codes, depth=3, texture_depth=2):
 class _SirenEikonal(torch.autograd.Function):
     """SIREN trunk of K grouped MLPs plus the eikonal term, with a hand-written first-order backward.
 
-    forward(xt [3,P], tap, W_0..W_{L-1} [K,C,Cin], b_0..b_{L-1} [K,C], w_sdf [K,1,C]) returns
+    forward(xt [3,P], tap, lean, W_0..W_{L-1} [K,C,Cin], b_0..b_{L-1} [K,C], w_sdf [K,1,C]) returns
     (h after layer `tap`, h_L, g [3,P]) where g = ∂(Σ_k w_sdf,k·h_L,k)/∂x. Backward reuses the
     stored sin/cos (autograd's double backward would recompute them) and needs no second order.
+    `lean` stores only the sines and cosines and recomputes the reverse pass's δ and u in backward
+    with the forward's own operations (same values): 2L instead of 4L-1 saved [K,C,P] tensors, for
+    graphs that are kept from the forward pass until backward.
     """
 
     @staticmethod
-    def forward(ctx, xt, tap, *params):
-        n_layers = (len(params) - 1) // 2
-        weights, biases, w_sdf = params[:n_layers], params[n_layers:2 * n_layers], params[-1]
-        k, c = weights[0].shape[:2]
-        a = torch.addmm(biases[0].reshape(k * c, 1), weights[0].reshape(k * c, 3), xt).view(k, c, -1)
-        hs, cs = [torch.sin(a)], [torch.cos(a)]
-        for i in range(1, n_layers):
-            a = torch.baddbmm(biases[i].unsqueeze(-1), weights[i], hs[-1])
-            hs.append(torch.sin(a))
-            cs.append(torch.cos(a))
-        del a
+    def _reverse(weights, w_sdf, cs):
+        """The eikonal reverse pass: δ_{L-1} = w_sdf ⊙ cos_{L-1}; u_i = W_iᵀ δ_i; δ_{i-1} = u_i ⊙ cos_{i-1}."""
+        n_layers = len(weights)
         deltas = [None] * n_layers
         us = [None] * n_layers
         deltas[-1] = w_sdf[:, 0, :].unsqueeze(-1) * cs[-1]
         for i in range(n_layers - 1, 0, -1):
             us[i] = torch.bmm(weights[i].transpose(1, 2), deltas[i])
             deltas[i - 1] = us[i] * cs[i - 1]
+        return deltas, us
+
+    @staticmethod
+    def forward(ctx, xt, tap, lean, *params):
+        n_layers = (len(params) - 1) // 2
+        weights, biases, w_sdf = params[:n_layers], params[n_layers:2 * n_layers], params[-1]
+        k, c = weights[0].shape[:2]
+        a = torch.addmm(biases[0].reshape(k * c, 1), weights[0].reshape(k * c, 3), xt).view(k, c, -1)
+        hs, cs = [], []
+        for i in range(n_layers):
+            if i:
+                a = torch.baddbmm(biases[i].unsqueeze(-1), weights[i], hs[-1])
+            # Inside an autograd.Function's forward: no graph, so perf_utils' faster sin/cos apply;
+            # the pre-activation is not needed any more, so sin works in place.
+            cs.append(perf_utils.cos(a))
+            hs.append(perf_utils.sin_(a))
+        del a
+        deltas, us = _SirenEikonal._reverse(weights, w_sdf, cs)
         grad_x = torch.mm(weights[0].reshape(k * c, 3).t(), deltas[0].reshape(k * c, -1))
-        ctx.n_layers, ctx.tap = n_layers, tap
-        ctx.save_for_backward(xt, *params, *hs, *cs, *deltas, *us[1:])
+        ctx.n_layers, ctx.tap, ctx.lean = n_layers, tap, lean
+        if lean:
+            ctx.save_for_backward(xt, *params, *hs, *cs)
+        else:
+            ctx.save_for_backward(xt, *params, *hs, *cs, *deltas, *us[1:])
         return hs[tap - 1], hs[-1], grad_x
 
     @staticmethod
@@ -157,7 +173,13 @@ class _SirenEikonal(torch.autograd.Function):
         saved = ctx.saved_tensors
         xt, weights, w_sdf = saved[0], saved[1:1 + n], saved[2 * n + 1]
         rest = saved[2 * n + 2:]
-        hs, cs, deltas, us = rest[:n], rest[n:2 * n], rest[2 * n:3 * n], (None,) + tuple(rest[3 * n:])
+        hs, cs = rest[:n], rest[n:2 * n]
+        if g_x is None:
+            deltas = us = None
+        elif ctx.lean:
+            deltas, us = _SirenEikonal._reverse(weights, w_sdf, cs)
+        else:
+            deltas, us = rest[2 * n:3 * n], (None,) + tuple(rest[3 * n:])
         k, c, p = hs[0].shape
         g_w = [None] * n
         g_b = [None] * n
@@ -191,7 +213,7 @@ class _SirenEikonal(torch.autograd.Function):
             g_w[i] = g_w0 if g_w[i] is None else g_w[i] + g_w0
             g_b[i] = g_a.sum(-1)
             g_h = torch.bmm(weights[i].transpose(1, 2), g_a) if i > 0 else None
-        return (None, None, *g_w, *g_b, g_wsdf)
+        return (None, None, None, *g_w, *g_b, g_wsdf)
 
 
 class _FastSpec:
@@ -203,35 +225,57 @@ class _FastSpec:
 
 class _FastRender(torch.autograd.Function):
     """Renders without a graph; backward re-renders chunk by chunk and accumulates the gradients of
-    the folded weights, heads and sigmoid_beta (exact: the outputs are per-ray, chunks are disjoint)."""
+    the folded weights, heads and sigmoid_beta (exact: the outputs are per-ray, chunks are disjoint).
+
+    The first `spec.keep` chunks instead keep their graph from the forward pass (lean: sines and
+    cosines only, see _SirenEikonal), so backward does not render them a second time; spec.keep is
+    set by a memory budget (VolumeFeatureRenderer.fast_keep_mib). Backward goes through the chunks
+    on the CPU's worker threads (perf_utils.imap_in_threads) and adds their gradients in chunk
+    order, so the sums are those of a serial loop, bit for bit.
+    """
 
     @staticmethod
     def forward(ctx, renderer, spec, *tensors):
         ctx.renderer, ctx.spec = renderer, spec
-        ctx.save_for_backward(*tensors)
         ctx.set_materialize_grads(False)
-        return tuple(renderer._fast_all(spec, tensors, keep_sdf0=True))
+        needs = ctx.needs_input_grad[2:]
+        ctx.leaves = [t.detach().requires_grad_(need) for t, need in zip(tensors, needs)]
+        if spec.keep:
+            outs, ctx.kept = renderer._fast_all(spec, ctx.leaves, keep_sdf0=True, chunk=spec.grad_chunk,
+                                                keep=spec.keep)
+        else:
+            outs, ctx.kept = renderer._fast_all(spec, ctx.leaves, keep_sdf0=True), []
+        return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
-        renderer, spec = ctx.renderer, ctx.spec
-        tensors = ctx.saved_tensors
+        renderer, spec, leaves, kept = ctx.renderer, ctx.spec, ctx.leaves, ctx.kept
         needs = ctx.needs_input_grad[2:]
-        totals = [None] * len(tensors)
+        totals = [None] * len(leaves)
         wanted = [i for i, need in enumerate(needs) if need]
-        with torch.enable_grad():
-            inputs = [t.detach().requires_grad_(need) for t, need in zip(tensors, needs)]
-            for b, sl in renderer._fast_chunks(spec, spec.grad_chunk):
-                pairs = [(key, g[b, sl]) for key, g in zip(spec.keys, grads) if g is not None]
-                if not pairs or not wanted:
-                    continue
-                out = renderer._fast_chunk(spec, inputs, b, sl)
-                got = torch.autograd.grad([out[key] for key, _ in pairs], [inputs[i] for i in wanted],
-                                          [g for _, g in pairs], allow_unused=True)
-                for i, g in zip(wanted, got):
-                    if g is not None:
-                        totals[i] = g if totals[i] is None else totals[i] + g
-                del out, got
+
+        def chunk_grads(item):
+            j, (b, sl) = item
+            out = None
+            if j < len(kept):
+                out, kept[j] = kept[j], None  # this chunk's graph is freed by the grad call below
+            pairs = [(key, g[b, sl]) for key, g in zip(spec.keys, grads) if g is not None]
+            if not pairs or not wanted:
+                return None
+            with torch.enable_grad():  # grad mode is per thread
+                if out is None:
+                    out = renderer._fast_chunk(spec, leaves, b, sl)
+                return torch.autograd.grad([out[key] for key, _ in pairs], [leaves[i] for i in wanted],
+                                           [g for _, g in pairs], allow_unused=True)
+
+        items = enumerate(renderer._fast_chunks(spec, spec.grad_chunk))
+        for got in perf_utils.imap_in_threads(chunk_grads, items, spec.rays_o.device):
+            if got is None:
+                continue
+            for i, g in zip(wanted, got):
+                if g is not None:
+                    totals[i] = g if totals[i] is None else totals[i] + g
+        ctx.kept = ctx.leaves = None
         return (None, None, *totals)
 
 
@@ -265,6 +309,10 @@ class VolumeFeatureRenderer(nn.Module):
         # large enough to fill it. Set them to override.
         self.fast_points = opt.get("fast_points", None)
         self.fast_grad_points = opt.get("fast_grad_points", None)
+        # With gradients, chunk graphs are kept from the forward pass (instead of re-rendering the
+        # chunk in backward) up to this many MiB: by default 2048 on the CPU (CNERF_KEEP_MIB
+        # overrides), none on an accelerator (untested there). Set it to override.
+        self.fast_keep_mib = opt.get("fast_keep_mib", None)
 
         # Constant buffers are float32 values (converted by .double() like the published modules),
         # not part of the state dict.
@@ -513,7 +561,7 @@ class VolumeFeatureRenderer(nn.Module):
         # Without a graph the pre-activation is dead after sin: overwrite it instead of allocating
         # another [K, C, P] buffer (less memory traffic on the CPU, same values).
         in_place = not (torch.is_grad_enabled() and (xt.requires_grad or any(w.requires_grad for w in weights)))
-        act = (lambda t: t.sin_()) if in_place else torch.sin
+        act = perf_utils.sin_ if in_place else torch.sin
         a = torch.addmm(biases[0].reshape(k * c, 1), weights[0].reshape(k * c, 3), xt).view(k, c, -1)
         h = act(a)
         tapped = h if tap == 1 else None
@@ -530,8 +578,9 @@ class VolumeFeatureRenderer(nn.Module):
             for start in range(0, n_rays, chunk):
                 yield b, slice(start, start + chunk)
 
-    def _fast_chunk(self, spec, tensors, b, sl):
-        """Render rays `sl` of image `b`; returns {key: tensor [n, ...]} for spec.keys (and sdf0)."""
+    def _fast_chunk(self, spec, tensors, b, sl, lean=False):
+        """Render rays `sl` of image `b`; returns {key: tensor [n, ...]} for spec.keys (and sdf0).
+        `lean`: a graph built here is to be kept until backward (see _SirenEikonal)."""
         p = self._fast_unpack(tensors)
         rays_o, rays_d, viewdirs = spec.rays_o[b, sl], spec.rays_d[b, sl], spec.viewdirs[b, sl]
         z = spec.z[b, sl]
@@ -543,7 +592,7 @@ class VolumeFeatureRenderer(nn.Module):
         eikonal = "eikonal" in spec.keys
         weights_b = [w[b] for w in p["w"]]
         if eikonal:
-            h_shape, h, grad_x = _SirenEikonal.apply(xt, self.depth, *weights_b, *[v[b] for v in p["b"]],
+            h_shape, h, grad_x = _SirenEikonal.apply(xt, self.depth, lean, *weights_b, *[v[b] for v in p["b"]],
                                                      p["sdf_w"])
         else:
             h_shape, h = self._trunk(weights_b, [v[b] for v in p["b"]], xt, self.depth)
@@ -598,31 +647,38 @@ class VolumeFeatureRenderer(nn.Module):
         out["_sdf0"] = sdf0.reshape(n, s, 1)
         return out
 
-    def _fast_all(self, spec, tensors, keep_sdf0=False):
+    def _fast_all(self, spec, tensors, keep_sdf0=False, chunk=None, keep=0):
         """Every chunk without a graph, written into [B, N, ...] per key (sdf0 kept in spec if asked).
         Chunks write straight into the outputs: thousands of small per-chunk results kept alive
-        until a final concatenation fragmented the heap (measured: up to +400 MiB peak at 512 px)."""
+        until a final concatenation fragmented the heap (measured: up to +400 MiB peak at 512 px).
+        With `keep`, the first `keep` chunks are rendered with a (lean) graph instead, returned as
+        a list of their outputs: (outputs, kept graphs)."""
         keys = list(spec.keys) + (["_sdf0"] if keep_sdf0 else [])
-        chunks = list(self._fast_chunks(spec))
+        chunks = list(self._fast_chunks(spec, chunk))
         batch, n_rays = spec.rays_o.shape[:2]
         merged = {}
+        kept = [None] * min(keep, len(chunks))
         allocate = threading.Lock()
 
         def render(item):
-            b, sl = item
-            with torch.no_grad():  # grad mode is per thread
-                out = self._fast_chunk(spec, tensors, b, sl)
-                with allocate:
-                    for key in keys:
-                        if key not in merged:
-                            merged[key] = out[key].new_empty((batch, n_rays) + out[key].shape[1:])
+            j, (b, sl) = item
+            # grad mode is per thread
+            with (torch.enable_grad() if j < len(kept) else torch.no_grad()):
+                out = self._fast_chunk(spec, tensors, b, sl, lean=True)
+            with allocate:
                 for key in keys:
-                    merged[key][b, sl] = out[key]
+                    if key not in merged:
+                        merged[key] = out[key].new_empty((batch, n_rays) + out[key].shape[1:])
+            for key in keys:
+                merged[key][b, sl] = out[key].detach()
+            if j < len(kept):
+                kept[j] = out
 
-        perf_utils.map_in_threads(render, chunks, spec.rays_o.device)
+        perf_utils.map_in_threads(render, enumerate(chunks), spec.rays_o.device)
         if keep_sdf0:
             spec.sdf0 = merged.pop("_sdf0")
-        return [merged[key] for key in spec.keys]
+        outs = [merged[key] for key in spec.keys]
+        return (outs, kept) if keep else outs
 
     def _forward_fast(self, cam_poses, focal, near, far, styles, return_eikonal=False, return_sdf=None,
                       return_xyz=None, semantics=None, ray_chunk=None):
@@ -651,8 +707,16 @@ class VolumeFeatureRenderer(nn.Module):
         selected = None if region_weights is None else torch.nonzero(region_weights).flatten().tolist()
         spec = _FastSpec(rays_o=rays_o.detach(), rays_d=rays_d.detach(), viewdirs=viewdirs.detach(),
                          near=near_r.detach(), far=far_r.detach(), z=z, noise=noise, init=init,
-                         selected=selected, keys=keys, chunk=chunk, grad_chunk=grad_chunk, sdf0=None)
+                         selected=selected, keys=keys, chunk=chunk, grad_chunk=grad_chunk, sdf0=None, keep=0)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            keep_mib = self.fast_keep_mib
+            if keep_mib is None:
+                keep_mib = perf_utils.keep_mib_setting(2048) if on_cpu else 0
+            # A kept chunk holds about 2 [K, C, P] activations per trunk layer (sin and cos, or the
+            # pre-activation and sin without the eikonal term); +10 % for the heads' graph.
+            per_chunk = (2.2 * self.network[0].num_styles * self.n_render * self.width * z.element_size()
+                         * grad_chunk * self.N_samples)
+            spec.keep = int(keep_mib * 2 ** 20 // per_chunk)
             outs = _FastRender.apply(self, spec, *tensors)
         else:
             outs = self._fast_all(spec, tensors)

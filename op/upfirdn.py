@@ -24,17 +24,18 @@ def upfirdn2d_ref(input, kernel, up=1, down=1, pad=(0, 0)):
     x0, x1, y0, y1 = _parse_pad(pad)
     b, c, h, w = input.shape
     kh, kw = kernel.shape
-    x = input.reshape(b * c, 1, h, 1, w, 1)
-    # Zero insertion: up-1 zeros after each sample along both axes.
-    x = F.pad(x, [0, up - 1, 0, 0, 0, up - 1])
-    x = x.reshape(b * c, 1, h * up, w * up)
+    x = input
+    if up > 1:  # zero insertion: up-1 zeros after each sample along both axes
+        x = F.pad(x.reshape(b, c, h, 1, w, 1), [0, up - 1, 0, 0, 0, up - 1]).reshape(b, c, h * up, w * up)
     # Positive pads first, then crop for negative ones.
-    x = F.pad(x, [max(x0, 0), max(x1, 0), max(y0, 0), max(y1, 0)])
+    if max(x0, 0) or max(x1, 0) or max(y0, 0) or max(y1, 0):
+        x = F.pad(x, [max(x0, 0), max(x1, 0), max(y0, 0), max(y1, 0)])
     x = x[:, :, max(-y0, 0): x.shape[2] - max(-y1, 0), max(-x0, 0): x.shape[3] - max(-x1, 0)]
-    # conv2d is a correlation, so flip to get a true convolution; stride = keep every down-th.
-    weight = torch.flip(kernel, [0, 1]).reshape(1, 1, kh, kw).to(x.dtype)
-    x = F.conv2d(x, weight, stride=down)
-    return x.reshape(b, c, x.shape[2], x.shape[3])
+    # conv2d is a correlation, so flip to get a true convolution; stride = keep every down-th. One
+    # filter per channel (groups = channels): the CPU's depthwise kernels are 20-60x faster than a
+    # one-channel convolution over a [B*C, 1, H, W] batch, forward and backward (same values).
+    weight = torch.flip(kernel, [0, 1]).to(x.dtype).reshape(1, 1, kh, kw).expand(c, 1, kh, kw)
+    return F.conv2d(x, weight, stride=down, groups=c)
 
 
 def _grad_pad(kernel_shape, in_shape, out_shape, up, down, pad):

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import volume_renderer
 from camera import generate_camera_params
 from losses import eikonal_loss
 from model import Generator
@@ -85,6 +86,65 @@ def test_stage1_outputs_and_parameter_gradients_match_reference():
     for name, g in grads_ref.items():
         assert g.abs().max() > 0 or name.startswith("renderer.init_network"), f"{name} has no gradient"
         _close(grads_fast[name], g, f"grad {name}")
+
+
+def test_kept_and_re_rendered_chunks_give_the_same_numbers_bit_for_bit(monkeypatch):
+    """Chunk graphs kept from the forward pass (lean: the reverse pass recomputed in backward), chunks
+    re-rendered in backward, and a mix of both give identical outputs and gradients, serially and
+    on two worker threads (gradients are added in chunk order either way)."""
+    g, _, opt = _pair(False, True, perturb=1.0, raw_noise_std=0.5)
+    g.renderer.render_path = "fast"
+    g.renderer.fast_points = g.renderer.fast_grad_points = 6 * 10  # 7 chunks of 10 rays per 8×8 image
+    one_chunk = 2.2 * 5 * 9 * 16 * 8 * 6 * 10 / 2 ** 20  # the renderer's estimate of a kept chunk (MiB)
+    cam = _camera(2)
+    z = torch.randn(2, opt.model.style_dim, dtype=torch.float64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    results = []
+    try:
+        for keep_mib, threads in ((0, "1"), (0, "2"), (3.5 * one_chunk, "2"), (2048, "1"), (2048, "2")):
+            g.renderer.fast_keep_mib = keep_mib
+            monkeypatch.setenv("CNERF_RENDER_THREADS", threads)
+            torch.manual_seed(7)  # same jitter and raw noise every time
+            results.append(_stage1_step(g, cam, z))
+    finally:
+        torch.set_num_threads(before)
+    (out0, grads0) = results[0]
+    assert len(grads0) > 100
+    for outs, grads in results[1:]:
+        for a, b in zip(outs, out0):
+            assert torch.equal(a, b)
+        assert set(grads) == set(grads0)
+        for name in grads0:
+            assert torch.equal(grads[name], grads0[name]), name
+
+
+def test_kept_chunk_count_follows_the_memory_budget(monkeypatch):
+    g, _, opt = _pair(False, True)
+    g.renderer.render_path = "fast"
+    g.renderer.fast_grad_points = 6 * 10
+    seen = []
+    original = volume_renderer._FastRender.forward
+
+    def spy(ctx, renderer, spec, *tensors):
+        seen.append(spec.keep)
+        return original(ctx, renderer, spec, *tensors)
+
+    monkeypatch.setattr(volume_renderer._FastRender, "forward", staticmethod(spy))
+    cam = _camera(1)
+    z = torch.randn(1, opt.model.style_dim, dtype=torch.float64)
+    one_chunk = 2.2 * 5 * 9 * 16 * 8 * 6 * 10 / 2 ** 20
+    for keep_mib, expected in ((None, 7), (0, 0), (2.5 * one_chunk, 2)):
+        g.renderer.fast_keep_mib = keep_mib
+        g([z], *cam, return_sdf=True, return_eikonal=True)
+        assert min(seen[-1], 7) == expected
+    g.renderer.fast_keep_mib = None
+    monkeypatch.setenv("CNERF_KEEP_MIB", "0")
+    g([z], *cam, return_sdf=True, return_eikonal=True)
+    assert seen[-1] == 0
+    monkeypatch.setenv("CNERF_KEEP_MIB", "lots")
+    with pytest.raises(SystemExit, match="CNERF_KEEP_MIB='lots' is not a non-negative integer"):
+        g([z], *cam, return_sdf=True, return_eikonal=True)
 
 
 def test_stage1_randomness_is_reused_when_re_rendering():
@@ -209,6 +269,25 @@ def test_bench_tool_prints_one_line():
     fields = dict(item.split("=") for item in lines[0].split()[1:])
     assert set(fields) == {"median_s", "min_s", "peak_rss_mib", "threads"}
     assert float(fields["min_s"]) <= float(fields["median_s"]) and float(fields["peak_rss_mib"]) > 0
+
+
+@pytest.mark.parametrize("workload", ["stage1_small", "stage2_small"])
+def test_bench_times_the_real_training_iterations(workload):
+    """stage1_small / stage2_small run the training scripts' own loops (on a tiny synthetic LMDB) and
+    time each iteration between EMA updates; shrunk here with --extra so that the test stays short."""
+    tiny = "--renderer_spatial_output_dim 8 --width 16 --style_dim 16 --N_samples 4 --batch 2 --chunk 1"
+    if workload == "stage2_small":
+        tiny += " --size 16"
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench.py"), workload, "--repeat", "2",
+                          "--d_channel_scale", "0.0625", f"--extra={tiny}"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{workload} median_s="), out.stdout
+    fields = dict(item.split("=") for item in lines[0].split()[1:])
+    assert {"median_s", "min_s", "mean_s", "peak_rss_mib", "threads"} <= set(fields)
+    assert float(fields["d_channel_scale"]) == 0.0625
+    assert 0 < float(fields["min_s"]) <= float(fields["median_s"]) and float(fields["peak_rss_mib"]) > 0
 
 
 def test_chunk_threads_give_the_serial_result_bit_for_bit(monkeypatch):

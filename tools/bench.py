@@ -3,12 +3,34 @@
 
   python tools/bench.py infer512 [--repeat N] [--device cpu|cuda] [--batch B] [--render_path fast|reference]
   python tools/bench.py train64  [--repeat N] [--device cpu|cuda] [--batch B] [--render_path fast|reference]
+  python tools/bench.py stage1_small [--repeat N] [--device D] [--d_channel_scale S] [--ray_chunk N]
+  python tools/bench.py stage2_small [--repeat N] [--device D] [--d_channel_scale S]
 
 infer512: full Generator at size 512 (channel_multiplier 2, style_dim 256, width 128, 64×64 rendering,
           64 samples per ray), B images, no grad.
 train64:  stage-1 generator (full_pipeline=False) step, B images, 64×64, 24 samples: forward with
           return_sdf and return_eikonal, loss = mean(low-res image) + eikonal + minimal surface
           + mean(seg), backward.
+
+stage1_small / stage2_small (issue 11): one full iteration of the REAL training loops,
+          train_CNeRF.train / train_Full.train run through their command line on a tiny synthetic
+          LMDB (tools/synthetic_portraits.py + prepare_data.py in a temporary folder, removed
+          afterwards). Timing a copy of the loop could drift from what training does (the loops
+          change: lazy R1, chunked D losses); the real loop cannot. An iteration's time is the wall
+          time between consecutive calls of training_utils.accumulate (the EMA update, once per
+          iteration at its end), so it covers data loading, both D steps with R1, the G step and
+          the EMA. The first two iterations are not timed (warm-up; iteration 0 also writes a
+          sample grid and a checkpoint).
+  stage1_small: --renderer_spatial_output_dim 32 --size 32 --width 64 --style_dim 128 --N_samples 16
+          --batch 4 --chunk 4 (global D with R1 and viewpoint loss, semantic D with R1, G with
+          eikonal / minimal surface, EMA); no sphere initialisation.
+  stage2_small: the same renderer (random weights, frozen), --size 64 --channel_multiplier 1,
+          batch 4. Lazy R1 runs every 16 iterations and path-length regularisation every 4, so the
+          default --repeat 16 times one whole period: mean_s is the amortised cost per iteration,
+          median_s that of a plain iteration; path_s / r1_path_s are the extra cost over median_s of
+          an iteration with path-length regularisation / with both it and R1 (iteration 16).
+  Their --d_channel_scale is the training flag (default 1 = published widths); --extra passes more
+  training flags, e.g. --extra="--ray_chunk 64".
 
 One warm-up run, then --repeat timed runs; prints
   <workload> median_s=… min_s=… peak_rss_mib=… threads=… [peak_cuda_mib=…]
@@ -79,6 +101,90 @@ def make_step(workload, g, opt, device, batch):
     return step
 
 
+SMALL_FLAGS = ["--renderer_spatial_output_dim", "32", "--width", "64", "--style_dim", "128", "--N_samples", "16",
+               "--batch", "4", "--chunk", "4"]
+
+
+def small_dataset(folder):
+    """A tiny LMDB (8 synthetic portraits at 64, 32, 16 and 8 px, with masks) made by the project's own tools."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    portraits, lmdb_path = os.path.join(folder, "portraits"), os.path.join(folder, "lmdb")
+    for command in ([os.path.join(root, "tools", "synthetic_portraits.py"), "--out", portraits, "--n", "8",
+                     "--size", "64", "--seed", "0"],
+                    [os.path.join(root, "prepare_data.py"), "--out_path", lmdb_path, "--n_worker", "1",
+                     "--size", "64,32,16,8", "--mask_path", os.path.join(portraits, "masks"),
+                     os.path.join(portraits, "images")]):
+        subprocess.run([sys.executable] + command, check=True, stdout=subprocess.DEVNULL)
+    return lmdb_path
+
+
+def small_renderer(folder, extra):
+    """A stage-1 renderer file (random weights, {"g_ema": ...}) at the small configuration, for stage 2."""
+    from munch import Munch
+    from options import default_options
+    opt = default_options(SMALL_FLAGS + ["--size", "32"] + extra)
+    model_opt = Munch(opt.model, n_render=opt.rendering.n_render)
+    g = Generator(model_opt, Munch(opt.rendering), ema=True, full_pipeline=False)
+    path = os.path.join(folder, "renderer.pt")
+    torch.save({"g_ema": g.state_dict()}, path)
+    return path
+
+
+def time_small_training(workload, args):
+    """Run the real training loop of a stage for repeat + 2 iterations; per-iteration wall times."""
+    import shutil
+    import tempfile
+
+    import training_utils
+
+    folder = tempfile.mkdtemp(prefix=f"bench_{workload}_")
+    try:
+        lmdb_path = small_dataset(folder)
+        n_iter = args.repeat + 2
+        common = SMALL_FLAGS + ["--dataset_path", lmdb_path, "--checkpoints_dir", os.path.join(folder, "ckpt"),
+                                "--expname", "bench", "--device", args.device, "--seed", str(args.seed),
+                                "--iter", str(n_iter), "--sample_every", "1000000", "--save_every", "1000000",
+                                "--val_n_sample", "1", "--truncation_mean", "16", "--num_workers", "0",
+                                "--d_channel_scale", str(args.d_channel_scale)] + args.extra.split()
+        if workload == "stage1_small":
+            import train_CNeRF as stage
+            argv = common + ["--size", "32", "--no_sphere_init"]
+        else:
+            import train_Full as stage
+            argv = common + ["--size", "64", "--channel_multiplier", "1",
+                             "--pretrain_render_path", small_renderer(folder, args.extra.split())]
+        stamps = []
+        original = training_utils.accumulate
+        profiler = None
+
+        def timed_accumulate(*a, **k):
+            nonlocal profiler
+            result = original(*a, **k)
+            sync(args.device)
+            stamps.append(time.perf_counter())
+            if args.profile and len(stamps) == 2:  # profile the first timed iteration
+                profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                profiler.__enter__()
+            elif profiler is not None and len(stamps) == 3:
+                profiler.__exit__(None, None, None)
+                print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile))
+                profiler = None
+            return result
+
+        training_utils.accumulate = timed_accumulate
+        try:
+            stage.train(argv)
+        finally:
+            training_utils.accumulate = original
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    if len(stamps) != n_iter:
+        raise SystemExit(f"error: training_utils.accumulate ran {len(stamps)} times in {n_iter} iterations; "
+                         f"the timing hook needs it once per iteration")
+    return [b - a for a, b in zip(stamps[1:], stamps[2:])]
+
+
 def sync(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -86,8 +192,9 @@ def sync(device):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("workload", choices=["infer512", "train64"])
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("workload", choices=["infer512", "train64", "stage1_small", "stage2_small"])
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="timed runs (default 3; stage2_small: 16, one lazy-regularisation period)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--render_path", choices=["fast", "reference"], default="fast")
@@ -95,13 +202,38 @@ def main(argv=None):
     parser.add_argument("--res", type=int, default=None, help="rendering resolution (default 64)")
     parser.add_argument("--ray_chunk", type=int, default=None,
                         help="reference path: rays per chunk (0 = the whole image at once, like the published code)")
+    parser.add_argument("--d_channel_scale", type=float, default=1.0,
+                        help="stage1_small/stage2_small: discriminator width scale (the training flag)")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="stage1_small/stage2_small: print torch.profiler's top ROWS ops of the first timed iteration")
+    parser.add_argument("--extra", default="", help="stage1_small/stage2_small: more training flags")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.repeat is None:
+        args.repeat = 16 if args.workload == "stage2_small" else 3
     if args.repeat < 1 or args.batch < 1:
         parser.error("--repeat and --batch must be at least 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"error: --device {args.device}: CUDA is not available", file=sys.stderr)
         return 2
+
+    if args.workload in ("stage1_small", "stage2_small"):
+        times = time_small_training(args.workload, args)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        median = statistics.median(times)
+        line = (f"{args.workload} median_s={median:.3f} min_s={min(times):.3f} mean_s={statistics.mean(times):.3f}")
+        if args.workload == "stage2_small":
+            # Timed iterations are 2..repeat+1: path-length regularisation at multiples of 4, R1 at 16.
+            iters = range(2, 2 + len(times))
+            path = [t for i, t in zip(iters, times) if i % 4 == 0 and i % 16 != 0]
+            r1 = [t for i, t in zip(iters, times) if i % 16 == 0]
+            if path:
+                line += f" path_s={statistics.median(path) - median:.3f}"
+            if r1:
+                line += f" r1_path_s={statistics.median(r1) - median:.3f}"
+        print(line + f" peak_rss_mib={rss:.0f} threads={torch.get_num_threads()} "
+              f"d_channel_scale={args.d_channel_scale:g}")
+        return 0
 
     torch.manual_seed(args.seed)
     g, opt = build(args.workload, args.device, args.render_path, args.samples, args.res, args.ray_chunk)
