@@ -275,7 +275,7 @@ class _FastRender(torch.autograd.Function):
             for i, g in zip(wanted, got):
                 if g is not None:
                     totals[i] = g if totals[i] is None else totals[i] + g
-        ctx.kept = ctx.leaves = None
+        ctx.kept = []  # consumed; a second backward (retain_graph) re-renders every chunk
         return (None, None, *totals)
 
 

@@ -119,6 +119,22 @@ def test_kept_and_re_rendered_chunks_give_the_same_numbers_bit_for_bit(monkeypat
             assert torch.equal(grads[name], grads0[name]), name
 
 
+def test_second_backward_through_kept_chunks_re_renders_them():
+    """Kept chunk graphs are consumed by the first backward; with retain_graph a second backward
+    re-renders those chunks and gives the same gradients again."""
+    g, _, opt = _pair(False, True, perturb=0.0)
+    g.renderer.render_path = "fast"
+    g.renderer.fast_grad_points = 6 * 10
+    cam = _camera(1)
+    z = torch.randn(1, opt.model.style_dim, dtype=torch.float64)
+    _, thumb, sdf, eikonal, seg = g([z], *cam, return_sdf=True, return_eikonal=True)
+    loss = thumb.mean() + sum(eikonal_loss(eikonal, sdf, beta=100)) + seg.mean()
+    param = g.renderer.network[3].shape_linears[1].weight
+    first, = torch.autograd.grad(loss, [param], retain_graph=True)
+    second, = torch.autograd.grad(loss, [param])
+    assert first.abs().max() > 0 and torch.equal(first, second)
+
+
 def test_kept_chunk_count_follows_the_memory_budget(monkeypatch):
     g, _, opt = _pair(False, True)
     g.renderer.render_path = "fast"

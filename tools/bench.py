@@ -29,6 +29,8 @@ stage1_small / stage2_small (issue 11): one full iteration of the REAL training 
           default --repeat 16 times one whole period: mean_s is the amortised cost per iteration,
           median_s that of a plain iteration; path_s / r1_path_s are the extra cost over median_s of
           an iteration with path-length regularisation / with both it and R1 (iteration 16).
+  cpu_s is the median process CPU time per iteration (all threads): on a shared machine, with one
+  thread, it is what the iteration costs without the waiting (wall times there depend on the load).
   Their --d_channel_scale is the training flag (default 1 = published widths); --extra passes more
   training flags, e.g. --extra="--ray_chunk 64".
 
@@ -154,7 +156,7 @@ def time_small_training(workload, args):
             import train_Full as stage
             argv = common + ["--size", "64", "--channel_multiplier", "1",
                              "--pretrain_render_path", small_renderer(folder, args.extra.split())]
-        stamps = []
+        stamps, cpu_stamps = [], []
         original = training_utils.accumulate
         profiler = None
 
@@ -163,6 +165,7 @@ def time_small_training(workload, args):
             result = original(*a, **k)
             sync(args.device)
             stamps.append(time.perf_counter())
+            cpu_stamps.append(time.process_time())
             if args.profile and len(stamps) == 2:  # profile the first timed iteration
                 profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
                 profiler.__enter__()
@@ -182,7 +185,8 @@ def time_small_training(workload, args):
     if len(stamps) != n_iter:
         raise SystemExit(f"error: training_utils.accumulate ran {len(stamps)} times in {n_iter} iterations; "
                          f"the timing hook needs it once per iteration")
-    return [b - a for a, b in zip(stamps[1:], stamps[2:])]
+    return ([b - a for a, b in zip(stamps[1:], stamps[2:])],
+            [b - a for a, b in zip(cpu_stamps[1:], cpu_stamps[2:])])
 
 
 def sync(device):
@@ -218,10 +222,11 @@ def main(argv=None):
         return 2
 
     if args.workload in ("stage1_small", "stage2_small"):
-        times = time_small_training(args.workload, args)
+        times, cpu_times = time_small_training(args.workload, args)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         median = statistics.median(times)
-        line = (f"{args.workload} median_s={median:.3f} min_s={min(times):.3f} mean_s={statistics.mean(times):.3f}")
+        line = (f"{args.workload} median_s={median:.3f} min_s={min(times):.3f} mean_s={statistics.mean(times):.3f} "
+                f"cpu_s={statistics.median(cpu_times):.3f}")
         if args.workload == "stage2_small":
             # Timed iterations are 2..repeat+1: path-length regularisation at multiples of 4, R1 at 16.
             iters = range(2, 2 + len(times))
