@@ -16,7 +16,7 @@ py="$repo/.venv/bin/python"
 out="${DEMO_OUT:-demo_out}"
 export PYTHONUNBUFFERED=1
 # Two cores: one thread per process is faster than two on a machine doing anything else (BENCHMARKS.md).
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" CNERF_RENDER_THREADS="${CNERF_RENDER_THREADS:-2}"
 start=$SECONDS
 ckpts="$out/checkpoints"
 results="$out/results"
