@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import sys
-import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -23,6 +22,7 @@ from camera import generate_camera_params  # noqa: E402
 from losses import eikonal_loss  # noqa: E402
 from model import ComponentDualBranchDiscriminator, Discriminator, Generator, VolumeRenderDiscriminator  # noqa: E402
 from options import default_options  # noqa: E402
+from tools.reference_weights import fill_recipe  # noqa: E402
 
 TOLERANCE = {torch.float64: 1e-6, torch.float32: 2e-2}
 
@@ -54,28 +54,13 @@ def build_modules(config, eval_rendering=None, train_rendering=None):
     }
 
 
-def recipe_weights(module, stats, seed, name):
-    """Overwrite every state entry named in `stats` with the reference recipe's tensor."""
-    state = module.state_dict()
-    floating = {k for k, v in state.items() if v.is_floating_point() and not k.endswith(".kernel")}
-    missing, extra = sorted(set(stats) - set(state)), sorted(floating - set(stats))
-    if missing or extra:
-        raise SystemExit(f"{name}: keys differ from the vectors file (missing here: {missing[:5]}, "
-                         f"not in the file: {extra[:5]})")
-    for key, (mean, spread) in stats.items():
-        gen = torch.Generator().manual_seed((seed * 1000003 + zlib.crc32(key.encode())) % 2 ** 63)
-        value = (mean + spread * torch.randn(state[key].shape, generator=gen)).half().float()
-        state[key] = value
-    module.load_state_dict(state)
-
-
 def run_cases(vectors, dtype):
     config = vectors["config"]
     inputs = vectors["inputs"]
     modules = build_modules(config, eval_rendering={"static_viewdirs": True, "perturb": 0.0},
                             train_rendering={"perturb": 0.0})
     for name, module in modules.items():
-        recipe_weights(module, vectors["weight_stats"][name], vectors["weight_seed"], name)
+        fill_recipe(module, vectors["weight_stats"][name], vectors["weight_seed"], name)
         module.to(dtype)
     cast = lambda t: t.to(dtype)
     results = {}

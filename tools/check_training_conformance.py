@@ -31,6 +31,7 @@ import draws  # noqa: E402
 import training_steps as steps  # noqa: E402
 import training_utils as tu  # noqa: E402
 from options import BaseOptions  # noqa: E402
+from tools.reference_weights import fill_recipe  # noqa: E402
 
 TOLERANCE = {1: (1e-9, 1e-9), 2: (1e-6, 1e-4)}  # stage → (losses, fingerprints)
 # Items the check skips because the published code is at fault there: {(phase or step name, item): reason}.
@@ -176,20 +177,6 @@ class Replay(draws.Draws):
 
 
 # ------------------------------------------------------------------------------------------ the models
-
-
-def fill_recipe(module, stats, seed, name):
-    """The reference weight recipe (float32 values, then the caller converts to float64)."""
-    state = module.state_dict()
-    floating = {k for k, v in state.items() if v.is_floating_point() and not k.endswith(".kernel")}
-    missing, extra = sorted(set(stats) - set(state)), sorted(floating - set(stats))
-    if missing or extra:
-        raise SystemExit(f"error: {name}: keys differ from the vectors file (missing here: {missing[:5]}, "
-                         f"not in the file: {extra[:5]}): not the published architecture")
-    with torch.no_grad():
-        for key, (mean, spread) in stats.items():
-            gen = torch.Generator().manual_seed((seed * 1000003 + zlib.crc32(key.encode())) % 2 ** 63)
-            state[key].copy_((mean + spread * torch.randn(state[key].shape, generator=gen)).half().float())
 
 
 def options_for(case, render_path):
