@@ -26,7 +26,7 @@ import metrics  # noqa: E402
 from checkpoint import save_checkpoint  # noqa: E402
 from model import Generator  # noqa: E402
 from regions import REGION_NAMES  # noqa: E402
-from test_inference import make_sphere, tiny_options  # noqa: E402
+from test_inference import assert_one_line_error, make_sphere, tiny_options  # noqa: E402
 
 TINY = ["--size", "16", "--renderer_spatial_output_dim", "8", "--style_dim", "32", "--width", "32",
         "--N_samples", "8", "--channel_multiplier", "1", "--truncation_mean", "200"]
@@ -37,15 +37,6 @@ def run_script(script, *args, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CNERF_RENDER_THREADS="1")
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
                           cwd=str(ROOT), timeout=timeout, env=env)
-
-
-def assert_one_line_error(result, *needles):
-    assert result.returncode != 0, result.stdout + result.stderr
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: "), lines[0]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 # ----------------------------------------------------------------------------------- FID and KID
