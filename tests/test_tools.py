@@ -43,6 +43,7 @@ def test_log_keeps_last_record_of_a_resumed_step_and_plots(tmp_path):
     curves = plot_losses.read_log(str(log))
     assert list(curves["d"][0]) == [0, 1, 2] and list(curves["d"][1]) == [1.0, 0.5, 0.25]
     assert list(curves["g"][1]) == [2.0, 1.5, 1.0]
+    assert sorted(curves) == ["d", "g"]  # the step is the x axis, not a curve
     out = tmp_path / "curves.png"
     plot_losses.main([str(log), str(log), "--out", str(out), "--smooth", "2"])
     with Image.open(out) as image:

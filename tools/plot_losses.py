@@ -5,11 +5,12 @@
 
 Each input is the `losses.jsonl` a training stage appends to (one {"step": i, name: value, ...} object per
 iteration; a resumed run appends again from its resumed step, and the last value logged for a step wins).
-Every loss gets its own panel, one row per file: the raw values faint, a moving average (--smooth
+Every loss gets its own panel (rows of at most six per file): the raw values faint, a moving average (--smooth
 iterations) on top.
 """
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -18,6 +19,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+
+MAX_COLUMNS = 6  # panels per row; a log with more losses wraps onto further rows
 
 
 class LogError(ValueError):
@@ -35,7 +39,8 @@ def read_log(path):
                 continue
             try:
                 record = json.loads(line)
-                by_step[int(record.pop("step"))] = {k: float(v) for k, v in record.items()}
+                step = int(record.pop("step"))
+                by_step[step] = {k: float(v) for k, v in record.items()}
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise LogError(f"{path}:{number}: not a loss record ({line.strip()[:60]!r})") from None
     if not by_step:
@@ -59,23 +64,26 @@ def moving_average(values, window):
 
 def plot(logs, out, smooth=50, titles=None):
     """Write the curves of every log (a row each) to `out` (PNG, atomically)."""
-    rows = [read_log(path) for path in logs]
-    columns = max(len(curves) for curves in rows)
-    figure, axes = plt.subplots(len(rows), columns, figsize=(2.8 * columns, 2.4 * len(rows)), squeeze=False)
-    for r, curves in enumerate(rows):
+    logs_curves = [read_log(path) for path in logs]
+    columns = min(MAX_COLUMNS, max(len(curves) for curves in logs_curves))
+    rows_of = [math.ceil(len(curves) / columns) for curves in logs_curves]  # panel rows per log
+    figure, axes = plt.subplots(sum(rows_of), columns, figsize=(2.8 * columns, 2.4 * sum(rows_of)), squeeze=False)
+    first_row = 0
+    for r, curves in enumerate(logs_curves):
         title = titles[r] if titles else os.path.basename(os.path.dirname(os.path.abspath(logs[r])))
-        for c in range(columns):
-            axis = axes[r][c]
-            if c >= len(curves):
+        for index in range(rows_of[r] * columns):
+            axis = axes[first_row + index // columns][index % columns]
+            if index >= len(curves):
                 axis.axis("off")
                 continue
-            name = sorted(curves)[c]
+            name = sorted(curves)[index]
             steps, values = curves[name]
             axis.plot(steps, values, color="tab:blue", alpha=0.25, linewidth=0.6)
             axis.plot(steps, moving_average(values, smooth), color="tab:blue", linewidth=1.4)
             axis.set_title(f"{title}: {name}", fontsize=8)
             axis.tick_params(labelsize=7)
             axis.set_xlabel("iteration", fontsize=7)
+        first_row += rows_of[r]
     figure.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = f"{out}.tmp.png"
