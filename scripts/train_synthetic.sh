@@ -6,6 +6,7 @@
 #
 #   bash scripts/train_synthetic.sh                # everything under runs/synthetic (SYNTH_OUT to move it)
 #   SHIP=1 bash scripts/train_synthetic.sh         # also copy the results into checkpoints/
+#   SYNTH_N=40 SYNTH_TRAIN_ARGS="--iter 2 --sphere_init_iter 2" SYNTH_EVAL_ARGS="--n 4 ..." ...   # a dry run
 #
 # Recipe: configs/synthetic_stage1.yaml, configs/synthetic_stage2.yaml (4000 portraits, seed 0, 128 px drawn,
 # LMDB at 64 and 32 px). On a CPU shared with other work, OMP_NUM_THREADS=1 is much faster than 2.
@@ -25,7 +26,7 @@ mkdir -p "$out"
 step() { echo; echo "== $* ($(date +%H:%M:%S))"; }
 
 # The latest models_*.pt of a stage folder, or nothing.
-latest() { ls "$1"/models_*.pt 2>/dev/null | sort | tail -n 1; }
+latest() { { ls "$1"/models_*.pt 2>/dev/null || true; } | sort | tail -n 1; }
 
 # Train one stage: skip when its final file exists, resume from the latest checkpoint when there is one.
 train_stage() {
@@ -34,7 +35,9 @@ train_stage() {
   local resume=()
   local last; last="$(latest "$stage_dir")"
   if [ -n "$last" ]; then resume=(--continue_training --ckpt "$last"); echo "resuming from $last"; fi
-  "$py" "$script" --config "$config" --dataset_path "$out/lmdb" --checkpoints_dir "$ckpts" "${resume[@]}" "$@"
+  # shellcheck disable=SC2086  # SYNTH_TRAIN_ARGS is a list of flags
+  "$py" "$script" --config "$config" --dataset_path "$out/lmdb" --checkpoints_dir "$ckpts" "${resume[@]}" "$@" \
+      ${SYNTH_TRAIN_ARGS:-}
 }
 
 step "synthetic portraits ($n_portraits, seed 0)"
@@ -76,7 +79,7 @@ step "evaluation"
 "$py" calc_metrics.py --trained_ckpt "$out/synthetic_portraits.pt" --dataset_path "$out/lmdb" \
     --parser "$out/synthetic_parser.pt" --metrics fid,kid,miou,locality,consistency,inversion --seed 0 \
     --n 500 --n_pairs 20 --n_consistency 20 --n_inversions 20 --inversion_dataset "$out/heldout_lmdb" \
-    --inversion_steps 100 --inference_samples 24 --out "$out/metrics"
+    --inversion_steps 100 --inference_samples 24 --out "$out/metrics" ${SYNTH_EVAL_ARGS:-}
 
 if [ "${SHIP:-0}" = 1 ]; then
   step "ship"
