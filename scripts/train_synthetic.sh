@@ -65,7 +65,7 @@ train_stage train_Full.py configs/synthetic_stage2.yaml "$exp/full_pipeline" "$e
 
 step "face parser on the same data"
 if [ -f "$out/synthetic_parser.pt" ]; then echo "done: $out/synthetic_parser.pt"
-else "$py" tools/train_parser.py --dataset_path "$out/lmdb" --size 64 --seed 0 --max_images 2000 \
+else "$py" tools/train_parser.py --dataset_path "$out/lmdb" --size 64 --seed 0 --epochs 20 \
     --out "$out/synthetic_parser.pt"; fi
 
 step "export the EMA generator (float16 on disk)"
