@@ -18,7 +18,6 @@ from tqdm import tqdm
 
 import generation as gen
 from camera import sweep_locations
-from metrics import psnr  # noqa: F401  (editing.psnr: the inversion tools' name for it)
 from regions import CELEBAMASK_CLASSES, NUM_REGIONS, label19_to_regions
 
 ATTRIBUTES = ("shape", "texture", "both")

@@ -27,6 +27,7 @@ import numpy as np
 
 import editing
 import generation as gen
+import metrics
 from checkpoint import CheckpointError, load_checkpoint
 from latents import save_latents
 from editing import load_image, load_mask
@@ -111,7 +112,7 @@ def main(argv=None):
     save_latents(latent_path, result["codes"], result["styles_global"], truncated=True, camera=result["camera"],
                  note=f"invert {own.image}: {own.steps} steps, psi {psi}, camera azim {azim:.4f} elev {elev:.4f}")
     print(f"loss {result['losses'][0]:.5f} -> {result['losses'][-1]:.5f}; "
-          f"PSNR {editing.psnr(result['rgb'], target):.2f} dB; camera azim {azim:.4f} elev {elev:.4f}")
+          f"PSNR {metrics.psnr(result['rgb'], target):.2f} dB; camera azim {azim:.4f} elev {elev:.4f}")
     print(image_path)
     print(latent_path)
 

@@ -32,6 +32,7 @@ import torch
 import devices
 import editing
 import generation as gen
+import metrics
 import perf_utils
 from latents import LatentFileError, load_latents, save_latents
 from mesh_utils import MeshError, depth_mesh, shade_mesh
@@ -482,7 +483,7 @@ class RegionEditor:
             job["identity"] = self._add_identity(Identity(result["codes"], result["styles_global"], job["label"],
                                                           camera))
             job["camera"] = camera
-            job["psnr"] = editing.psnr(result["rgb"], target)
+            job["psnr"] = metrics.psnr(result["rgb"], target)
         except Exception as error:  # shown in the page; the server keeps serving
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             job["error"] = f"inversion failed: {first}"

@@ -14,6 +14,7 @@ if str(ROOT) not in sys.path:
 
 import editing  # noqa: E402
 import generation as gen  # noqa: E402
+import metrics  # noqa: E402
 from checkpoint import save_checkpoint  # noqa: E402
 from latents import LatentFileError, load_latents, save_latents  # noqa: E402
 from model import Generator  # noqa: E402
@@ -209,7 +210,7 @@ def test_inversion_of_a_generated_image_lowers_the_loss_by_a_large_factor(tiny):
     with torch.no_grad():  # where the inversion started: the mean latent, frontal camera
         start = editing.render(generator, mean[0].view(1, 1, -1).repeat(1, 18, 1), mean[0],
                                gen.cameras(8, torch.zeros(1, 2), opt.camera, "cpu"), mean, 0.7)[0]
-    assert editing.psnr(result["rgb"], target) > editing.psnr(start, target) + 6
+    assert metrics.psnr(result["rgb"], target) > metrics.psnr(start, target) + 6
     # Only the variables moved: the generator's weights are untouched.
     assert all(torch.equal(v, weights[k]) for k, v in generator.state_dict().items())
 
