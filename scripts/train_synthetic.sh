@@ -28,10 +28,23 @@ step() { echo; echo "== $* ($(date +%H:%M:%S))"; }
 # The latest models_*.pt of a stage folder, or nothing.
 latest() { { ls "$1"/models_*.pt 2>/dev/null || true; } | sort | tail -n 1; }
 
-# Train one stage: skip when its final file exists, resume from the latest checkpoint when there is one.
+# The iteration count a config asks for (its `iter:` line).
+config_iter() { sed -n 's/^iter: *\([0-9]*\).*/\1/p' "$1"; }
+
+# The iteration of a checkpoint models_NNNNNNN.pt (-1 for none).
+ckpt_iter() { if [ -n "$1" ]; then basename "$1" .pt | sed 's/^models_0*\([0-9]\)/\1/'; else echo -1; fi; }
+
+# Whether a stage has reached its config's iteration count (its last checkpoint is iteration iter-1).
+stage_complete() {
+  local final="$1" stage_dir="$2" config="$3"
+  [ -f "$final" ] && [ "$(ckpt_iter "$(latest "$stage_dir")")" -ge $(( $(config_iter "$config") - 1 )) ]
+}
+
+# Train one stage: skip when complete, resume from the latest checkpoint when there is one (also after
+# its config's `iter` was raised: training continues to the new count and rewrites the final file).
 train_stage() {
   local script="$1" config="$2" stage_dir="$3" final="$4"; shift 4
-  if [ -f "$final" ]; then echo "done: $final"; return; fi
+  if stage_complete "$final" "$stage_dir" "$config"; then echo "done: $final"; return; fi
   local resume=()
   local last; last="$(latest "$stage_dir")"
   if [ -n "$last" ]; then resume=(--continue_training --ckpt "$last"); echo "resuming from $last"; fi
@@ -58,6 +71,14 @@ else
 fi
 
 step "stage 1: volume renderer at 32x32"
+if ! stage_complete "$exp/synthetic_vol_renderer.pt" "$exp/volume_renderer" configs/synthetic_stage1.yaml \
+   && [ -d "$exp/full_pipeline" ]; then
+  # stage 2 was trained on an earlier stage 1: keep it aside, stage 2 starts again from the new renderer
+  stale="$exp/full_pipeline_on_stage1_$(ckpt_iter "$(latest "$exp/volume_renderer")")"
+  mv "$exp/full_pipeline" "$stale"
+  if [ -f "$exp/synthetic_full_pipeline.pt" ]; then mv "$exp/synthetic_full_pipeline.pt" "$stale/"; fi
+  echo "stage 2 of the earlier stage 1 moved to $stale"
+fi
 train_stage train_CNeRF.py configs/synthetic_stage1.yaml "$exp/volume_renderer" "$exp/synthetic_vol_renderer.pt"
 
 step "stage 2: decoder to 64 px"
