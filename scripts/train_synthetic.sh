@@ -29,20 +29,24 @@ step() { echo; echo "== $* ($(date +%H:%M:%S))"; }
 # The latest models_*.pt of a stage folder, or nothing.
 latest() { { ls "$1"/models_*.pt 2>/dev/null || true; } | sort | tail -n 1; }
 
-# The iteration count a config asks for (its `iter:` line).
-config_iter() { sed -n 's/^iter: *\([0-9]*\).*/\1/p' "$1"; }
+# The iteration count a stage trains to: a `--iter N` in SYNTH_TRAIN_ARGS (as on the training scripts'
+# command line, it overrides the config), else its config's `iter:` line.
+target_iter() {
+  local flag; flag="$(sed -n 's/.*--iter[ =]\([0-9][0-9]*\).*/\1/p' <<< "${SYNTH_TRAIN_ARGS:-}")"
+  if [ -n "$flag" ]; then echo "$flag"; else sed -n 's/^iter: *\([0-9]*\).*/\1/p' "$1"; fi
+}
 
 # The iteration of a checkpoint models_NNNNNNN.pt (-1 for none).
 ckpt_iter() { if [ -n "$1" ]; then basename "$1" .pt | sed 's/^models_0*\([0-9]\)/\1/'; else echo -1; fi; }
 
-# Whether a stage has reached its config's iteration count (its last checkpoint is iteration iter-1).
+# Whether a stage has reached its iteration count (its last checkpoint is iteration count-1).
 stage_complete() {
   local final="$1" stage_dir="$2" config="$3"
-  [ -f "$final" ] && [ "$(ckpt_iter "$(latest "$stage_dir")")" -ge $(( $(config_iter "$config") - 1 )) ]
+  [ -f "$final" ] && [ "$(ckpt_iter "$(latest "$stage_dir")")" -ge $(( $(target_iter "$config") - 1 )) ]
 }
 
 # Train one stage: skip when complete, resume from the latest checkpoint when there is one (also after
-# its config's `iter` was raised: training continues to the new count and rewrites the final file).
+# its iteration count was raised: training continues to the new count and rewrites the final file).
 train_stage() {
   local script="$1" config="$2" stage_dir="$3" final="$4"; shift 4
   if stage_complete "$final" "$stage_dir" "$config"; then echo "done: $final"; return; fi
@@ -98,13 +102,14 @@ step "loss curves"
     "$exp/volume_renderer/losses.jsonl" "$exp/full_pipeline/losses.jsonl"
 
 step "evaluation (two processes, one per core: the inversions take longest)"
-# shellcheck disable=SC2086  # SYNTH_EVAL_ARGS is a list of flags
 eval_common=(--trained_ckpt "$out/synthetic_portraits.pt" --dataset_path "$out/lmdb" --parser "$out/synthetic_parser.pt"
              --seed 0 --inference_samples 24)
+# shellcheck disable=SC2086  # SYNTH_EVAL_ARGS is a list of flags
 "$py" calc_metrics.py "${eval_common[@]}" --metrics inversion --n_inversions 20 \
     --inversion_dataset "$out/heldout_lmdb" --inversion_steps 40 --out "$out/metrics_inversion" ${SYNTH_EVAL_ARGS:-} \
     > "$out/metrics_inversion.log" 2>&1 &
 inversion_pid=$!
+# shellcheck disable=SC2086
 "$py" calc_metrics.py "${eval_common[@]}" --metrics fid,kid,miou,locality,consistency --n 500 --n_pairs 20 \
     --n_consistency 20 --out "$out/metrics" ${SYNTH_EVAL_ARGS:-}
 wait "$inversion_pid" || { echo "inversion metric failed: see $out/metrics_inversion.log"; exit 1; }

@@ -58,12 +58,12 @@ def make_run(tmp_path, stage1_last, stage2_last):
     return out, exp
 
 
-def run_script(tmp_path, out):
+def run_script(tmp_path, out, **extra_env):
     stand_in = tmp_path / "python"
     stand_in.write_text(STAND_IN)
     stand_in.chmod(stand_in.stat().st_mode | stat.S_IEXEC)
     calls = tmp_path / "calls.txt"
-    env = dict(os.environ, SYNTH_PYTHON=str(stand_in), SYNTH_OUT=str(out), SYNTH_N="3", CALLS=str(calls))
+    env = dict(os.environ, SYNTH_PYTHON=str(stand_in), SYNTH_OUT=str(out), SYNTH_N="3", CALLS=str(calls), **extra_env)
     result = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     return calls.read_text().splitlines(), result.stdout
@@ -102,3 +102,11 @@ def test_interrupted_stage2_resumes_from_its_latest_checkpoint(tmp_path):
     stage2 = [call for call in calls if call.startswith("train_Full.py")]
     assert len(stage2) == 1 and f"--ckpt {exp}/full_pipeline/models_0000200.pt" in stage2[0]
     assert (exp / "full_pipeline").is_dir() and not list(exp.glob("full_pipeline_on_stage1_*"))
+
+
+def test_iter_in_synth_train_args_is_the_target(tmp_path):
+    """A dry run (SYNTH_TRAIN_ARGS="--iter N ...") run again is complete at N, as its training scripts are."""
+    out, exp = make_run(tmp_path, 4, 4)
+    calls, stdout = run_script(tmp_path, out, SYNTH_TRAIN_ARGS="--iter 5 --sphere_init_iter 2")
+    assert not any(call.startswith(("train_CNeRF.py", "train_Full.py")) for call in calls)
+    assert (exp / "full_pipeline").is_dir() and "moved to" not in stdout
