@@ -53,10 +53,10 @@ import time
 import numpy as np
 
 import devices
-import editing
 import evaluation
 import face_parser
 import generation as gen
+import imaging
 import metrics
 from checkpoint import CheckpointError
 from dataset import MultiResolutionDataset
@@ -326,10 +326,10 @@ def main(argv=None):
                                "parser": parser.label, "parser_ceiling": held.get("miou"),
                                "parser_ceiling_per_region": per_region(held["iou"]) if held.get("iou") else None}
         kept = samples["kept"]
-        rows = [[gen.to_uint8(x) for x in kept["rgb"]], [gen.seg_row_image(s[None]) for s in kept["seg"]]]
+        rows = [[imaging.to_uint8(x) for x in kept["rgb"]], [imaging.seg_row_image(s[None]) for s in kept["seg"]]]
         if kept["parsed"]:
-            rows.append([gen.seg_row_image(s[None]) for s in kept["parsed"]])
-        gen.save_image(os.path.join(out_dir, "samples.png"), editing.image_grid(rows))
+            rows.append([imaging.seg_row_image(s[None]) for s in kept["parsed"]])
+        imaging.save_image(os.path.join(out_dir, "samples.png"), imaging.image_grid(rows))
 
     if "locality" in chosen:
         start = time.time()
@@ -344,9 +344,9 @@ def main(argv=None):
                 "pairs": own.n_pairs, "min_area": own.min_area,
                 "per_region": per_region(summary[attribute])}
         rgb, source_seg, deltas = example
-        top = [gen.to_uint8(rgb[0])] + list(gen.to_uint8(rgb[1:]))
-        bottom = [gen.seg_row_image(source_seg[None])] + [evaluation.heat(d) for d in deltas]
-        gen.save_image(os.path.join(out_dir, "locality.png"), editing.image_grid([top, bottom]))
+        top = [imaging.to_uint8(rgb[0])] + list(imaging.to_uint8(rgb[1:]))
+        bottom = [imaging.seg_row_image(source_seg[None])] + [evaluation.heat(d) for d in deltas]
+        imaging.save_image(os.path.join(out_dir, "locality.png"), imaging.image_grid([top, bottom]))
         seconds["locality"] = time.time() - start
 
     if "consistency" in chosen:
@@ -356,8 +356,8 @@ def main(argv=None):
         results["consistency"] = {k: float(np.nanmean(v)) if not all(map(math.isnan, v)) else None
                                   for k, v in values.items()}
         results["consistency"].update(identities=own.n_consistency, azimuth=own.consistency_azim)
-        gen.save_image(os.path.join(out_dir, "consistency.png"), editing.image_grid(
-            [list(gen.to_uint8(rgb)), [gen.seg_row_image(s[None]) for s in seg]]))
+        imaging.save_image(os.path.join(out_dir, "consistency.png"), imaging.image_grid(
+            [list(imaging.to_uint8(rgb)), [imaging.seg_row_image(s[None]) for s in seg]]))
         seconds["consistency"] = time.time() - start
 
     if "inversion" in chosen:
@@ -373,10 +373,10 @@ def main(argv=None):
                                 "steps": own.inversion_steps, "dataset": os.path.abspath(inversion_data.path),
                                 "images": rows}
         shown = pictures[:8]
-        grid = [[gen.to_uint8(t) for t, _, _, _ in shown], [gen.to_uint8(r) for _, r, _, _ in shown],
+        grid = [[imaging.to_uint8(t) for t, _, _, _ in shown], [imaging.to_uint8(r) for _, r, _, _ in shown],
                 [evaluation.region_image(lab) for _, _, lab, _ in shown],
-                [gen.seg_row_image(s[None]) for _, _, _, s in shown]]
-        gen.save_image(os.path.join(out_dir, "inversions.png"), editing.image_grid(grid))
+                [imaging.seg_row_image(s[None]) for _, _, _, s in shown]]
+        imaging.save_image(os.path.join(out_dir, "inversions.png"), imaging.image_grid(grid))
         seconds["inversion"] = time.time() - start
 
     report = clean({"checkpoint": opt.training.trained_ckpt,

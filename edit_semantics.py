@@ -26,6 +26,7 @@ import torch
 
 import editing
 import generation as gen
+import imaging
 from checkpoint import CheckpointError
 from latents import LatentFileError, load_latents, save_latents
 from regions import REGION_NAMES, color_segmap, parse_regions
@@ -66,7 +67,7 @@ def identity(spec, generator, mean, psi):
 
 def rows_for(rgb, seg):
     """One identity's views → [rgb row, coloured seg row] of uint8 images."""
-    return [list(gen.to_uint8(rgb)), list(color_segmap(seg))]
+    return [list(imaging.to_uint8(rgb)), list(color_segmap(seg))]
 
 
 def write_video(path, frames, fps=8):
@@ -112,7 +113,7 @@ def main(argv=None):
     rgb, seg = render(torch.cat([source, reference, edited]),
                       torch.cat([source_global, reference_global, source_global]))
     delta_row = [editing.delta_image(rgb[2, v], rgb[0, v]) for v in range(rgb.shape[1])]
-    grid = editing.image_grid(sum((rows_for(rgb[i], seg[i]) for i in range(3)), []) + [delta_row])
+    grid = imaging.image_grid(sum((rows_for(rgb[i], seg[i]) for i in range(3)), []) + [delta_row])
 
     outputs = []  # (kind, path, payload) written together at the end: nothing half-written on errors
     out_dir = own.out_dir or os.path.join(opt.inference.results_dir, "edit")
@@ -126,12 +127,12 @@ def main(argv=None):
         styles = source_global.expand(own.interpolate, -1)
         rgb, seg = render(steps, styles)
         rows = sum((rows_for(rgb[i], seg[i]) for i in range(own.interpolate)), [])
-        outputs.append(("png", os.path.join(out_dir, "interpolation.png"), editing.image_grid(rows)))
+        outputs.append(("png", os.path.join(out_dir, "interpolation.png"), imaging.image_grid(rows)))
         outputs.append(("latents", os.path.join(out_dir, "interpolation_latents.pt"),
                         (steps, styles, note + f", {own.interpolate} interpolation steps")))
         if own.video:
             middle = gen.shape_view_index(opt, locations.shape[0]) if not own.n_views else own.n_views // 2
-            frames = [editing.image_grid([[gen.to_uint8(rgb[i, middle]), color_segmap(seg[i, middle])]])
+            frames = [imaging.image_grid([[imaging.to_uint8(rgb[i, middle]), color_segmap(seg[i, middle])]])
                       for i in range(own.interpolate)]
             frames = frames + frames[::-1]  # there and back, so the loop is seamless
             outputs.append(("mp4", os.path.join(out_dir, "interpolation.mp4"), frames))
@@ -142,13 +143,13 @@ def main(argv=None):
         styles = source_global.expand(own.resample, -1)
         rgb, seg = render(fresh, styles)
         rows = sum((rows_for(rgb[i], seg[i]) for i in range(own.resample)), [])
-        outputs.append(("png", os.path.join(out_dir, "resample.png"), editing.image_grid(rows)))
+        outputs.append(("png", os.path.join(out_dir, "resample.png"), imaging.image_grid(rows)))
         outputs.append(("latents", os.path.join(out_dir, "resample_latents.pt"),
                         (fresh, styles, note + f", {own.resample} resampled")))
 
     for kind, path, payload in outputs:
         if kind == "png":
-            gen.save_image(path, payload)
+            imaging.save_image(path, payload)
         elif kind == "mp4":
             write_video(path, payload)
         else:

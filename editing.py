@@ -335,8 +335,3 @@ def delta_image(edited, source):
     delta = (edited.float() - source.float()).abs().mean(0)
     grey = (delta.clamp(0, 0.5) / 0.5 * 255).round().to(torch.uint8).cpu().numpy()
     return np.repeat(grey[..., None], 3, axis=-1)
-
-
-def image_grid(rows):
-    """rows: lists of uint8 [H,W,3] images (all the same size) → one uint8 grid image."""
-    return np.concatenate([np.concatenate(list(row), axis=1) for row in rows], axis=0)

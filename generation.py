@@ -13,7 +13,6 @@ the surface points and the SDF volume for shapes and meshes.
 import os
 import random
 import sys
-import tempfile
 
 import numpy as np
 import torch
@@ -25,7 +24,7 @@ from camera import fixed_locations, generate_camera_params, sweep_locations
 from checkpoint import CheckpointError, apply_saved_config, load_generator, load_state_strict, saved_config
 from model import Generator
 from options import BaseOptions, group_options
-from regions import color_segmap, parse_regions
+from regions import parse_regions
 
 # Evaluation rendering of the published inference script.
 INFERENCE_SAMPLES = 64
@@ -323,56 +322,6 @@ def sample_points(renderer, extrinsics, focal, near, far):
     z = depths_along_rays(renderer.t_vals.to(rays_o.dtype), near.reshape(-1, 1, 1, 1),
                           far.reshape(-1, 1, 1, 1))  # [B,1,1,S]: no jitter at inference
     return rays_o.unsqueeze(-2) + rays_d.unsqueeze(-2) * z.unsqueeze(-1)
-
-
-# ------------------------------------------------------------------------------------------- images
-
-
-def to_uint8(rgb):
-    """[..., 3, H, W] in [-1, 1] → uint8 [..., H, W, 3] numpy."""
-    x = ((rgb.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.movedim(-3, -1).cpu().numpy()
-
-
-def row_image(images):
-    """Views side by side: images [V,3,H,W] in [-1,1] (tensor) or uint8 [V,H,W,3] → uint8 [H, V·W, 3]."""
-    if torch.is_tensor(images):
-        images = to_uint8(images)
-    images = np.asarray(images)
-    return np.concatenate(list(images), axis=1)
-
-
-def seg_row_image(segs):
-    """Coloured segmentations side by side: segs [V,K,H,W] → uint8 [H, V·W, 3]."""
-    return row_image(color_segmap(segs))
-
-
-def save_image(path, image):
-    """Write a uint8 [H,W,3] PNG atomically (a temporary file in the same folder, then rename)."""
-    from PIL import Image
-
-    path = str(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".png", dir=folder)
-    os.close(fd)
-    try:
-        Image.fromarray(np.ascontiguousarray(image)).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def save_row(path, images):
-    """Save views side by side: float images [V,3,H,W] in [-1,1] or uint8 [V,H,W,3]."""
-    save_image(path, row_image(images))
-
-
-def save_seg_row(path, segs):
-    """Save coloured segmentations [V,K,H,W] side by side."""
-    save_image(path, seg_row_image(segs))
 
 
 def fail(message):

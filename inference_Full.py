@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 import devices
 import generation as gen
+import imaging
 from checkpoint import CheckpointError
 from latents import LatentFileError, load_latents
 from mesh_utils import MeshError, depth_mesh, save_mesh, sdf_mesh, shade_mesh
@@ -74,7 +75,7 @@ def write_surfaces(i, opt, own, generator, surface_generator, codes, location, m
     mesh = depth_mesh(surface.xyz, surface.mask)
     size = own.shape_size or opt.model.size
     focal = surface.focal * size / surface_generator.renderer.out_im_res
-    gen.save_image(os.path.join(out_dir, f"{i}_shape.png"), shade_mesh(mesh, surface.extrinsics, focal, size))
+    imaging.save_image(os.path.join(out_dir, f"{i}_shape.png"), shade_mesh(mesh, surface.extrinsics, focal, size))
     save_mesh(mesh, os.path.join(out_dir, f"{i}_depth_mesh.obj"))
     try:
         mc_mesh = sdf_mesh(surface.sdf, surface.points)
@@ -98,8 +99,8 @@ def run(opt, own, semantics, device, generator, surface_generator, latents):
         bar.set_postfix_str(f"{i}: {locations.shape[0]} views")
         rgb, seg = gen.render_views(generator, codes, styles_global, locations, opt, mean, semantics=semantics,
                                     psi=psi)
-        gen.save_row(os.path.join(out_dir, f"{i}_img.png"), rgb)
-        gen.save_seg_row(os.path.join(out_dir, f"{i}_seg.png"), seg)
+        imaging.save_row(os.path.join(out_dir, f"{i}_img.png"), rgb)
+        imaging.save_seg_row(os.path.join(out_dir, f"{i}_seg.png"), seg)
         if surface_generator is not None:
             bar.set_postfix_str(f"{i}: shape")
             view = gen.shape_view_index(opt, locations.shape[0])

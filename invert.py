@@ -27,6 +27,7 @@ import numpy as np
 
 import editing
 import generation as gen
+import imaging
 import metrics
 from checkpoint import CheckpointError, load_checkpoint
 from latents import save_latents
@@ -101,13 +102,13 @@ def main(argv=None):
 
     target_seg_image = (color_segmap(target_seg[0]) if target_seg is not None
                         else np.zeros((size, size, 3), dtype=np.uint8))
-    rgb_row = [gen.to_uint8(target[0]), gen.to_uint8(result["rgb"][0])] + list(gen.to_uint8(views))
+    rgb_row = [imaging.to_uint8(target[0]), imaging.to_uint8(result["rgb"][0])] + list(imaging.to_uint8(views))
     seg_row = [target_seg_image, color_segmap(result["seg"][0])] + list(color_segmap(view_segs))
     name = own.name or os.path.splitext(os.path.basename(own.image))[0]
     out_dir = own.out_dir or os.path.join(opt.inference.results_dir, "invert")
     image_path = os.path.join(out_dir, f"{name}_inversion.png")
     latent_path = os.path.join(out_dir, f"{name}_latents.pt")
-    gen.save_image(image_path, editing.image_grid([rgb_row, seg_row]))
+    imaging.save_image(image_path, imaging.image_grid([rgb_row, seg_row]))
     azim, elev = result["camera"][0].tolist()
     save_latents(latent_path, result["codes"], result["styles_global"], truncated=True, camera=result["camera"],
                  note=f"invert {own.image}: {own.steps} steps, psi {psi}, camera azim {azim:.4f} elev {elev:.4f}")

@@ -32,6 +32,7 @@ import torch
 import devices
 import editing
 import generation as gen
+import imaging
 import metrics
 import perf_utils
 from latents import LatentFileError, load_latents, save_latents
@@ -396,7 +397,7 @@ class RegionEditor:
             for (cache, key, _), value in zip(todo, computed):
                 values[(id(cache), key)] = cache.put(key, value)
             (rgb, seg), (source_rgb, _), shape = [values[(id(cache), key)] for cache, key, _ in wanted]
-            return {"images": {"image": gen.to_uint8(rgb), "seg": seg, "shape": shape,
+            return {"images": {"image": imaging.to_uint8(rgb), "seg": seg, "shape": shape,
                                "delta": editing.delta_image(rgb, source_rgb)},
                     "seconds": time.perf_counter() - start, "cached": not todo}
 

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 import devices
 import generation as gen
+import imaging
 from checkpoint import CheckpointError
 from latents import LatentFileError, load_latents
 from mesh_utils import depth_mesh, shade_mesh
@@ -112,7 +113,7 @@ def identity_frames(i, opt, own, semantics, generator, surface_generator, codes,
         locations = path[start:start + own.frame_batch]
         rgb, seg = gen.render_views(generator, codes, styles_global, locations, opt, mean, semantics=semantics,
                                     batch=own.frame_batch)
-        rgb_u8, seg_u8 = gen.to_uint8(rgb), color_segmap(seg)
+        rgb_u8, seg_u8 = imaging.to_uint8(rgb), color_segmap(seg)
         for j in range(locations.shape[0]):
             panels = [rgb_u8[j], seg_u8[j]]
             if surface_generator is not None:

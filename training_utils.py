@@ -16,11 +16,11 @@ import sys
 import numpy as np
 import torch
 from munch import Munch
-from PIL import Image
 from torch.utils import data
 
 import devices
 import distributed as dist_utils
+import imaging
 from camera import generate_camera_params
 from regions import color_segmap
 
@@ -252,42 +252,18 @@ def infinite(loader):
 # ----------------------------------------------------------------------------------- sample grids
 
 
-def to_uint8_image(img):
-    """[3,H,W] tensor in [-1,1] → uint8 [H,W,3]."""
-    img = img.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
-    return img.permute(1, 2, 0).cpu().numpy()
-
-
-def resize_uint8(array, size):
-    if array.shape[0] == size and array.shape[1] == size:
-        return array
-    return np.asarray(Image.fromarray(array).resize((size, size), Image.NEAREST))
-
-
 def image_seg_tiles(images, segs, size=None):
     """Per sample: the image beside its coloured segmentation, both at `size` (nearest upscaling)."""
     size = size or max(images.shape[-1], 64)  # tiny test renders stay visible
     colours = color_segmap(segs)  # [B,H,W,3]
-    return [np.concatenate([resize_uint8(to_uint8_image(img), size), resize_uint8(col, size)], 1)
+    return [np.concatenate([imaging.resize_nearest(imaging.to_uint8(img), size), imaging.resize_nearest(col, size)],
+                           1)
             for img, col in zip(images, colours)]
 
 
 def save_grid(path, rows, pad=2):
-    """Write rows of uint8 [H,W,3] tiles as one PNG (atomically: temp file, then rename)."""
-    height = max(t.shape[0] for row in rows for t in row)
-    width = max(sum(t.shape[1] for t in row) + pad * (len(row) - 1) for row in rows)
-    canvas = np.full((len(rows) * height + pad * (len(rows) - 1), width, 3), 255, dtype=np.uint8)
-    for r, row in enumerate(rows):
-        x = 0
-        y = r * (height + pad)
-        for tile in row:
-            canvas[y:y + tile.shape[0], x:x + tile.shape[1]] = tile
-            x += tile.shape[1] + pad
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.png"
-    Image.fromarray(canvas).save(tmp)
-    os.replace(tmp, path)
-    return canvas
+    """Write rows of uint8 [H,W,3] tiles as one PNG (atomically), `pad` white pixels between tiles."""
+    imaging.save_image(path, imaging.image_grid(rows, pad))
 
 
 # ------------------------------------------------------------------------------------------ wandb

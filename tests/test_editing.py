@@ -14,6 +14,7 @@ if str(ROOT) not in sys.path:
 
 import editing  # noqa: E402
 import generation as gen  # noqa: E402
+import imaging  # noqa: E402
 import metrics  # noqa: E402
 from checkpoint import save_checkpoint  # noqa: E402
 from latents import LatentFileError, load_latents, save_latents  # noqa: E402
@@ -150,7 +151,7 @@ def test_edit_semantics_writes_grid_and_latents_that_round_trip(tiny, tmp_path):
     grid = split_grid(out / "edit_grid.png", 7, 2, 16)
     rgb, _ = editing.render_identities(generator, torch.cat([codes, expected]), torch.cat([styles, styles[:1]]),
                                        editing.edit_locations(opt, 2), opt, mean)
-    pixels = gen.to_uint8(rgb)
+    pixels = imaging.to_uint8(rgb)
     for row, identity in ((0, 0), (2, 1), (4, 2)):
         for view in range(2):
             assert np.array_equal(grid[row][view], pixels[identity, view])
@@ -190,7 +191,7 @@ def test_inference_full_accepts_edited_latents(tiny, tmp_path):
     assert row.shape == (16, 160, 3)  # the published 10-view sweep
     first = editing.edit_locations(opt, 0)[:1]
     rgb, _ = gen.render_views(generator, edited, styles, first, opt, mean)
-    assert np.array_equal(row[:, :16], gen.to_uint8(rgb[0]))
+    assert np.array_equal(row[:, :16], imaging.to_uint8(rgb[0]))
 
 
 # -------------------------------------------------------------------------------------- inversion
@@ -221,20 +222,20 @@ def test_invert_script_writes_image_and_latents(tiny, tmp_path):
     path, opt, generator, mean = tiny
     codes, styles = editing.latents_from_seeds(generator, [2], mean, 0.7)
     rgb, seg = gen.render_views(generator, codes, styles, torch.zeros(1, 2), opt, mean)
-    Image.fromarray(gen.to_uint8(rgb[0])).save(tmp_path / "face.png")
+    Image.fromarray(imaging.to_uint8(rgb[0])).save(tmp_path / "face.png")
     label = np.full((16, 16), 1, dtype=np.uint8)
     label[:4] = 13  # hair on top, skin elsewhere (CelebAMask-HQ ids)
     np.save(tmp_path / "face_mask.npy", label)
     invert.main(argv("--trained_ckpt", path, *RUN, "--image", tmp_path / "face.png", "--mask",
                  tmp_path / "face_mask.npy", "--steps", "1", "--n_views", "1", "--out_dir", tmp_path / "inv"))
     grid = split_grid(tmp_path / "inv" / "face_inversion.png", 2, 3, 16)
-    assert np.array_equal(grid[0][0], gen.to_uint8(rgb[0]))  # the target, as read back
+    assert np.array_equal(grid[0][0], imaging.to_uint8(rgb[0]))  # the target, as read back
     assert (grid[1][0][:4] == [107, 137, 198]).all() and (grid[1][0][4:] == [239, 234, 90]).all()
     data = load_latents(tmp_path / "inv" / "face_latents.pt", 32, NUM_REGIONS)
     assert data["codes"].shape == (1, 18, 32) and data["camera"].shape == (1, 2)
     # The file renders the reconstruction shown in the grid (column 1) from its camera.
     rec, _ = gen.render_views(generator, data["codes"], data["styles_global"], data["camera"], opt, mean)
-    assert np.abs(gen.to_uint8(rec[0]).astype(int) - grid[0][1].astype(int)).max() <= 1
+    assert np.abs(imaging.to_uint8(rec[0]).astype(int) - grid[0][1].astype(int)).max() <= 1
 
 
 # ------------------------------------------------------------------------------------- bad inputs

@@ -16,6 +16,7 @@ if str(ROOT) not in sys.path:
 
 import editing  # noqa: E402
 import generation as gen  # noqa: E402
+import imaging  # noqa: E402
 import region_editor as re_  # noqa: E402
 from checkpoint import save_checkpoint  # noqa: E402
 from latents import load_latents, save_latents  # noqa: E402
@@ -159,7 +160,7 @@ def test_edit_matches_edit_semantics_swap_and_render(tiny):
     assert torch.equal(codes, editing.swap_region_codes(src, ref, [7], "texture"))
     rgb, _ = gen.render_views(editor.generator, codes, styles, torch.tensor([[0.1, 0.0]]), editor.opt, editor.mean,
                               psi=0.7)
-    assert np.array_equal(editor.render(s)["images"]["image"], gen.to_uint8(rgb[0]))
+    assert np.array_equal(editor.render(s)["images"]["image"], imaging.to_uint8(rgb[0]))
 
 
 def test_resample_and_semantics(tiny):
