@@ -60,6 +60,7 @@ import imaging
 import metrics
 from checkpoint import CheckpointError
 from dataset import MultiResolutionDataset
+from draws import seed_everything
 from regions import REGION_NAMES
 
 METRICS = ("fid", "kid", "miou", "locality", "consistency", "inversion")
@@ -284,7 +285,7 @@ def main(argv=None):
         gen.fail(error)
 
     seed = opt.experiment.seed or 0
-    gen.seed_everything(seed)
+    seed_everything(seed)
     psi = own.psi
     mean = gen.mean_latent(generator, opt.inference.truncation_mean)
     results, seconds = {}, {}

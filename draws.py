@@ -11,7 +11,20 @@ an object with the same methods that returns recorded draws instead (`using`).
 import contextlib
 import random
 
+import numpy as np
 import torch
+
+
+def seed_everything(seed=None, rank=0):
+    """Seed Python, NumPy and torch (all devices) with seed + rank (ranks get different streams);
+    without a seed, draw one. Returns the seed, so that a run can be repeated."""
+    if seed is None:
+        seed = random.SystemRandom().randrange(2 ** 31)
+    seed = int(seed) + int(rank)
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+    return seed
 
 
 class Draws:

@@ -11,10 +11,8 @@ A renderer-only copy of the generator at 128×128 with 128 samples (focal ×2, s
 the surface points and the SDF volume for shapes and meshes.
 """
 import os
-import random
 import sys
 
-import numpy as np
 import torch
 from munch import Munch
 
@@ -22,6 +20,7 @@ import devices
 import perf_utils
 from camera import fixed_locations, generate_camera_params, sweep_locations
 from checkpoint import CheckpointError, apply_saved_config, load_generator, load_state_strict, saved_config
+from draws import seed_everything
 from model import Generator
 from options import BaseOptions, group_options
 from regions import parse_regions
@@ -66,16 +65,6 @@ def eval_rendering_options(rendering, n_samples=INFERENCE_SAMPLES):
     rendering.perturb = 0.0
     rendering.raw_noise_std = 0.0
     return rendering
-
-
-def seed_everything(seed=None):
-    """Seed every RNG; without a seed, draw one (and return it so that a run can be repeated)."""
-    if seed is None:
-        seed = random.SystemRandom().randrange(2 ** 31)
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    torch.manual_seed(seed)
-    return seed
 
 
 def parse_semantics(spec):

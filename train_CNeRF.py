@@ -24,6 +24,7 @@ import training_steps as steps
 import training_utils as tu
 from checkpoint import CheckpointError, load_state_strict
 from dataset import MultiResolutionDataset
+from draws import seed_everything
 from options import BaseOptions
 
 STAGE = "volume_renderer"
@@ -63,7 +64,7 @@ def train(argv=None):
 
     resolution = opt.model.renderer_spatial_output_dim
     seed = int(ckpt["seed"]) if ckpt is not None and "seed" in ckpt else tu.choose_seed(opt)
-    tu.seed_all(seed, rank)
+    seed_everything(seed, rank)
 
     try:
         dataset = MultiResolutionDataset(opt.dataset.dataset_path, resolution=resolution, nerf_resolution=resolution)

@@ -24,6 +24,7 @@ import training_steps as steps
 import training_utils as tu
 from checkpoint import CheckpointError, generator_state, load_checkpoint, load_state_strict
 from dataset import MultiResolutionDataset
+from draws import seed_everything
 from options import BaseOptions
 
 STAGE = "full_pipeline"
@@ -87,7 +88,7 @@ def train(argv=None):
     if ckpt is None:
         stage1_path = renderer_path(opt)
     seed = int(ckpt["seed"]) if ckpt is not None and "seed" in ckpt else tu.choose_seed(opt)
-    tu.seed_all(seed, rank)
+    seed_everything(seed, rank)
 
     try:
         dataset = MultiResolutionDataset(opt.dataset.dataset_path, resolution=opt.model.size,

@@ -22,6 +22,7 @@ import devices
 import distributed as dist_utils
 import imaging
 from camera import generate_camera_params
+from draws import seed_everything
 from regions import color_segmap
 
 EMA_DECAY = 0.5 ** (32 / (10 * 1000))  # published, per iteration
@@ -76,14 +77,6 @@ def validate(opt):
 
 
 # ------------------------------------------------------------------------------------------- RNG
-
-
-def seed_all(seed, rank=0):
-    """Seed Python, NumPy and torch (all devices). Ranks get different streams (seed + rank)."""
-    seed = int(seed) + int(rank)
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    torch.manual_seed(seed)
 
 
 def rng_state():
@@ -415,7 +408,7 @@ def restore_rng(ckpt, seed, start_iter):
     if isinstance(states, list) and len(states) == world:
         set_rng_state(states[rank])
     else:  # another world size: streams cannot continue exactly; start fresh, reproducible ones
-        seed_all(seed + 7919 * start_iter, rank)
+        seed_everything(seed + 7919 * start_iter, rank)
 
 
 def save(obj, path):
