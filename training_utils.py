@@ -249,8 +249,8 @@ def image_seg_tiles(images, segs, size=None):
     """Per sample: the image beside its coloured segmentation, both at `size` (nearest upscaling)."""
     size = size or max(images.shape[-1], 64)  # tiny test renders stay visible
     colours = color_segmap(segs)  # [B,H,W,3]
-    return [np.concatenate([imaging.resize_nearest(imaging.to_uint8(img), size), imaging.resize_nearest(col, size)],
-                           1)
+    return [np.concatenate([imaging.resize_nearest(imaging.to_uint8(img), size),
+                            imaging.resize_nearest(col, size)], 1)
             for img, col in zip(images, colours)]
 
 
