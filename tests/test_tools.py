@@ -85,3 +85,26 @@ def test_export_half_precision_loads_as_float32(tmp_path):
         save_checkpoint({"g_ema": generator.state_dict()}, tmp_path / "old.pt")
         export_generator.export(str(tmp_path / "old.pt"), str(tmp_path / "never.pt"))
     assert not (tmp_path / "never.pt").exists()
+
+
+def test_export_of_a_training_checkpoint_takes_its_options(tmp_path):
+    """A training checkpoint (models_*.pt) has no 'config' but its whole option tree 'opt': any iteration
+    of a run exports to a file every script rebuilds from alone."""
+    opt, _ = gen.parse_options(TINY)
+    torch.manual_seed(1)
+    generator = gen.build_generator(opt)
+    plain = {group: dict(values) for group, values in opt.items() if isinstance(values, dict)}
+    source = tmp_path / "models_0000300.pt"
+    save_checkpoint({"g_ema": generator.state_dict(), "g": generator.state_dict(), "iter": 300, "opt": plain},
+                    source)
+    shipped = tmp_path / "at_300.pt"
+    export_generator.export(str(source), str(shipped))
+    ckpt = load_checkpoint(shipped)
+    assert ckpt["iter"] == 300 and ckpt["config"] == architecture_config(opt) and "g" not in ckpt
+    opt2, _ = gen.parse_options(["--trained_ckpt", str(shipped)])
+    loaded = load_generator(gen.build_generator(opt2), str(shipped))
+    assert all(torch.equal(v, generator.state_dict()[k]) for k, v in loaded.state_dict().items())
+    save_checkpoint({"g_ema": generator.state_dict(), "opt": {"model": {}}}, tmp_path / "broken.pt")
+    with pytest.raises(Exception, match="nor the 'opt' of a training checkpoint"):
+        export_generator.export(str(tmp_path / "broken.pt"), str(tmp_path / "never.pt"))
+    assert not (tmp_path / "never.pt").exists()
