@@ -24,8 +24,7 @@ def row_image(images):
     """Views side by side: images [V,3,H,W] in [-1,1] (tensor) or uint8 [V,H,W,3] → uint8 [H, V·W, 3]."""
     if torch.is_tensor(images):
         images = to_uint8(images)
-    images = np.asarray(images)
-    return np.concatenate(list(images), axis=1)
+    return image_grid([list(np.asarray(images))])
 
 
 def seg_row_image(segs):
