@@ -38,6 +38,9 @@ class BaseOptions:
         experiment.add_argument("--expname", type=str, default="debug", help="experiment name")
         experiment.add_argument("--ckpt", type=str, default="300000", help="checkpoint iteration to resume from")
         experiment.add_argument("--continue_training", action="store_true", help="resume training from --ckpt")
+        experiment.add_argument("--fresh_optimizers", action="store_true",
+                                help="(new) with --continue_training: the optimisers start afresh; --ckpt may be a "
+                                     "checkpoint without optimiser states (tools/strip_optimizers.py)")
         experiment.add_argument("--seed", type=int, default=None, help="(new) random seed")
         experiment.add_argument("--device", type=str, default=None,
                                 help="(new) torch device, e.g. cpu or cuda:0 (default: CUDA if available, else CPU)")

@@ -22,7 +22,7 @@ import distributed as dist_utils
 import perf_utils
 import training_steps as steps
 import training_utils as tu
-from checkpoint import CheckpointError, load_state_strict
+from checkpoint import load_state_strict
 from dataset import MultiResolutionDataset
 from draws import seed_everything
 from options import BaseOptions
@@ -82,12 +82,7 @@ def train(argv=None):
         load_state_strict(g_ema, ckpt["g_ema"], resume_path, "EMA generator")
         load_state_strict(gd, ckpt["gd"], resume_path, "global discriminator")
         load_state_strict(sd, ckpt["sd"], resume_path, "semantic discriminator")
-        try:
-            g_optim.load_state_dict(ckpt["g_optim"])
-            gd_optim.load_state_dict(ckpt["gd_optim"])
-            sd_optim.load_state_dict(ckpt["sd_optim"])
-        except (ValueError, KeyError, RuntimeError) as error:
-            raise CheckpointError(f"{resume_path}: optimiser state does not fit ({error})") from None
+        tu.restore_optimizers(opt, ckpt, resume_path, {"g_optim": g_optim, "gd_optim": gd_optim, "sd_optim": sd_optim})
         start_iter = int(ckpt["iter"]) + 1
         tu.restore_rng(ckpt, seed, start_iter)
         del ckpt

@@ -22,7 +22,7 @@ import distributed as dist_utils
 import perf_utils
 import training_steps as steps
 import training_utils as tu
-from checkpoint import CheckpointError, generator_state, load_checkpoint, load_state_strict
+from checkpoint import generator_state, load_checkpoint, load_state_strict
 from dataset import MultiResolutionDataset
 from draws import seed_everything
 from options import BaseOptions
@@ -108,11 +108,7 @@ def train(argv=None):
         load_state_strict(g, ckpt["g"], resume_path, "generator")
         load_state_strict(g_ema, ckpt["g_ema"], resume_path, "EMA generator")
         load_state_strict(d, ckpt["d"], resume_path, "discriminator")
-        try:
-            g_optim.load_state_dict(ckpt["g_optim"])
-            d_optim.load_state_dict(ckpt["d_optim"])
-        except (ValueError, KeyError, RuntimeError) as error:
-            raise CheckpointError(f"{resume_path}: optimiser state does not fit ({error})") from None
+        tu.restore_optimizers(opt, ckpt, resume_path, {"g_optim": g_optim, "d_optim": d_optim})
         start_iter = int(ckpt["iter"]) + 1
         mean_path_length = float(ckpt.get("mean_path_length", 0.0))
         tu.restore_rng(ckpt, seed, start_iter)

@@ -365,6 +365,8 @@ def start_run(opt, stage, number, required_keys):
     if opt.experiment.continue_training:
         run.resume_path = resolve_resume_path(opt.experiment.ckpt, run.stage_dir)
         run.ckpt = load_checkpoint(run.resume_path, map_location=device)
+        if opt.experiment.fresh_optimizers:  # the optimiser states are not read, so they need not be there
+            required_keys = [key for key in required_keys if not key.endswith("_optim")]
         for key in required_keys:
             if key not in run.ckpt:
                 raise CheckpointError(f"{run.resume_path}: not a stage-{number} training checkpoint (no '{key}' entry)")
@@ -400,6 +402,20 @@ def should_save(i, last, save_every, sample_every):
 def gather_rng():
     """Every rank's RNG state (collective), so a resumed multi-process run continues each stream."""
     return dist_utils.all_gather_object(rng_state())
+
+
+def restore_optimizers(opt, ckpt, resume_path, optimizers):
+    """Load each optimiser's state from the resume checkpoint (`optimizers`: checkpoint key -> optimiser),
+    unless --fresh_optimizers: then they keep their initial state, as after a checkpoint stripped of them."""
+    from checkpoint import CheckpointError
+
+    if opt.experiment.fresh_optimizers:
+        return
+    try:
+        for key, optimizer in optimizers.items():
+            optimizer.load_state_dict(ckpt[key])
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise CheckpointError(f"{resume_path}: optimiser state does not fit ({error})") from None
 
 
 def restore_rng(ckpt, seed, start_iter):

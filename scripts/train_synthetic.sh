@@ -7,6 +7,12 @@
 #   bash scripts/train_synthetic.sh                # everything under runs/synthetic (SYNTH_OUT to move it)
 #   SHIP=1 bash scripts/train_synthetic.sh         # also copy the results into checkpoints/
 #   SYNTH_N=40 SYNTH_TRAIN_ARGS="--iter 2 --sphere_init_iter 2" SYNTH_EVAL_ARGS="--n 4 ..." ...   # a dry run
+#   bash scripts/train_synthetic.sh snapshot       # the stages' latest checkpoints, weights only, into git's reach
+#
+# Snapshots carry an unfinished run across machines: `snapshot` writes each stage's latest checkpoint without
+# its optimiser states to checkpoints/progress/synthetic_stage{1,2}_models_NNNNNNN.pt (a few MB; commit them,
+# `git rm` the older ones). A stage whose folder holds nothing newer continues from its snapshot with
+# --fresh_optimizers (Adam's moments restart; everything else goes on where it was).
 #
 # Recipe: configs/synthetic_stage1.yaml, configs/synthetic_stage2.yaml (4000 portraits, seed 0, 128 px drawn,
 # LMDB at 64 and 32 px). On a CPU shared with other work, OMP_NUM_THREADS=1 is much faster than 2.
@@ -29,6 +35,13 @@ step() { echo; echo "== $* ($(date +%H:%M:%S))"; }
 # The latest models_*.pt of a stage folder, or nothing.
 latest() { { ls "$1"/models_*.pt 2>/dev/null || true; } | sort | tail -n 1; }
 
+# The newest committed snapshot of a stage (synthetic_stage1 / synthetic_stage2), or nothing.
+progress="${SYNTH_PROGRESS:-checkpoints/progress}"
+snapshot_of() {
+  if [ "$1" = synthetic_stage2 ] && [ "${stage1_trains:-0}" = 1 ]; then return; fi  # made on an earlier stage 1
+  { ls "$progress/$1"_models_*.pt 2>/dev/null || true; } | sort | tail -n 1
+}
+
 # The iteration count a stage trains to: a `--iter N` in SYNTH_TRAIN_ARGS (as on the training scripts'
 # command line, it overrides the config), else its config's `iter:` line.
 target_iter() {
@@ -36,27 +49,47 @@ target_iter() {
   if [ -n "$flag" ]; then echo "$flag"; else sed -n 's/^iter: *\([0-9]*\).*/\1/p' "$1"; fi
 }
 
-# The iteration of a checkpoint models_NNNNNNN.pt (-1 for none).
-ckpt_iter() { if [ -n "$1" ]; then basename "$1" .pt | sed 's/^models_0*\([0-9]\)/\1/'; else echo -1; fi; }
+# The iteration of a checkpoint ...models_NNNNNNN.pt (-1 for none).
+ckpt_iter() { if [ -n "$1" ]; then basename "$1" .pt | sed 's/.*models_0*\([0-9]\)/\1/'; else echo -1; fi; }
+
+# The checkpoint a stage goes on from: its folder's latest, or its snapshot when that is newer.
+resume_point() {
+  local last snapshot; last="$(latest "$1")"; snapshot="$(snapshot_of "$2")"
+  if [ -n "$snapshot" ] && [ "$(ckpt_iter "$snapshot")" -gt "$(ckpt_iter "$last")" ]; then echo "$snapshot"
+  else echo "$last"; fi
+}
 
 # Whether a stage has reached its iteration count (its last checkpoint is iteration count-1).
 stage_complete() {
-  local final="$1" stage_dir="$2" config="$3"
-  [ -f "$final" ] && [ "$(ckpt_iter "$(latest "$stage_dir")")" -ge $(( $(target_iter "$config") - 1 )) ]
+  local final="$1" stage_dir="$2" config="$3" name="$4"
+  [ -f "$final" ] && [ "$(ckpt_iter "$(resume_point "$stage_dir" "$name")")" -ge $(( $(target_iter "$config") - 1 )) ]
 }
 
 # Train one stage: skip when complete, resume from the latest checkpoint when there is one (also after
 # its iteration count was raised: training continues to the new count and rewrites the final file).
 train_stage() {
-  local script="$1" config="$2" stage_dir="$3" final="$4"; shift 4
-  if stage_complete "$final" "$stage_dir" "$config"; then echo "done: $final"; return; fi
+  local script="$1" config="$2" stage_dir="$3" final="$4" name="$5"; shift 5
+  if stage_complete "$final" "$stage_dir" "$config" "$name"; then echo "done: $final"; return; fi
   local resume=()
-  local last; last="$(latest "$stage_dir")"
+  local last; last="$(resume_point "$stage_dir" "$name")"
   if [ -n "$last" ]; then resume=(--continue_training --ckpt "$last"); echo "resuming from $last"; fi
+  if [[ "$last" == "$progress"/* ]]; then resume+=(--fresh_optimizers); fi  # a snapshot has no optimiser states
   # shellcheck disable=SC2086  # SYNTH_TRAIN_ARGS is a list of flags
   "$py" "$script" --config "$config" --dataset_path "$out/lmdb" --checkpoints_dir "$ckpts" "${resume[@]}" "$@" \
       ${SYNTH_TRAIN_ARGS:-}
 }
+
+if [ "${1:-}" = snapshot ]; then
+  mkdir -p "$progress"
+  for stage in "volume_renderer synthetic_stage1" "full_pipeline synthetic_stage2"; do
+    read -r folder name <<< "$stage"
+    last="$(latest "$exp/$folder")"
+    if [ -z "$last" ]; then echo "$name: no checkpoint in $exp/$folder"; continue; fi
+    "$py" tools/strip_optimizers.py "$last" "$progress/${name}_$(basename "$last")"
+  done
+  echo "commit the new files under $progress and git rm the older ones"
+  exit 0
+fi
 
 step "synthetic portraits ($n_portraits, seed 0)"
 if [ "$(ls "$out/portraits/images" 2>/dev/null | wc -l)" -ge "$n_portraits" ]; then echo "done: $out/portraits"
@@ -76,18 +109,23 @@ else
 fi
 
 step "stage 1: volume renderer at 32x32"
-if ! stage_complete "$exp/synthetic_vol_renderer.pt" "$exp/volume_renderer" configs/synthetic_stage1.yaml \
-   && [ -d "$exp/full_pipeline" ]; then
-  # stage 2 was trained on an earlier stage 1: keep it aside, stage 2 starts again from the new renderer
-  stale="$exp/full_pipeline_on_stage1_$(ckpt_iter "$(latest "$exp/volume_renderer")")"
-  mv "$exp/full_pipeline" "$stale"
-  if [ -f "$exp/synthetic_full_pipeline.pt" ]; then mv "$exp/synthetic_full_pipeline.pt" "$stale/"; fi
-  echo "stage 2 of the earlier stage 1 moved to $stale"
+stage1_at="$(ckpt_iter "$(resume_point "$exp/volume_renderer" synthetic_stage1)")"
+if [ "$stage1_at" -lt $(( $(target_iter configs/synthetic_stage1.yaml) - 1 )) ]; then
+  # stage 1 trains on: a stage 2 (or stage-2 snapshot) of the earlier stage 1 is stale, stage 2 starts afresh
+  stage1_trains=1
+  if [ -d "$exp/full_pipeline" ]; then
+    stale="$exp/full_pipeline_on_stage1_$stage1_at"
+    mv "$exp/full_pipeline" "$stale"
+    if [ -f "$exp/synthetic_full_pipeline.pt" ]; then mv "$exp/synthetic_full_pipeline.pt" "$stale/"; fi
+    echo "stage 2 of the earlier stage 1 moved to $stale"
+  fi
 fi
-train_stage train_CNeRF.py configs/synthetic_stage1.yaml "$exp/volume_renderer" "$exp/synthetic_vol_renderer.pt"
+train_stage train_CNeRF.py configs/synthetic_stage1.yaml "$exp/volume_renderer" "$exp/synthetic_vol_renderer.pt" \
+    synthetic_stage1
 
 step "stage 2: decoder to 64 px"
-train_stage train_Full.py configs/synthetic_stage2.yaml "$exp/full_pipeline" "$exp/synthetic_full_pipeline.pt"
+train_stage train_Full.py configs/synthetic_stage2.yaml "$exp/full_pipeline" "$exp/synthetic_full_pipeline.pt" \
+    synthetic_stage2
 
 step "face parser on the same data"
 if [ -f "$out/synthetic_parser.pt" ]; then echo "done: $out/synthetic_parser.pt"

@@ -25,7 +25,7 @@ for i in "${!args[@]}"; do
   if [ "${args[$i]}" = --out ]; then out="${args[$((i + 1))]}"; fi
 done
 case "$1" in
-  tools/export_generator.py) touch "$3" ;;
+  tools/export_generator.py | tools/strip_optimizers.py) touch "$3" ;;
   tools/plot_losses.py) touch "$out" ;;
   calc_metrics.py) mkdir -p "$out" && echo "| metric |" > "$out/metrics.md" ;;
 esac
@@ -58,13 +58,13 @@ def make_run(tmp_path, stage1_last, stage2_last):
     return out, exp
 
 
-def run_script(tmp_path, out, **extra_env):
+def run_script(tmp_path, out, *script_args, **extra_env):
     stand_in = tmp_path / "python"
     stand_in.write_text(STAND_IN)
     stand_in.chmod(stand_in.stat().st_mode | stat.S_IEXEC)
     calls = tmp_path / "calls.txt"
     env = dict(os.environ, SYNTH_PYTHON=str(stand_in), SYNTH_OUT=str(out), SYNTH_N="3", CALLS=str(calls), **extra_env)
-    result = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(["bash", str(SCRIPT), *script_args], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     return calls.read_text().splitlines(), result.stdout
 
@@ -110,3 +110,49 @@ def test_iter_in_synth_train_args_is_the_target(tmp_path):
     calls, stdout = run_script(tmp_path, out, SYNTH_TRAIN_ARGS="--iter 5 --sphere_init_iter 2")
     assert not any(call.startswith(("train_CNeRF.py", "train_Full.py")) for call in calls)
     assert (exp / "full_pipeline").is_dir() and "moved to" not in stdout
+
+
+def test_snapshots_carry_a_run_to_a_fresh_machine(tmp_path):
+    """`snapshot` strips each stage's latest checkpoint into the progress folder; on a machine whose run folder
+    lacks them, a stage continues from its newest snapshot with --fresh_optimizers, and a stage whose folder
+    holds a newer checkpoint continues from that one (with its optimiser states)."""
+    out, exp = make_run(tmp_path, 300, 200)
+    progress = tmp_path / "progress"
+    calls, stdout = run_script(tmp_path, out, "snapshot", SYNTH_PROGRESS=str(progress))
+    assert [call.split()[0] for call in calls] == ["tools/strip_optimizers.py"] * 2
+    assert f"{exp}/volume_renderer/models_0000300.pt {progress}/synthetic_stage1_models_0000300.pt" in calls[0]
+    assert f"{exp}/full_pipeline/models_0000200.pt {progress}/synthetic_stage2_models_0000200.pt" in calls[1]
+    assert (progress / "synthetic_stage1_models_0000300.pt").is_file()
+
+    (progress / "synthetic_stage1_models_0000100.pt").touch()  # an older snapshot left behind: not used
+    fresh, _ = make_run(tmp_path / "fresh", None, None)  # a new machine: data made again, no checkpoints
+    (tmp_path / "calls.txt").unlink()
+    calls, stdout = run_script(tmp_path, fresh, SYNTH_PROGRESS=str(progress))
+    stage1 = [call for call in calls if call.startswith("train_CNeRF.py")]
+    assert len(stage1) == 1
+    assert f"--continue_training --ckpt {progress}/synthetic_stage1_models_0000300.pt --fresh_optimizers" in stage1[0]
+    stage2 = [call for call in calls if call.startswith("train_Full.py")]
+    assert len(stage2) == 1 and "--continue_training" not in stage2[0]  # stage 1 is not finished: stage 2 afresh
+
+    # this machine's own stage 1 got further than the snapshot: its checkpoint wins
+    (tmp_path / "calls.txt").unlink()
+    calls, _ = run_script(tmp_path, out, SYNTH_PROGRESS=str(progress))
+    stage1 = [call for call in calls if call.startswith("train_CNeRF.py")]
+    assert f"--ckpt {exp}/volume_renderer/models_0000300.pt" in stage1[0] and "--fresh_optimizers" not in stage1[0]
+
+
+def test_a_finished_stage1_snapshot_lets_stage2_go_on_from_its_own(tmp_path):
+    """Stage 1 finished in an earlier session (its snapshot is at the last iteration) and stage 2 stopped
+    midway: on a fresh machine stage 1 only rewrites its final file (no iterations), stage 2 continues."""
+    progress = tmp_path / "progress"
+    progress.mkdir()
+    last1 = config_iter("synthetic_stage1.yaml") - 1
+    (progress / f"synthetic_stage1_models_{last1:07d}.pt").touch()
+    (progress / "synthetic_stage2_models_0000500.pt").touch()
+    fresh, exp = make_run(tmp_path, None, None)
+    calls, stdout = run_script(tmp_path, fresh, SYNTH_PROGRESS=str(progress))
+    stage1 = [call for call in calls if call.startswith("train_CNeRF.py")]
+    assert len(stage1) == 1 and f"synthetic_stage1_models_{last1:07d}.pt --fresh_optimizers" in stage1[0]
+    stage2 = [call for call in calls if call.startswith("train_Full.py")]
+    assert len(stage2) == 1 and f"--ckpt {progress}/synthetic_stage2_models_0000500.pt --fresh_optimizers" in stage2[0]
+    assert "moved to" not in stdout

@@ -218,6 +218,49 @@ def test_stage1_resume_is_exact(data, tmp_path):
         assert tensors_equal(a[key], b[key]), key
 
 
+def test_resume_from_a_checkpoint_stripped_of_its_optimisers(data, tmp_path):
+    """tools/strip_optimizers.py keeps all a run needs but the Adam moments: with --fresh_optimizers the
+    run continues from it exactly as from the full checkpoint with its optimiser states ignored; without
+    the flag it stops with one line; the moments restart (Adam's step count is the new iterations')."""
+    strip = _load_script("strip_optimizers", ROOT / "tools" / "strip_optimizers.py")
+    train_CNeRF.train(args(data, tmp_path / "a", "exp", "--iter", 2))
+    full = tmp_path / "a" / "exp" / "volume_renderer" / "models_0000001.pt"
+    for name in ("b", "c", "d"):
+        shutil.copytree(tmp_path / "a", tmp_path / name)
+    slim = tmp_path / "slim.pt"
+    strip.strip(full, slim)
+    snapshot = load_checkpoint(slim)
+    assert not any(key.endswith("_optim") for key in snapshot) and snapshot["iter"] == 1
+    assert slim.stat().st_size < full.stat().st_size / 2
+    with pytest.raises(CheckpointError, match=r"slim.pt: not a stage-1 training checkpoint \(no 'g_optim' entry\)"):
+        train_CNeRF.train(args(data, tmp_path / "b", "exp", "--iter", 4, "--continue_training", "--ckpt", slim))
+    train_CNeRF.train(args(data, tmp_path / "b", "exp", "--iter", 4, "--continue_training", "--ckpt", slim,
+                           "--fresh_optimizers"))
+    train_CNeRF.train(args(data, tmp_path / "c", "exp", "--iter", 4, "--continue_training", "--ckpt", full,
+                           "--fresh_optimizers"))
+    train_CNeRF.train(args(data, tmp_path / "d", "exp", "--iter", 4, "--continue_training", "--ckpt", full))
+    b, c, d = (load_checkpoint(tmp_path / name / "exp" / "volume_renderer" / "models_0000003.pt") for name in "bcd")
+    for key in ("g", "gd", "sd", "g_ema", "g_optim", "rng"):
+        assert tensors_equal(b[key], c[key]), key
+    assert differing(b["g"], d["g"])  # the moments matter: a run with its saved optimiser states differs
+    steps = {float(state["step"]) for state in b["g_optim"]["state"].values()}
+    assert steps == {2.0}, steps  # two iterations since the fresh start (none before)
+    # a snapshot at a stage's last iteration: no iterations, the final file is written from it
+    train_CNeRF.train(args(data, tmp_path / "f", "exp", "--iter", 2, "--continue_training", "--ckpt", slim,
+                           "--fresh_optimizers"))
+    final = load_checkpoint(tmp_path / "f" / "exp" / "exp_vol_renderer.pt")
+    assert tensors_equal(final["g_ema"], snapshot["g_ema"]) and final["iter"] == 1
+    half = tmp_path / "half.pt"
+    strip.strip(full, half, half=True)
+    assert load_checkpoint(half)["g"][next(iter(snapshot["g"]))].dtype == torch.float16
+    train_CNeRF.train(args(data, tmp_path / "e", "exp", "--iter", 3, "--continue_training", "--ckpt", half,
+                           "--fresh_optimizers"))
+    e = load_checkpoint(tmp_path / "e" / "exp" / "volume_renderer" / "models_0000002.pt")
+    assert all(value.dtype == torch.float32 for value in e["g"].values() if value.is_floating_point())
+    with pytest.raises(CheckpointError, match="slim.pt: not a training checkpoint with optimiser states"):
+        strip.strip(slim, tmp_path / "again.pt")
+
+
 def test_resume_takes_the_architecture_from_the_checkpoint(data, tmp_path):
     """--d_channel_scale (and every model flag) is saved with the run: resuming needs none of them, and a
     contradicting one stops with one line naming the flag and the checkpoint."""
