@@ -126,6 +126,28 @@ def load_generator(module, path, entries=GENERATOR_ENTRIES, map_location="cpu"):
                              allow_unused=not getattr(module, "full_pipeline", True))
 
 
+def generator_export(source, half=False):
+    """The shippable form of a trained generator: `{"g_ema", "config", "iter", "dtype"}` from a final
+    checkpoint of train_Full.py / train_CNeRF.py (which carries "config") or one of their training
+    checkpoints `models_NNNNNNN.pt` (the architecture taken from the option tree "opt" it carries). With
+    `half` the floating tensors are float16 (loading copies them into the float32 model)."""
+    ckpt = load_checkpoint(source)
+    state = generator_state(ckpt, source, entries=("g_ema",))
+    config = ckpt.get("config")
+    if not isinstance(config, dict) and isinstance(ckpt.get("opt"), dict):  # a training checkpoint
+        try:
+            config = architecture_config(ckpt["opt"])
+        except (KeyError, TypeError):
+            config = None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source}: carries no 'config' (architecture options) nor the 'opt' of a training "
+                              f"checkpoint; export a checkpoint written by train_Full.py / train_CNeRF.py")
+    dtype = torch.float16 if half else torch.float32
+    weights = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items()}
+    return {"g_ema": weights, "config": config, "iter": int(ckpt.get("iter", -1)),
+            "dtype": str(dtype).replace("torch.", "")}
+
+
 def save_checkpoint(obj, path):
     """torch.save to a temporary file in the same folder, then atomically rename it into place."""
     path = str(path)

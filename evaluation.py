@@ -18,7 +18,7 @@ import editing
 import face_parser
 import generation as gen
 import metrics
-from regions import NUM_REGIONS, color_segmap
+from regions import NUM_REGIONS, REGION_NAMES, color_segmap
 
 # Seed offsets, so that the identities of different metrics never coincide.
 SAMPLE_SEED, LOCALITY_SEED, CONSISTENCY_SEED = 0, 1_000_000, 2_000_000
@@ -238,6 +238,72 @@ def locality(generator, opt, mean, psi, pairs, attributes, min_area, chunk=8, pr
                                                                                       "ratio")}}
                    for e in stats[a]] for a in attributes}
     return summary, example
+
+
+# ------------------------------------------------------------------------- frontal portrait check
+
+
+# What a portrait shows (ears may hide under hair): the regions the check of a shipped model asks for.
+PORTRAIT_REGIONS = ("background", "face", "eye", "mouth", "brow", "nose", "hair", "neck+cloth")
+
+
+def _top_row(mask):
+    return int(mask.any(1).nonzero()[0])
+
+
+def _centroid_row(mask):
+    rows = torch.arange(mask.shape[0], dtype=torch.float32, device=mask.device)[:, None].expand_as(mask)
+    return float((rows * mask).sum() / mask.sum())
+
+
+def placement_problems(labels):
+    """Where a portrait's parts are implausible, as short sentences (none: an empty list). labels [N,H,W]
+    region indices: the face larger than eye, mouth and nose; eyes above the mouth, the face above the
+    neck+cloth, the hair's top at or above the face's (each when both parts are shown)."""
+    index = {name: k for k, name in enumerate(REGION_NAMES)}
+    problems = []
+    for i in range(labels.shape[0]):
+        part = {name: (labels[i] == index[name]).float() for name in ("face", "eye", "mouth", "nose", "hair",
+                                                                       "neck+cloth")}
+        area = {name: float(mask.mean()) for name, mask in part.items()}
+        if area["face"] <= max(area["eye"], area["mouth"], area["nose"]):
+            problems.append(f"portrait {i}: face not the largest part")
+        if area["eye"] and area["mouth"] and _centroid_row(part["eye"]) >= _centroid_row(part["mouth"]):
+            problems.append(f"portrait {i}: eyes below mouth")
+        if area["face"] and area["neck+cloth"] and _centroid_row(part["face"]) >= _centroid_row(part["neck+cloth"]):
+            problems.append(f"portrait {i}: neck above face")
+        if area["face"] and area["hair"] and _top_row(part["hair"]) > _top_row(part["face"]):
+            problems.append(f"portrait {i}: no hair above the face")
+    return problems
+
+
+@torch.no_grad()
+def portrait_check(generator, opt, mean, psi, seeds, swap_region="hair"):
+    """The shipped model's test, measured: frontal portraits of `seeds` (editing.latents_from_seeds, ψ),
+    which regions their rendered seg (argmax) shows, where, and a texture swap of `swap_region` (each
+    portrait takes the next one's texture code). Returns dict(n, shown {region name: portraits showing
+    it}, area {region name: mean area fraction}, problems (placement_problems), swap {inside, outside,
+    ratio}: mean |Δ| (RGB mean, images in [-1, 1]) inside the region's pixels and outside them), and the
+    pictures rgb [N,3,H,W], labels [N,H,W], swapped rgb."""
+    device = mean[0].device
+    region = REGION_NAMES.index(swap_region)
+    codes, styles = editing.latents_from_seeds(generator, seeds, mean, psi)
+    cam = gen.cameras(generator.renderer.out_im_res, torch.zeros(len(seeds), 2), opt.camera, device)
+    rgb, seg, _, _ = editing.render(generator, codes, styles, cam, mean, psi)
+    labels = seg.argmax(1)
+    area = torch.stack([(labels == k).float().mean((1, 2)) for k in range(len(REGION_NAMES))], 1)  # [N,K]
+    edited = editing.swap_region_codes(codes, torch.roll(codes, 1, 0), [region], "texture")
+    swapped, _, _, _ = editing.render(generator, edited, styles, cam, mean, psi)
+    delta = (swapped - rgb).abs().mean(1)
+    inside_mask = labels == region
+    inside = float(delta[inside_mask].mean()) if inside_mask.any() else 0.0
+    outside = float(delta[~inside_mask].mean()) if (~inside_mask).any() else 0.0
+    return {"n": len(seeds), "shown": {name: int((area[:, k] > 0).sum()) for k, name in enumerate(REGION_NAMES)},
+            "area": {name: float(area[:, k].mean()) for k, name in enumerate(REGION_NAMES)},
+            "problems": placement_problems(labels),
+            "swap": {"region": swap_region, "inside": inside, "outside": outside,
+                     "ratio": outside / inside if inside > 0 else math.inf},
+            "rgb": rgb.cpu(), "labels": labels.cpu(), "swapped": swapped.cpu()}
 
 
 # ----------------------------------------------------------------------------------- consistency

@@ -375,3 +375,42 @@ def test_inception_files_load_from_local_files_only(tmp_path):
     features = evaluation.InceptionFeatures(path, "cpu")
     assert features(torch.zeros(1, 3, 16, 16)).shape == (1, 2048)  # the pool features, classifier dropped
     path.unlink()
+
+
+def test_placement_problems_of_drawn_and_of_upside_down_portraits():
+    """The shipped model's placement check (evaluation.placement_problems) passes the synthetic portraits'
+    exact label maps and names what is wrong in the same maps upside down or without a face."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import synthetic_portraits
+    from regions import label19_to_regions
+
+    maps = [label19_to_regions(synthetic_portraits.draw_portrait(np.random.default_rng([11, i]), 64)[1])
+            for i in range(8)]
+    labels = torch.as_tensor(np.stack(maps))
+    assert evaluation.placement_problems(labels) == []
+    upside_down = evaluation.placement_problems(labels.flip(1))
+    for i in range(8):
+        assert f"portrait {i}: eyes below mouth" in upside_down and f"portrait {i}: neck above face" in upside_down
+    faceless = labels.clone()
+    faceless[faceless == REGION_NAMES.index("face")] = REGION_NAMES.index("background")
+    assert "portrait 0: face not the largest part" in evaluation.placement_problems(faceless[:1])
+
+
+def test_portrait_check_counts_regions_and_measures_the_swap(sphere):
+    """On a tiny model: region counts and areas are those of the returned label maps, and the swap's
+    |Δ| is zero when the texture comes from the same identity (seeds 4, 4), non-zero from another."""
+    generator, opt, mean = sphere["generator"], sphere["opt"], sphere["mean"]
+    same = evaluation.portrait_check(generator, opt, mean, 0.7, [4, 4], swap_region="face")
+    assert same["swap"]["inside"] == 0.0 and same["swap"]["outside"] == 0.0 and same["n"] == 2
+    assert torch.equal(same["rgb"], same["swapped"])
+    other = evaluation.portrait_check(generator, opt, mean, 0.7, [4, 5], swap_region="face")
+    labels = other["labels"]
+    for k, name in enumerate(REGION_NAMES):
+        assert other["shown"][name] == int(sum(bool((labels[i] == k).any()) for i in range(2)))
+        assert other["area"][name] == pytest.approx(float((labels == k).float().mean()), abs=1e-6)
+    delta = (other["swapped"] - other["rgb"]).abs().mean(1)
+    face = labels == REGION_NAMES.index("face")
+    if face.any():
+        assert other["swap"]["inside"] == pytest.approx(float(delta[face].mean()), rel=1e-5)
+    assert other["swap"]["outside"] == pytest.approx(float(delta[~face].mean()), rel=1e-5)
+    assert float(delta.max()) > 0

@@ -31,6 +31,7 @@ import training_utils as tu  # noqa: E402
 from checkpoint import CheckpointError, load_checkpoint, load_generator  # noqa: E402
 from model import Generator  # noqa: E402
 from options import default_options  # noqa: E402
+from regions import REGION_NAMES  # noqa: E402
 
 MODEL = ["--renderer_spatial_output_dim", "8", "--style_dim", "32", "--width", "32", "--N_samples", "8",
          "--channel_multiplier", "1", "--n_render", "9"]
@@ -188,6 +189,28 @@ def test_stage2_starts_from_stage1_and_keeps_the_renderer(stage2):
     assert torch.equal(g.state_dict()["decoder.conv1.conv.weight"], ckpt["g_ema"]["decoder.conv1.conv.weight"])
     grid = np.asarray(Image.open(exp / "full_pipeline" / "samples" / "0000001.png"))
     assert grid.shape == (64, 8 * 2 * 128 + 15 * 2, 3)
+
+
+def test_track_checkpoints_measures_each_stage2_checkpoint_once(stage2, tmp_path, monkeypatch):
+    """tools/track_checkpoints.py: the shipped-model check on every stage-2 checkpoint, written as JSON,
+    a plot and a picture per checkpoint; a rerun measures only what is new; a stage-1 folder is refused."""
+    track = _load_script("track_checkpoints", ROOT / "tools" / "track_checkpoints.py")
+    folder = stage2 / "exp" / "full_pipeline"
+    records = track.track(str(folder), str(tmp_path), n=2, every=1, mean_samples=64, progress=False)
+    assert [r["iter"] for r in records] == [0, 1]
+    for r in records:
+        assert r["n"] == 2 and set(r["shown"]) == set(REGION_NAMES) and sum(r["area"].values()) == pytest.approx(1)
+        assert r["swap"]["region"] == "hair" and r["swap"]["inside"] >= 0
+        assert (tmp_path / f"portraits_{r['iter']:07d}.png").is_file()
+    picture = np.asarray(Image.open(tmp_path / "portraits_0000001.png"))
+    assert picture.shape == (2 * 64 + 2, 3 * 64 + 4, 3)  # two portraits: image, seg, |Δ| at 64 px
+    assert (tmp_path / "track.png").is_file()
+    with pytest.raises(CheckpointError, match="volume_renderer/models_0000001.pt"):
+        track.measure(str(stage2 / "exp" / "volume_renderer" / "models_0000001.pt"), [0, 1], 0.7, 64)
+    monkeypatch.setattr(track, "measure", lambda *a: pytest.fail("measured a checkpoint twice"))
+    assert track.track(str(folder), str(tmp_path), n=2, every=1, progress=False) == records
+    with pytest.raises(CheckpointError, match="holds no training checkpoint"):
+        track.track(str(tmp_path), str(tmp_path / "x"), progress=False)
 
 
 def test_stage2_without_stage1_renderer_exits_with_message(data, tmp_path):

@@ -15,28 +15,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-
-from checkpoint import (CheckpointError, architecture_config, generator_state, load_checkpoint,  # noqa: E402
-                        save_checkpoint)
+from checkpoint import CheckpointError, generator_export, save_checkpoint  # noqa: E402
 
 
 def export(source, destination, half=False):
-    ckpt = load_checkpoint(source)
-    state = generator_state(ckpt, source, entries=("g_ema",))
-    config = ckpt.get("config")
-    if not isinstance(config, dict) and isinstance(ckpt.get("opt"), dict):  # a training checkpoint
-        try:
-            config = architecture_config(ckpt["opt"])
-        except (KeyError, TypeError):
-            config = None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{source}: carries no 'config' (architecture options) nor the 'opt' of a training "
-                              f"checkpoint; export a checkpoint written by train_Full.py / train_CNeRF.py")
-    dtype = torch.float16 if half else torch.float32
-    weights = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items()}
-    save_checkpoint({"g_ema": weights, "config": config, "iter": int(ckpt.get("iter", -1)),
-                     "dtype": str(dtype).replace("torch.", "")}, destination)
+    save_checkpoint(generator_export(source, half), destination)
     return destination
 
 
