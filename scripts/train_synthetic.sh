@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The synthetic-portrait model (issue 15), from nothing to the shipped checkpoints, with this project's own
 # scripts only:
-#   synthetic portraits -> LMDB with masks -> stage 1 -> stage 2 -> face parser -> export -> curves -> metrics
+#   synthetic portraits -> LMDB with masks -> stage 1 -> stage 2 -> face parser -> the shipped-model check on
+#   every stage-2 checkpoint -> export -> curves -> metrics
 # Run it again to resume: finished steps are skipped and training continues from its latest checkpoint.
 #
 #   bash scripts/train_synthetic.sh                # everything under runs/synthetic (SYNTH_OUT to move it)
 #   SHIP=1 bash scripts/train_synthetic.sh         # also copy the results into checkpoints/
+#   SYNTH_EXPORT_ITER=900 bash scripts/train_synthetic.sh   # export (and measure) stage-2 iteration 900, not the last
 #   SYNTH_N=40 SYNTH_TRAIN_ARGS="--iter 2 --sphere_init_iter 2" SYNTH_EVAL_ARGS="--n 4 ..." ...   # a dry run
 #   bash scripts/train_synthetic.sh snapshot       # the stages' latest checkpoints, weights only, into git's reach
 #
@@ -132,8 +134,15 @@ if [ -f "$out/synthetic_parser.pt" ]; then echo "done: $out/synthetic_parser.pt"
 else "$py" tools/train_parser.py --dataset_path "$out/lmdb" --size 64 --seed 0 --epochs 20 \
     --out "$out/synthetic_parser.pt"; fi
 
+step "the shipped-model check on every stage-2 checkpoint (region presence, hair-swap locality)"
+"$py" tools/track_checkpoints.py "$exp/full_pipeline" --out "$out/track" --n 16 --every 100
+
 step "export the EMA generator (float16 on disk)"
-"$py" tools/export_generator.py "$exp/synthetic_full_pipeline.pt" "$out/synthetic_portraits.pt" --half
+if [ -n "${SYNTH_EXPORT_ITER:-}" ]; then
+  chosen="$exp/full_pipeline/$(printf 'models_%07d.pt' "$SYNTH_EXPORT_ITER")"
+  [ -f "$chosen" ] || { echo "SYNTH_EXPORT_ITER=$SYNTH_EXPORT_ITER: no checkpoint $chosen"; exit 1; }
+else chosen="$exp/synthetic_full_pipeline.pt"; fi
+"$py" tools/export_generator.py "$chosen" "$out/synthetic_portraits.pt" --half
 
 step "loss curves"
 "$py" tools/plot_losses.py --out "$out/loss_curves.png" --titles "stage 1,stage 2" \

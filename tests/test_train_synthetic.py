@@ -27,6 +27,7 @@ done
 case "$1" in
   tools/export_generator.py | tools/strip_optimizers.py) touch "$3" ;;
   tools/plot_losses.py) touch "$out" ;;
+  tools/track_checkpoints.py) mkdir -p "$out" ;;
   calc_metrics.py) mkdir -p "$out" && echo "| metric |" > "$out/metrics.md" ;;
 esac
 """
@@ -76,6 +77,9 @@ def test_finished_run_only_exports_and_evaluates(tmp_path):
     assert "train_CNeRF.py" not in scripts and "train_Full.py" not in scripts
     assert "tools/train_parser.py" not in scripts and "prepare_data.py" not in scripts
     assert scripts.count("calc_metrics.py") == 2 and "tools/export_generator.py" in scripts
+    assert scripts.index("tools/track_checkpoints.py") < scripts.index("tools/export_generator.py")
+    export = next(call for call in calls if call.startswith("tools/export_generator.py"))
+    assert export.startswith(f"tools/export_generator.py {exp}/synthetic_full_pipeline.pt ")
     assert (exp / "full_pipeline").is_dir()
 
 
@@ -156,3 +160,16 @@ def test_a_finished_stage1_snapshot_lets_stage2_go_on_from_its_own(tmp_path):
     stage2 = [call for call in calls if call.startswith("train_Full.py")]
     assert len(stage2) == 1 and f"--ckpt {progress}/synthetic_stage2_models_0000500.pt --fresh_optimizers" in stage2[0]
     assert "moved to" not in stdout
+
+
+def test_export_iter_exports_the_chosen_stage2_checkpoint(tmp_path):
+    """SYNTH_EXPORT_ITER picks the stage-2 checkpoint to export and measure; a missing one stops the script."""
+    out, exp = make_run(tmp_path, config_iter("synthetic_stage1.yaml") - 1, config_iter("synthetic_stage2.yaml") - 1)
+    (exp / "full_pipeline" / "models_0000900.pt").touch()
+    calls, _ = run_script(tmp_path, out, SYNTH_EXPORT_ITER="900")
+    export = next(call for call in calls if call.startswith("tools/export_generator.py"))
+    assert export.startswith(f"tools/export_generator.py {exp}/full_pipeline/models_0000900.pt ")
+    env = dict(os.environ, SYNTH_PYTHON=str(tmp_path / "python"), SYNTH_OUT=str(out), SYNTH_N="3",
+               CALLS=str(tmp_path / "calls.txt"), SYNTH_EXPORT_ITER="950")
+    result = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "SYNTH_EXPORT_ITER=950: no checkpoint" in result.stdout
