@@ -61,6 +61,7 @@ import metrics
 from checkpoint import CheckpointError
 from dataset import MultiResolutionDataset
 from draws import seed_everything
+from latents import mean_latent
 from regions import REGION_NAMES
 
 METRICS = ("fid", "kid", "miou", "locality", "consistency", "inversion")
@@ -287,7 +288,7 @@ def main(argv=None):
     seed = opt.experiment.seed or 0
     seed_everything(seed)
     psi = own.psi
-    mean = gen.mean_latent(generator, opt.inference.truncation_mean)
+    mean = mean_latent(generator, opt.inference.truncation_mean)
     results, seconds = {}, {}
     print(f"checkpoint {opt.training.trained_ckpt}; metrics {', '.join(chosen)}; output {out_dir}")
 

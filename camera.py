@@ -124,3 +124,47 @@ def fixed_locations(azim_range, elev_range, device="cpu"):
     for s in (0.5, 1.0, 1.5):
         locs += [(0.0, -s * elev_range), (0.0, s * elev_range)]
     return torch.tensor(locs, device=device)
+
+
+# ------------------------------------------------------- the views of inference
+
+
+def view_locations(opt, rng=None, device="cpu"):
+    """[V,2] (azimuth, elevation) of the views of one identity.
+
+    --fixed_camera_angles: the 13 fixed views; --num_views_per_id N > 1: N random views (sampled like
+    training cameras); otherwise the published 10-view azimuth sweep.
+    """
+    cam = opt.camera
+    if opt.inference.fixed_camera_angles:
+        return fixed_locations(cam.azim, cam.elev, device=device)
+    n = int(opt.inference.num_views_per_id)
+    if n > 1:
+        if cam.uniform:
+            u = torch.rand(n, 2, generator=rng) * 2 - 1
+            locs = u * torch.tensor([cam.azim, cam.elev])
+        else:
+            locs = torch.randn(n, 2, generator=rng) * torch.tensor([cam.azim, cam.elev])
+        return locs.to(device)
+    return sweep_locations(10, cam.azim, cam.elev, device=device)
+
+
+def shape_view_index(opt, n_views):
+    """The view the shape is rendered from: the sweep's middle view, else the first (frontal when fixed)."""
+    if opt.inference.fixed_camera_angles or int(opt.inference.num_views_per_id) > 1:
+        return 0
+    return n_views // 2
+
+
+def cameras(resolution, locations, camera_opt, device):
+    """(extrinsics [V,3,4], focal [V,1,1], near, far) for `locations` [V,2] at `resolution`."""
+    cam = generate_camera_params(resolution, device, locations=locations.to(device), fov_ang=camera_opt.fov,
+                                 dist_radius=camera_opt.dist_radius)
+    return cam[:4]
+
+
+def surface_cameras(generator, surface_generator, locations, camera_opt, device):
+    """Cameras of the surface renderer: the main renderer's with the focal scaled by the resolution ratio."""
+    extrinsics, focal, near, far = cameras(generator.renderer.out_im_res, locations, camera_opt, device)
+    scale = surface_generator.renderer.out_im_res / generator.renderer.out_im_res
+    return extrinsics, focal * scale, near, far

@@ -27,8 +27,9 @@ import torch
 import editing
 import generation as gen
 import imaging
+from camera import shape_view_index
 from checkpoint import CheckpointError
-from latents import LatentFileError, load_latents, save_latents
+from latents import LatentFileError, latents_from_file, load_latents, mean_latent, save_latents
 from regions import REGION_NAMES, color_segmap, parse_regions
 
 
@@ -62,7 +63,7 @@ def identity(spec, generator, mean, psi):
     like = dict(device=mean[0].device, dtype=mean[0].dtype)
     data = dict(data, codes=data["codes"][index:index + 1].to(**like),
                 styles_global=data["styles_global"][index:index + 1].to(**like))
-    return gen.latents_from_file(data, mean, psi)
+    return latents_from_file(data, mean, psi)
 
 
 def rows_for(rgb, seg):
@@ -100,7 +101,7 @@ def main(argv=None):
     except (ValueError, CheckpointError) as error:
         gen.fail(error)
     psi = opt.inference.truncation_ratio
-    mean = gen.mean_latent(generator, opt.inference.truncation_mean)  # fixed seed, as inference_Full.py
+    mean = mean_latent(generator, opt.inference.truncation_mean)  # fixed seed, as inference_Full.py
     try:
         source, source_global = identity(own.source, generator, mean, psi)
         reference, reference_global = identity(own.reference, generator, mean, psi)
@@ -131,7 +132,7 @@ def main(argv=None):
         outputs.append(("latents", os.path.join(out_dir, "interpolation_latents.pt"),
                         (steps, styles, note + f", {own.interpolate} interpolation steps")))
         if own.video:
-            middle = gen.shape_view_index(opt, locations.shape[0]) if not own.n_views else own.n_views // 2
+            middle = shape_view_index(opt, locations.shape[0]) if not own.n_views else own.n_views // 2
             frames = [imaging.image_grid([[imaging.to_uint8(rgb[i, middle]), color_segmap(seg[i, middle])]])
                       for i in range(own.interpolate)]
             frames = frames + frames[::-1]  # there and back, so the loop is seamless

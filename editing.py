@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import generation as gen
-from camera import sweep_locations
+from camera import cameras, sweep_locations, view_locations
+from latents import identity_latents
 from regions import CELEBAMASK_CLASSES, NUM_REGIONS, label19_to_regions
+from rendering import render_views
 
 ATTRIBUTES = ("shape", "texture", "both")
 
@@ -97,11 +98,11 @@ def z_from_seed(seed, style_dim, device, dtype=torch.float32):
 
 def latents_from_seeds(generator, seeds, mean, psi):
     """(codes [N,2K,D], styles_global [N,D]) of seed identities: z ~ N(0, I) from each seed, then the
-    published by-hand truncation (generation.identity_latents)."""
+    published by-hand truncation (latents.identity_latents)."""
     device, dtype = mean[0].device, mean[0].dtype
     # One seed at a time: a batched matmul may round differently, and a seed must always give the
     # same codes bit for bit, alone or with others.
-    pairs = [gen.identity_latents(generator, z_from_seed(s, generator.style_dim, device, dtype), mean, psi)
+    pairs = [identity_latents(generator, z_from_seed(s, generator.style_dim, device, dtype), mean, psi)
              for s in seeds]
     return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
 
@@ -112,7 +113,7 @@ def resample_codes(generator, source, regions, attribute, k, mean, psi, seed=0):
     truncated like any identity's, used for each chosen region's shape and/or texture)."""
     rng = torch.Generator().manual_seed(int(seed))
     z = torch.randn(k, generator.style_dim, generator=rng).to(device=source.device, dtype=source.dtype)
-    fresh, _ = gen.identity_latents(generator, z, mean, psi)
+    fresh, _ = identity_latents(generator, z, mean, psi)
     return swap_region_codes(source.expand(k, -1, -1), fresh, regions, attribute)
 
 
@@ -120,7 +121,7 @@ def resample_codes(generator, source, regions, attribute, k, mean, psi, seed=0):
 
 
 def render(generator, codes, styles_global, cam, mean_latent, psi, semantics=None):
-    """One differentiable batch through the generator, called exactly as generation.render_views calls
+    """One differentiable batch through the generator, called exactly as rendering.render_views calls
     it (which runs under no_grad, so inversion cannot use it). codes [B,2K,D], styles_global [B,D],
     cam for B views. Returns (rgb_high, seg_high, rgb_low, seg_low)."""
     (rgb, seg_high), rgb_low, seg_low = generator(
@@ -130,21 +131,21 @@ def render(generator, codes, styles_global, cam, mean_latent, psi, semantics=Non
 
 
 def render_identities(generator, codes, styles_global, locations, opt, mean_latent, psi=None, semantics=None):
-    """Every identity of codes [N,2K,D] from every location [V,2], by generation.render_views:
+    """Every identity of codes [N,2K,D] from every location [V,2], by rendering.render_views:
     (rgb [N,V,3,H,W], seg [N,V,K,H,W])."""
-    pairs = [gen.render_views(generator, codes[i:i + 1], styles_global[i:i + 1], locations, opt, mean_latent,
+    pairs = [render_views(generator, codes[i:i + 1], styles_global[i:i + 1], locations, opt, mean_latent,
                               semantics=semantics, psi=psi) for i in range(codes.shape[0])]
     return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
 def edit_locations(opt, n_views, device="cpu"):
     """--n_views N > 0: the published azimuth sweep with N views (one frontal view for N = 1);
-    otherwise the inference script's views (generation.view_locations)."""
+    otherwise the inference script's views (camera.view_locations)."""
     if n_views == 1:
         return torch.zeros(1, 2, device=device)
     if n_views > 1:
         return sweep_locations(n_views, opt.camera.azim, opt.camera.elev, device=device)
-    return gen.view_locations(opt, device=device)
+    return view_locations(opt, device=device)
 
 
 # -------------------------------------------------------------------------------------- inversion
@@ -228,7 +229,7 @@ def invert(generator, target, mean_latent, truncation, camera_opt, target_seg=No
     losses = []
     bar = tqdm(range(steps), desc="invert", disable=not progress, leave=False)
     for _ in bar:
-        cam = gen.cameras(generator.renderer.out_im_res, location, camera_opt, device)
+        cam = cameras(generator.renderer.out_im_res, location, camera_opt, device)
         rgb, seg, _, _ = render(generator, codes, styles_global, cam, mean_latent, truncation)
         diff = rgb - target
         loss = diff.abs().mean() if pixel_loss == "l1" else diff.pow(2).mean()
@@ -246,7 +247,7 @@ def invert(generator, target, mean_latent, truncation, camera_opt, target_seg=No
         if callback is not None:
             callback(len(losses), steps, losses[-1])
     with torch.no_grad():
-        cam = gen.cameras(generator.renderer.out_im_res, location, camera_opt, device)
+        cam = cameras(generator.renderer.out_im_res, location, camera_opt, device)
         rgb, seg, _, _ = render(generator, codes, styles_global, cam, mean_latent, truncation)
     return {"codes": codes.detach(), "styles_global": styles_global.detach(), "camera": location.detach(),
             "losses": losses, "rgb": rgb, "seg": seg}

@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 import editing
 import face_parser
-import generation as gen
 import metrics
+from camera import cameras
 from regions import NUM_REGIONS, REGION_NAMES, color_segmap
 
 # Seed offsets, so that the identities of different metrics never coincide.
@@ -126,7 +126,7 @@ def training_camera(camera_opt, seed):
 def render_batch(generator, codes, styles, locations, camera_opt, mean, psi, return_xyz=False):
     """(rgb, seg_high[, rgb_low, xyz, (extrinsics, focal)]) of codes [B,2K,D] from locations [B,2]."""
     device = codes.device
-    cam = gen.cameras(generator.renderer.out_im_res, locations.to(device), camera_opt, device)
+    cam = cameras(generator.renderer.out_im_res, locations.to(device), camera_opt, device)
     out = generator([codes], *cam, input_is_latent=True, truncation=psi, truncation_latent=mean,
                     randomize_noise=False, styles_global=[styles], return_xyz=return_xyz)
     (rgb, seg), rgb_low = out[0], out[1]
@@ -282,16 +282,18 @@ def portrait_check(generator, opt, mean, psi, seeds, swap_region="hair"):
     """The shipped model's test, measured: frontal portraits of `seeds` (editing.latents_from_seeds, ψ),
     which regions their rendered seg (argmax) shows, where, and a texture swap of `swap_region` (each
     portrait takes the next one's texture code). Returns dict(n, shown {region name: portraits showing
-    it}, area {region name: mean area fraction}, problems (placement_problems), swap {inside, outside,
+    it}, shown_by_renderer (the same count in the volume renderer's low-res seg, which the decoder's seg
+    starts from), area {region name: mean area fraction}, problems (placement_problems), swap {inside, outside,
     ratio}: mean |Δ| (RGB mean, images in [-1, 1]) inside the region's pixels and outside them), and the
     pictures rgb [N,3,H,W], labels [N,H,W], swapped rgb."""
     device = mean[0].device
     region = REGION_NAMES.index(swap_region)
     codes, styles = editing.latents_from_seeds(generator, seeds, mean, psi)
-    cam = gen.cameras(generator.renderer.out_im_res, torch.zeros(len(seeds), 2), opt.camera, device)
-    rgb, seg, _, _ = editing.render(generator, codes, styles, cam, mean, psi)
+    cam = cameras(generator.renderer.out_im_res, torch.zeros(len(seeds), 2), opt.camera, device)
+    rgb, seg, _, seg_low = editing.render(generator, codes, styles, cam, mean, psi)
     labels = seg.argmax(1)
     area = torch.stack([(labels == k).float().mean((1, 2)) for k in range(len(REGION_NAMES))], 1)  # [N,K]
+    labels_low = seg_low.argmax(1)  # the volume renderer's own seg, before the decoder
     edited = editing.swap_region_codes(codes, torch.roll(codes, 1, 0), [region], "texture")
     swapped, _, _, _ = editing.render(generator, edited, styles, cam, mean, psi)
     delta = (swapped - rgb).abs().mean(1)
@@ -299,6 +301,8 @@ def portrait_check(generator, opt, mean, psi, seeds, swap_region="hair"):
     inside = float(delta[inside_mask].mean()) if inside_mask.any() else 0.0
     outside = float(delta[~inside_mask].mean()) if (~inside_mask).any() else 0.0
     return {"n": len(seeds), "shown": {name: int((area[:, k] > 0).sum()) for k, name in enumerate(REGION_NAMES)},
+            "shown_by_renderer": {name: int((labels_low == k).flatten(1).any(1).sum())
+                                  for k, name in enumerate(REGION_NAMES)},
             "area": {name: float(area[:, k].mean()) for k, name in enumerate(REGION_NAMES)},
             "problems": placement_problems(labels),
             "swap": {"region": swap_region, "inside": inside, "outside": outside,

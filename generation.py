@@ -1,14 +1,15 @@
-"""Shared helpers for the scripts that render a trained generator (inference, videos, editing, inversion).
+"""Options, model building and loading for the scripts that render a trained generator (inference, videos,
+editing, inversion, metrics), and the shared start of an inference run.
 
-The published inference procedure (SPEC §15), in one place so that every script renders an identity
-the same way:
+The published inference procedure (SPEC §15), which every script follows through these modules:
   * w = style(z), truncated once by hand towards the renderer mean with ψ, repeated into the 18
-    per-region codes; the decoder's global style is the same w;
+    per-region codes; the decoder's global style is the same w (latents.identity_latents);
   * the generator is called with input_is_latent, truncation=ψ (so the renderer codes are truncated a
-    second time, as the published script does), randomize_noise=False, styles_global=[w];
-  * evaluation rendering: 64 samples per ray, static view directions, no jitter.
+    second time, as the published script does), randomize_noise=False, styles_global=[w]
+    (rendering.render_views, from the views of camera.view_locations);
+  * evaluation rendering: 64 samples per ray, static view directions, no jitter (build_generator).
 A renderer-only copy of the generator at 128×128 with 128 samples (focal ×2, same weights) provides
-the surface points and the SDF volume for shapes and meshes.
+the surface points and the SDF volume for shapes and meshes (rendering.render_surface).
 """
 import os
 import sys
@@ -18,9 +19,9 @@ from munch import Munch
 
 import devices
 import perf_utils
-from camera import fixed_locations, generate_camera_params, sweep_locations
 from checkpoint import CheckpointError, apply_saved_config, load_generator, load_state_strict, saved_config
 from draws import seed_everything
+from latents import identity_latents, latents_from_file, mean_latent
 from model import Generator
 from options import BaseOptions, group_options
 from regions import parse_regions
@@ -138,48 +139,6 @@ def load_for_editing(opt, n_samples):
     return device, generator
 
 
-@torch.no_grad()
-def mean_latent(generator, n, seed=0):
-    """[renderer mean w (1×D), decoder mean (1×2D) or None], as Generator.mean_latent computes them, from
-    `n` latents drawn on the CPU with a fixed seed (same means on every device and rerun; global RNG
-    untouched)."""
-    param = next(generator.parameters())
-    gen = torch.Generator().manual_seed(int(seed))
-    z = torch.randn(int(n), generator.style_dim, generator=gen).to(device=param.device, dtype=param.dtype)
-    w = generator.style(z)
-    decoder_mean = generator.decoder.mean_latent(w) if generator.full_pipeline else None
-    return [w.mean(0, keepdim=True), decoder_mean]
-
-
-# ------------------------------------------------------------------------------------------ latents
-
-
-def truncate(w, mean_w, psi):
-    """mean_w + ψ (w - mean_w) (SPEC §6)."""
-    if psi >= 1:
-        return w
-    return mean_w + psi * (w - mean_w)
-
-
-@torch.no_grad()
-def identity_latents(generator, z, mean, psi):
-    """z [N,D] → (codes [N,18,D], styles_global [N,D]): the published by-hand truncation of w = style(z)."""
-    w = truncate(generator.map_styles(z), mean[0], psi)
-    return w.unsqueeze(1).repeat(1, generator.n_latent, 1), w
-
-
-def latents_from_file(data, mean, psi):
-    """Codes and global styles of a loaded latent file, ready for render_views.
-
-    Codes marked truncated are used as given (they already hold the by-hand truncation); otherwise the
-    published by-hand truncation is applied to codes and global styles alike.
-    """
-    codes, styles_global = data["codes"], data["styles_global"]
-    if not data.get("truncated", True):
-        codes, styles_global = truncate(codes, mean[0], psi), truncate(styles_global, mean[0], psi)
-    return codes, styles_global
-
-
 def inference_run(opt, generator, latents, device):
     """The shared start of an inference run: seed, truncation mean, output folder and identities.
 
@@ -205,112 +164,6 @@ def inference_run(opt, generator, latents, device):
         return identity_latents(generator, z, mean, psi)
 
     return run, opt.inference.identities, sampled
-
-
-# ------------------------------------------------------------------------------------------ cameras
-
-
-def view_locations(opt, rng=None, device="cpu"):
-    """[V,2] (azimuth, elevation) of the views of one identity.
-
-    --fixed_camera_angles: the 13 fixed views; --num_views_per_id N > 1: N random views (sampled like
-    training cameras); otherwise the published 10-view azimuth sweep.
-    """
-    cam = opt.camera
-    if opt.inference.fixed_camera_angles:
-        return fixed_locations(cam.azim, cam.elev, device=device)
-    n = int(opt.inference.num_views_per_id)
-    if n > 1:
-        if cam.uniform:
-            u = torch.rand(n, 2, generator=rng) * 2 - 1
-            locs = u * torch.tensor([cam.azim, cam.elev])
-        else:
-            locs = torch.randn(n, 2, generator=rng) * torch.tensor([cam.azim, cam.elev])
-        return locs.to(device)
-    return sweep_locations(10, cam.azim, cam.elev, device=device)
-
-
-def shape_view_index(opt, n_views):
-    """The view the shape is rendered from: the sweep's middle view, else the first (frontal when fixed)."""
-    if opt.inference.fixed_camera_angles or int(opt.inference.num_views_per_id) > 1:
-        return 0
-    return n_views // 2
-
-
-def cameras(resolution, locations, camera_opt, device):
-    """(extrinsics [V,3,4], focal [V,1,1], near, far) for `locations` [V,2] at `resolution`."""
-    cam = generate_camera_params(resolution, device, locations=locations.to(device), fov_ang=camera_opt.fov,
-                                 dist_radius=camera_opt.dist_radius)
-    return cam[:4]
-
-
-def surface_cameras(generator, surface_generator, locations, camera_opt, device):
-    """Cameras of the surface renderer: the main renderer's with the focal scaled by the resolution ratio."""
-    extrinsics, focal, near, far = cameras(generator.renderer.out_im_res, locations, camera_opt, device)
-    scale = surface_generator.renderer.out_im_res / generator.renderer.out_im_res
-    return extrinsics, focal * scale, near, far
-
-
-# ---------------------------------------------------------------------------------------- rendering
-
-
-@torch.no_grad()
-def render_views(generator, codes, styles_global, locations, opt, mean_latent, semantics=None, psi=None,
-                 batch=4):
-    """Render one identity from every location, the published inference way.
-
-    codes [1,18,D] (already truncated once by hand), styles_global [1,D], locations [V,2].
-    `psi` defaults to --truncation_ratio; the generator truncates the codes towards the renderer mean a
-    second time and the decoder's mapped style towards the decoder mean. Returns
-    (rgb [V,3,H,W] in [-1,1], seg [V,K,H,W]) on the generator's device.
-    """
-    psi = opt.inference.truncation_ratio if psi is None else psi
-    device = codes.device
-    cam_all = cameras(generator.renderer.out_im_res, locations, opt.camera, device)
-    rgbs, segs = [], []
-    for start in range(0, locations.shape[0], batch):
-        cam = [t[start:start + batch] for t in cam_all]
-        count = cam[0].shape[0]
-        (rgb, seg), _, _ = generator(
-            [codes[:1].expand(count, -1, -1)], *cam, input_is_latent=True, truncation=psi,
-            truncation_latent=mean_latent, randomize_noise=False,
-            styles_global=[styles_global[:1].expand(count, -1)], semantics=semantics)
-        rgbs.append(rgb)
-        segs.append(seg)
-    return torch.cat(rgbs), torch.cat(segs)
-
-
-@torch.no_grad()
-def render_surface(generator, surface_generator, codes, location, opt, mean_latent, psi=None, return_sdf=False):
-    """The renderer-only pass of the surface copy for one view.
-
-    codes [1,18,D] as for render_views (truncated a second time, like the images), location [1,2].
-    Returns a Munch with xyz [3,r,r] surface points, mask [1,r,r] (last sample's weight: rays that hit
-    nothing), camera (extrinsics [3,4], focal scalar), near, far, and with return_sdf the SDF volume
-    sdf [r,r,S] and the world points of its samples points [r,r,S,3].
-    """
-    psi = opt.inference.truncation_ratio if psi is None else psi
-    device = codes.device
-    extrinsics, focal, near, far = surface_cameras(generator, surface_generator, location[:1], opt.camera, device)
-    out = surface_generator([codes[:1]], extrinsics, focal, near, far, input_is_latent=True, truncation=psi,
-                            truncation_latent=mean_latent, return_xyz=True, return_sdf=return_sdf)
-    xyz = out[2]
-    result = Munch(xyz=xyz[0], mask=out[-2][0], extrinsics=extrinsics[0], focal=float(focal.reshape(-1)[0]),
-                   near=float(near.reshape(-1)[0]), far=float(far.reshape(-1)[0]))
-    if return_sdf:
-        result.sdf = out[3][0, ..., 0]
-        result.points = sample_points(surface_generator.renderer, extrinsics, focal, near, far)[0]
-    return result
-
-
-def sample_points(renderer, extrinsics, focal, near, far):
-    """World positions [B,r,r,S,3] of the renderer's evaluation samples (the frustum-aligned SDF grid)."""
-    from camera import camera_rays, depths_along_rays
-
-    rays_o, rays_d, _ = camera_rays(renderer.grid_x, renderer.grid_y, focal, extrinsics)
-    z = depths_along_rays(renderer.t_vals.to(rays_o.dtype), near.reshape(-1, 1, 1, 1),
-                          far.reshape(-1, 1, 1, 1))  # [B,1,1,S]: no jitter at inference
-    return rays_o.unsqueeze(-2) + rays_d.unsqueeze(-2) * z.unsqueeze(-1)
 
 
 def fail(message):

@@ -21,9 +21,11 @@ from tqdm import tqdm
 import devices
 import generation as gen
 import imaging
+from camera import shape_view_index, view_locations
 from checkpoint import CheckpointError
 from latents import LatentFileError, load_latents
 from mesh_utils import MeshError, depth_mesh, save_mesh, sdf_mesh, shade_mesh
+from rendering import render_surface, render_views
 
 
 def add_arguments(group):
@@ -71,7 +73,7 @@ def prepare(argv):
 
 def write_surfaces(i, opt, own, generator, surface_generator, codes, location, mean, out_dir):
     """<i>_shape.png, <i>_depth_mesh.obj and <i>_mesh.<fmt> for one view of one identity."""
-    surface = gen.render_surface(generator, surface_generator, codes, location, opt, mean, return_sdf=True)
+    surface = render_surface(generator, surface_generator, codes, location, opt, mean, return_sdf=True)
     mesh = depth_mesh(surface.xyz, surface.mask)
     size = own.shape_size or opt.model.size
     focal = surface.focal * size / surface_generator.renderer.out_im_res
@@ -95,15 +97,15 @@ def run(opt, own, semantics, device, generator, surface_generator, latents):
     bar = tqdm(range(n_identities), desc="identities", unit="id")
     for i in bar:
         codes, styles_global = identity(i)
-        locations = gen.view_locations(opt, session.rng, device)
+        locations = view_locations(opt, session.rng, device)
         bar.set_postfix_str(f"{i}: {locations.shape[0]} views")
-        rgb, seg = gen.render_views(generator, codes, styles_global, locations, opt, mean, semantics=semantics,
+        rgb, seg = render_views(generator, codes, styles_global, locations, opt, mean, semantics=semantics,
                                     psi=psi)
         imaging.save_row(os.path.join(out_dir, f"{i}_img.png"), rgb)
         imaging.save_seg_row(os.path.join(out_dir, f"{i}_seg.png"), seg)
         if surface_generator is not None:
             bar.set_postfix_str(f"{i}: shape")
-            view = gen.shape_view_index(opt, locations.shape[0])
+            view = shape_view_index(opt, locations.shape[0])
             write_surfaces(i, opt, own, generator, surface_generator, codes, locations[view:view + 1], mean, out_dir)
     print(f"results in {os.path.abspath(out_dir)}")
 

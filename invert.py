@@ -30,9 +30,10 @@ import generation as gen
 import imaging
 import metrics
 from checkpoint import CheckpointError, load_checkpoint
-from latents import save_latents
 from editing import load_image, load_mask
+from latents import mean_latent, save_latents
 from regions import color_segmap
+from rendering import render_views
 
 
 def add_arguments(group):
@@ -86,7 +87,7 @@ def main(argv=None):
         gen.fail(error)
 
     psi = opt.inference.truncation_ratio
-    mean = gen.mean_latent(generator, opt.inference.truncation_mean)  # fixed seed, as inference_Full.py
+    mean = mean_latent(generator, opt.inference.truncation_mean)  # fixed seed, as inference_Full.py
     dtype = mean[0].dtype
     target = target.to(device=device, dtype=dtype)
     target_seg = None
@@ -97,7 +98,7 @@ def main(argv=None):
                             mask_weight=own.mask_weight, perceptual=perceptual,
                             perceptual_weight=own.perceptual_weight)
     locations = editing.edit_locations(opt, own.n_views, device)
-    views, view_segs = gen.render_views(generator, result["codes"], result["styles_global"], locations, opt, mean,
+    views, view_segs = render_views(generator, result["codes"], result["styles_global"], locations, opt, mean,
                                         psi=psi)
 
     target_seg_image = (color_segmap(target_seg[0]) if target_seg is not None

@@ -1,4 +1,5 @@
-"""Latent files: per-region codes and global styles that editing, inversion and inference share.
+"""Identity codes: the truncation mean, the published by-hand truncation, and latent files (per-region codes
+and global styles that editing, inversion and inference share).
 
 A latent file is a tensors-only torch file:
   {"codes": [N, 2K, D] per-region codes (already mapped; code 2k = region k's shape, 2k+1 its texture),
@@ -46,3 +47,45 @@ def load_latents(path, style_dim=None, n_regions=None):
                               f"({n_regions} regions)")
     data.setdefault("truncated", True)
     return data
+
+
+# ------------------------------------------------------------- codes of identities
+
+
+@torch.no_grad()
+def mean_latent(generator, n, seed=0):
+    """[renderer mean w (1×D), decoder mean (1×2D) or None], as Generator.mean_latent computes them, from
+    `n` latents drawn on the CPU with a fixed seed (same means on every device and rerun; global RNG
+    untouched)."""
+    param = next(generator.parameters())
+    gen = torch.Generator().manual_seed(int(seed))
+    z = torch.randn(int(n), generator.style_dim, generator=gen).to(device=param.device, dtype=param.dtype)
+    w = generator.style(z)
+    decoder_mean = generator.decoder.mean_latent(w) if generator.full_pipeline else None
+    return [w.mean(0, keepdim=True), decoder_mean]
+
+
+def truncate(w, mean_w, psi):
+    """mean_w + ψ (w - mean_w) (SPEC §6)."""
+    if psi >= 1:
+        return w
+    return mean_w + psi * (w - mean_w)
+
+
+@torch.no_grad()
+def identity_latents(generator, z, mean, psi):
+    """z [N,D] → (codes [N,18,D], styles_global [N,D]): the published by-hand truncation of w = style(z)."""
+    w = truncate(generator.map_styles(z), mean[0], psi)
+    return w.unsqueeze(1).repeat(1, generator.n_latent, 1), w
+
+
+def latents_from_file(data, mean, psi):
+    """Codes and global styles of a loaded latent file, ready for render_views.
+
+    Codes marked truncated are used as given (they already hold the by-hand truncation); otherwise the
+    published by-hand truncation is applied to codes and global styles alike.
+    """
+    codes, styles_global = data["codes"], data["styles_global"]
+    if not data.get("truncated", True):
+        codes, styles_global = truncate(codes, mean[0], psi), truncate(styles_global, mean[0], psi)
+    return codes, styles_global

@@ -35,9 +35,10 @@ import generation as gen
 import imaging
 import metrics
 import perf_utils
-from latents import LatentFileError, load_latents, save_latents
+from latents import LatentFileError, latents_from_file, load_latents, mean_latent, save_latents
 from mesh_utils import MeshError, depth_mesh, shade_mesh
 from regions import NUM_REGIONS, REGION_NAMES, color_segmap
+from rendering import render_surface, render_views
 
 # A portrait upload whose long side exceeds this × its short side is refused (the model's images are
 # square); a few per cent are cropped away silently, as invert.py does.
@@ -262,7 +263,7 @@ class RegionEditor:
         self.invert_steps = int(invert_steps)
         self.camera_limits = (2 * float(opt.camera.azim), 2 * float(opt.camera.elev))
         self.lock = threading.Lock()
-        self.mean = gen.mean_latent(generator, opt.inference.truncation_mean)  # fixed seed, as the scripts
+        self.mean = mean_latent(generator, opt.inference.truncation_mean)  # fixed seed, as the scripts
         self.identities = collections.OrderedDict()
         self._identities_lock = threading.Lock()  # uploads and inversions add while pages list them
         self._ids = itertools.count(1)
@@ -323,7 +324,7 @@ class RegionEditor:
             entry = dict(loaded, codes=loaded["codes"][i:i + 1].to(**like),
                          styles_global=loaded["styles_global"][i:i + 1].to(**like))
             # Files saved untruncated get the by-hand truncation at the default ψ once, here.
-            codes, styles = gen.latents_from_file(entry, self.mean, self.opt.inference.truncation_ratio)
+            codes, styles = latents_from_file(entry, self.mean, self.opt.inference.truncation_ratio)
             fitted = tuple(float(v) for v in camera[i].tolist()) if torch.is_tensor(camera) and \
                 camera.shape[0] == count else None
             label = name if count == 1 else f"{name}@{i}"
@@ -354,7 +355,7 @@ class RegionEditor:
         key = (tensor_key(codes, styles_global), state.azim, state.elev, state.psi, state.semantics)
 
         def view():
-            rgb, seg = gen.render_views(self.generator, codes, styles_global, self._location(state), self.opt,
+            rgb, seg = render_views(self.generator, codes, styles_global, self._location(state), self.opt,
                                         self.mean, semantics=semantics, psi=state.psi)
             return rgb[0].float().cpu(), color_segmap(seg[0])
         return key, view
@@ -365,7 +366,7 @@ class RegionEditor:
         key = (tensor_key(codes[:, 0::2]), state.azim, state.elev, state.psi)
 
         def shape():
-            surface = gen.render_surface(self.generator, self.surface_generator, codes, self._location(state),
+            surface = render_surface(self.generator, self.surface_generator, codes, self._location(state),
                                          self.opt, self.mean, psi=state.psi)
             focal = surface.focal * self.size / self.surface_generator.renderer.out_im_res
             try:

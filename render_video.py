@@ -22,6 +22,7 @@ from checkpoint import CheckpointError
 from latents import LatentFileError, load_latents
 from mesh_utils import depth_mesh, shade_mesh
 from regions import color_segmap
+from rendering import render_surface, render_views
 
 
 def add_arguments(group):
@@ -82,7 +83,7 @@ def prepare(argv):
 
 
 def shaded_depth(generator, surface_generator, codes, location, opt, mean, size):
-    surface = gen.render_surface(generator, surface_generator, codes, location, opt, mean)
+    surface = render_surface(generator, surface_generator, codes, location, opt, mean)
     focal = surface.focal * size / surface_generator.renderer.out_im_res
     return shade_mesh(depth_mesh(surface.xyz, surface.mask), surface.extrinsics, focal, size)
 
@@ -111,7 +112,7 @@ def identity_frames(i, opt, own, semantics, generator, surface_generator, codes,
     size = opt.model.size
     for start in tqdm(range(0, len(path), own.frame_batch), desc=f"identity {i}", unit="batch", leave=False):
         locations = path[start:start + own.frame_batch]
-        rgb, seg = gen.render_views(generator, codes, styles_global, locations, opt, mean, semantics=semantics,
+        rgb, seg = render_views(generator, codes, styles_global, locations, opt, mean, semantics=semantics,
                                     batch=own.frame_batch)
         rgb_u8, seg_u8 = imaging.to_uint8(rgb), color_segmap(seg)
         for j in range(locations.shape[0]):

@@ -16,10 +16,12 @@ import editing  # noqa: E402
 import generation as gen  # noqa: E402
 import imaging  # noqa: E402
 import metrics  # noqa: E402
+from camera import cameras  # noqa: E402
 from checkpoint import save_checkpoint  # noqa: E402
-from latents import LatentFileError, load_latents, save_latents  # noqa: E402
+from latents import LatentFileError, load_latents, mean_latent, save_latents  # noqa: E402
 from model import Generator  # noqa: E402
 from regions import NUM_REGIONS  # noqa: E402
+from rendering import render_views  # noqa: E402
 
 # Decoder 8 → 16: the smallest configuration the full pipeline supports, so the file stays fast.
 TINY = ["--size", "16", "--renderer_spatial_output_dim", "8", "--style_dim", "32", "--width", "32",
@@ -41,7 +43,7 @@ def tiny(tmp_path_factory):
     save_checkpoint({"g_ema": generator.state_dict()}, path)
     opt.training.trained_ckpt = str(path)
     loaded, _ = gen.load_models(opt, "cpu", n_samples=SAMPLES)
-    return path, opt, loaded, gen.mean_latent(loaded, opt.inference.truncation_mean)
+    return path, opt, loaded, mean_latent(loaded, opt.inference.truncation_mean)
 
 
 def run_script(script, *args):
@@ -190,7 +192,7 @@ def test_inference_full_accepts_edited_latents(tiny, tmp_path):
     row = np.asarray(Image.open(tmp_path / "inf" / "0_img.png").convert("RGB"))
     assert row.shape == (16, 160, 3)  # the published 10-view sweep
     first = editing.edit_locations(opt, 0)[:1]
-    rgb, _ = gen.render_views(generator, edited, styles, first, opt, mean)
+    rgb, _ = render_views(generator, edited, styles, first, opt, mean)
     assert np.array_equal(row[:, :16], imaging.to_uint8(rgb[0]))
 
 
@@ -202,7 +204,7 @@ def test_inversion_of_a_generated_image_lowers_the_loss_by_a_large_factor(tiny):
     codes, styles = editing.latents_from_seeds(generator, [6], mean, 0.7)
     location = torch.tensor([[0.15, -0.05]])
     with torch.no_grad():
-        cam = gen.cameras(8, location, opt.camera, "cpu")
+        cam = cameras(8, location, opt.camera, "cpu")
         target, target_seg, _, _ = editing.render(generator, codes, styles, cam, mean, 0.7)
     weights = {k: v.clone() for k, v in generator.state_dict().items()}
     result = editing.invert(generator, target, mean, 0.7, opt.camera, steps=20, lr=0.1, progress=False)
@@ -210,7 +212,7 @@ def test_inversion_of_a_generated_image_lowers_the_loss_by_a_large_factor(tiny):
     assert not torch.equal(result["camera"], torch.zeros(1, 2))  # the camera was optimised too
     with torch.no_grad():  # where the inversion started: the mean latent, frontal camera
         start = editing.render(generator, mean[0].view(1, 1, -1).repeat(1, 18, 1), mean[0],
-                               gen.cameras(8, torch.zeros(1, 2), opt.camera, "cpu"), mean, 0.7)[0]
+                               cameras(8, torch.zeros(1, 2), opt.camera, "cpu"), mean, 0.7)[0]
     assert metrics.psnr(result["rgb"], target) > metrics.psnr(start, target) + 6
     # Only the variables moved: the generator's weights are untouched.
     assert all(torch.equal(v, weights[k]) for k, v in generator.state_dict().items())
@@ -221,7 +223,7 @@ def test_invert_script_writes_image_and_latents(tiny, tmp_path):
 
     path, opt, generator, mean = tiny
     codes, styles = editing.latents_from_seeds(generator, [2], mean, 0.7)
-    rgb, seg = gen.render_views(generator, codes, styles, torch.zeros(1, 2), opt, mean)
+    rgb, seg = render_views(generator, codes, styles, torch.zeros(1, 2), opt, mean)
     Image.fromarray(imaging.to_uint8(rgb[0])).save(tmp_path / "face.png")
     label = np.full((16, 16), 1, dtype=np.uint8)
     label[:4] = 13  # hair on top, skin elsewhere (CelebAMask-HQ ids)
@@ -234,7 +236,7 @@ def test_invert_script_writes_image_and_latents(tiny, tmp_path):
     data = load_latents(tmp_path / "inv" / "face_latents.pt", 32, NUM_REGIONS)
     assert data["codes"].shape == (1, 18, 32) and data["camera"].shape == (1, 2)
     # The file renders the reconstruction shown in the grid (column 1) from its camera.
-    rec, _ = gen.render_views(generator, data["codes"], data["styles_global"], data["camera"], opt, mean)
+    rec, _ = render_views(generator, data["codes"], data["styles_global"], data["camera"], opt, mean)
     assert np.abs(imaging.to_uint8(rec[0]).astype(int) - grid[0][1].astype(int)).max() <= 1
 
 

@@ -21,9 +21,10 @@ if str(ROOT) not in sys.path:
 
 import generation as gen  # noqa: E402
 import mesh_utils as mu  # noqa: E402
-from camera import camera_rays, generate_camera_params, pixel_grid  # noqa: E402
+from camera import camera_rays, generate_camera_params, pixel_grid, shape_view_index, view_locations  # noqa: E402
 from checkpoint import CheckpointError, load_state_strict, save_checkpoint  # noqa: E402
-from latents import save_latents  # noqa: E402
+from latents import identity_latents, mean_latent, save_latents  # noqa: E402
+from rendering import render_surface  # noqa: E402
 
 TINY = ["--size", "64", "--renderer_spatial_output_dim", "32", "--style_dim", "32", "--width", "32",
         "--N_samples", "8", "--channel_multiplier", "1"]
@@ -181,10 +182,10 @@ def test_semantics_subset_changes_image_not_geometry(sweep_runs):
 def test_seed_reproducible_and_latents_render_the_same_identity(sweep_runs, ckpts, tiny_generator, tmp_path):
     _, out_all, _, _ = sweep_runs
     opt = tiny_options("--truncation_mean", "200")
-    mean = gen.mean_latent(tiny_generator, 200)
+    mean = mean_latent(tiny_generator, 200)
     z = torch.randn(1, 32, generator=torch.Generator().manual_seed(SEED))  # what --seed 5 draws first
     w_raw = tiny_generator.map_styles(z).detach()
-    codes, w = gen.identity_latents(tiny_generator, z, mean, opt.inference.truncation_ratio)
+    codes, w = identity_latents(tiny_generator, z, mean, opt.inference.truncation_ratio)
     truncated = tmp_path / "truncated.pt"
     save_latents(truncated, codes, w, truncated=True)
     raw = tmp_path / "raw.pt"
@@ -222,15 +223,15 @@ def test_fixed_and_random_views(ckpts, tmp_path):
 
 def test_view_locations():
     opt = tiny_options()
-    sweep = gen.view_locations(opt)
+    sweep = view_locations(opt)
     assert sweep.shape == (10, 2)
     np.testing.assert_allclose(sweep[:, 0], 0.3 * np.linspace(-1.5, 1.5, 10), atol=1e-6)
     np.testing.assert_allclose(sweep[:, 1], 0.8 * 0.15, atol=1e-7)
-    assert gen.shape_view_index(opt, 10) == 5
-    fixed = gen.view_locations(tiny_options("--fixed_camera_angles"))
+    assert shape_view_index(opt, 10) == 5
+    fixed = view_locations(tiny_options("--fixed_camera_angles"))
     assert fixed.shape == (13, 2) and fixed[0].abs().sum() == 0
     rng = torch.Generator().manual_seed(0)
-    random_views = gen.view_locations(tiny_options("--num_views_per_id", "4", "--uniform"), rng)
+    random_views = view_locations(tiny_options("--num_views_per_id", "4", "--uniform"), rng)
     assert random_views.shape == (4, 2)
     assert (random_views[:, 0].abs() <= 0.3).all() and (random_views[:, 1].abs() <= 0.15).all()
     assert random_views[:, 0].std() > 0
@@ -357,9 +358,9 @@ def sphere_models(tiny_generator, surface_resolution=48, surface_samples=32):
 def test_shape_of_a_sphere_is_a_shaded_disc_and_its_mesh_is_watertight(tiny_generator):
     radius, res = 0.06, 48
     opt, generator, surface_generator = sphere_models(tiny_generator, res)
-    mean = gen.mean_latent(generator, 50)
-    codes, _ = gen.identity_latents(generator, torch.randn(1, 32), mean, 0.7)
-    surface = gen.render_surface(generator, surface_generator, codes, torch.zeros(1, 2), opt, mean, return_sdf=True)
+    mean = mean_latent(generator, 50)
+    codes, _ = identity_latents(generator, torch.randn(1, 32), mean, 0.7)
+    surface = render_surface(generator, surface_generator, codes, torch.zeros(1, 2), opt, mean, return_sdf=True)
     assert surface.xyz.shape == (3, res, res) and surface.sdf.shape == (res, res, 32)
     # The renderer's surface points lie on the sphere wherever a ray hits it.
     hit = surface.mask[0] < 0.05  # rays that end on a surface (grazing rays at the rim mix with the far end)

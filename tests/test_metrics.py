@@ -23,7 +23,9 @@ import evaluation  # noqa: E402
 import face_parser  # noqa: E402
 import generation as gen  # noqa: E402
 import metrics  # noqa: E402
+from camera import cameras  # noqa: E402
 from checkpoint import save_checkpoint  # noqa: E402
+from latents import mean_latent  # noqa: E402
 from model import Generator  # noqa: E402
 from regions import REGION_NAMES  # noqa: E402
 from test_inference import assert_one_line_error, make_sphere, tiny_options  # noqa: E402
@@ -154,7 +156,7 @@ def sphere():
     torch.manual_seed(0)
     generator = make_sphere(gen.build_generator(tiny_options(), "cpu", 32))
     opt = tiny_options()
-    mean = gen.mean_latent(generator, 100)
+    mean = mean_latent(generator, 100)
     codes, styles = evaluation.editing.latents_from_seeds(generator, [0], mean, 1.0)
     locations = torch.tensor([[-0.3, 0.0], [0.3, 0.0]])
     rgb, seg, rgb_low, xyz, cam = evaluation.render_batch(generator, codes.expand(2, -1, -1), styles.expand(2, -1),
@@ -192,7 +194,7 @@ def test_reprojection_of_a_shifted_pair_does_not(sphere):
     assert min(shifted["colour_error"]) > 8 * good
     # View B claimed at azimuth +0.1 instead of +0.3: the sphere looks the same from there, but its
     # surface pattern is warped from the wrong points.
-    extrinsics, focal, _, _ = gen.cameras(32, torch.tensor([[0.1, 0.0], [-0.3, 0.0]]), sphere["opt"].camera, "cpu")
+    extrinsics, focal, _, _ = cameras(32, torch.tensor([[0.1, 0.0], [-0.3, 0.0]]), sphere["opt"].camera, "cpu")
     wrong = warp(sphere, texture, cam_b=(extrinsics, focal))
     assert wrong["colour_error"][0] > 5 * good
 

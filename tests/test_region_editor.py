@@ -21,6 +21,7 @@ import region_editor as re_  # noqa: E402
 from checkpoint import save_checkpoint  # noqa: E402
 from latents import load_latents, save_latents  # noqa: E402
 from model import Generator  # noqa: E402
+from rendering import render_views  # noqa: E402
 
 TINY = ["--size", "16", "--renderer_spatial_output_dim", "8", "--style_dim", "32", "--width", "32",
         "--N_samples", "8", "--channel_multiplier", "1", "--truncation_mean", "500", "--device", "cpu"]
@@ -158,7 +159,7 @@ def test_edit_matches_edit_semantics_swap_and_render(tiny):
     ref, _ = editing.latents_from_seeds(editor.generator, [7], editor.mean, 0.7)
     assert torch.equal(source, src) and torch.equal(styles, src_global)
     assert torch.equal(codes, editing.swap_region_codes(src, ref, [7], "texture"))
-    rgb, _ = gen.render_views(editor.generator, codes, styles, torch.tensor([[0.1, 0.0]]), editor.opt, editor.mean,
+    rgb, _ = render_views(editor.generator, codes, styles, torch.tensor([[0.1, 0.0]]), editor.opt, editor.mean,
                               psi=0.7)
     assert np.array_equal(editor.render(s)["images"]["image"], imaging.to_uint8(rgb[0]))
 

@@ -17,6 +17,7 @@ if str(ROOT) not in sys.path:
 import evaluation  # noqa: E402
 import generation as gen  # noqa: E402
 from checkpoint import load_checkpoint  # noqa: E402
+from latents import mean_latent  # noqa: E402
 
 SHIPPED = ROOT / "checkpoints" / "synthetic_portraits.pt"
 SEEDS = list(range(8))
@@ -31,7 +32,7 @@ def check():
     torch.set_num_threads(1)
     opt, _ = gen.parse_options(["--trained_ckpt", str(SHIPPED), "--device", "cpu"])
     generator, _ = gen.load_models(opt, torch.device("cpu"), n_samples=opt.rendering.N_samples)
-    mean = gen.mean_latent(generator, 2000)
+    mean = mean_latent(generator, 2000)
     return evaluation.portrait_check(generator, opt, mean, PSI, SEEDS, swap_region="hair")
 
 

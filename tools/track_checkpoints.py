@@ -7,7 +7,8 @@ For each training checkpoint `models_NNNNNNN.pt` of the folder (every --every it
 its EMA generator renders --n frontal portraits (seeds 0..n-1, ψ --psi) and a hair texture swap, measured
 as tests/test_shipped_model.py measures them (evaluation.portrait_check): how many portraits show each
 region, placement problems, the swap's |Δ| outside/inside the hair. Writes, under --out:
-  track.json              one record per checkpoint (rerun: checkpoints already measured are skipped)
+  track.json              one record per checkpoint (rerun: checkpoints already measured are skipped); it
+                          prints the portraits showing each small region (in brackets: in the renderer's seg)
   track.png               portraits showing eye / mouth / brow / nose, and the swap ratio, over iterations
   portraits_NNNNNNN.png   the portraits, their segs and the swap's |Δ| (0.5 = white), one row each
 Runs beside training (one thread); a checkpoint takes about half a minute at the synthetic recipe's size.
@@ -32,6 +33,7 @@ import evaluation  # noqa: E402
 import generation as gen  # noqa: E402
 import imaging  # noqa: E402
 from checkpoint import CheckpointError, generator_export, save_checkpoint  # noqa: E402
+from latents import mean_latent  # noqa: E402
 
 SMALL_REGIONS = ("eye", "mouth", "brow", "nose")
 CHECKPOINT_NAME = re.compile(r"models_(\d{7})\.pt$")
@@ -58,7 +60,7 @@ def measure(path, seeds, psi, mean_samples):
             generator, _ = gen.load_models(opt, torch.device("cpu"), n_samples=opt.rendering.N_samples)
         except CheckpointError as error:  # a stage-1 checkpoint has no decoder: name the file given
             raise CheckpointError(str(error).replace(exported, path)) from None
-    mean = gen.mean_latent(generator, mean_samples)
+    mean = mean_latent(generator, mean_samples)
     return evaluation.portrait_check(generator, opt, mean, psi, seeds, swap_region="hair")
 
 
@@ -75,11 +77,12 @@ def picture(check, size=64):
 def plot(records, out):
     iters = [r["iter"] for r in records]
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for name in SMALL_REGIONS:
-        left.plot(iters, [r["shown"][name] for r in records], marker="o", label=name)
+    for colour, name in zip(("C0", "C1", "C2", "C3"), SMALL_REGIONS):
+        left.plot(iters, [r["shown"][name] for r in records], marker="o", color=colour, label=name)
+        left.plot(iters, [r["shown_by_renderer"][name] for r in records], linestyle=":", color=colour)
     left.set_ylim(-0.5, max(r["n"] for r in records) + 0.5)
     left.set_xlabel("stage-2 iteration")
-    left.set_title("frontal portraits showing the region")
+    left.set_title("portraits showing the region (dotted: renderer)")
     left.legend()
     right.plot(iters, [r["swap"]["ratio"] for r in records], marker="o", color="k")
     right.axhline(0.1, color="r", linestyle="--", label="target 0.10")
@@ -108,7 +111,8 @@ def track(folder, out, n=16, every=100, psi=0.7, mean_samples=2000, progress=Tru
     for i, path in tqdm(todo, desc="checkpoints", disable=not progress):
         check = measure(path, list(range(n)), psi, mean_samples)
         imaging.save_image(os.path.join(out, f"portraits_{i:07d}.png"), picture(check))
-        records.append({"iter": i, "n": check["n"], "shown": check["shown"], "area": check["area"],
+        records.append({"iter": i, "n": check["n"], "shown": check["shown"],
+                        "shown_by_renderer": check["shown_by_renderer"], "area": check["area"],
                         "problems": check["problems"], "swap": check["swap"]})
         records.sort(key=lambda r: r["iter"])
         write_json(log, records)
@@ -132,7 +136,7 @@ def main(argv=None):
     except CheckpointError as error:
         sys.exit(f"error: {error}")
     for r in records:
-        shown = ", ".join(f"{name} {r['shown'][name]}" for name in SMALL_REGIONS)
+        shown = ", ".join(f"{name} {r['shown'][name]} ({r['shown_by_renderer'][name]})" for name in SMALL_REGIONS)
         print(f"{r['iter']:>7}: of {r['n']}: {shown}; problems {len(r['problems'])}; "
               f"hair swap outside/inside {r['swap']['ratio']:.3f} (inside {r['swap']['inside']:.3f})")
 
