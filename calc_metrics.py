@@ -62,6 +62,7 @@ from checkpoint import CheckpointError
 from dataset import MultiResolutionDataset
 from draws import seed_everything
 from latents import mean_latent
+from options import check_ranges
 from regions import REGION_NAMES
 
 METRICS = ("fid", "kid", "miou", "locality", "consistency", "inversion")
@@ -101,16 +102,13 @@ def parse_metrics(spec):
 
 
 def check_settings(own, chosen):
-    positive = {"--n": own.n, "--render_batch": own.render_batch, "--kid_subsets": own.kid_subsets, "--n_pairs": own.n_pairs,
-                "--n_consistency": own.n_consistency, "--n_inversions": own.n_inversions,
-                "--inversion_steps": own.inversion_steps, "--parser_epochs": own.parser_epochs}
-    for flag, value in positive.items():
-        if value < 1:
-            raise ValueError(f"{flag} must be at least 1, got {value}")
+    check_ranges({f"--{name}": (own[name], ">= 1") for name in ("n", "render_batch", "kid_subsets", "n_pairs",
+                                                                 "n_consistency", "n_inversions", "inversion_steps",
+                                                                 "parser_epochs")})
     if ("fid" in chosen or "kid" in chosen) and own.n < 2:
-        raise ValueError("--n must be at least 2 for fid/kid")
-    if not 0 < own.psi <= 1 or not 0 <= own.min_area < 1 or not own.consistency_azim > 0:
-        raise ValueError("need 0 < --psi <= 1, 0 <= --min_area < 1 and --consistency_azim > 0")
+        raise devices.UsageError("--n must be at least 2 for fid/kid")
+    check_ranges({"--psi": (own.psi, "(0, 1]"), "--min_area": (own.min_area, "[0, 1)"),
+                  "--consistency_azim": (own.consistency_azim, "> 0")})
     attributes = [a.strip() for a in own.locality_attributes.split(",") if a.strip()]
     if not attributes or any(a not in ("texture", "shape") for a in attributes):
         raise ValueError(f"--locality_attributes {own.locality_attributes!r}: give texture and/or shape")

@@ -11,6 +11,7 @@ import socket
 
 import generation as gen
 from checkpoint import CheckpointError
+from options import check_ranges
 
 DEFAULT_CKPT = "checkpoints/synthetic_portraits.pt"
 
@@ -50,8 +51,7 @@ def main(argv=None):
 
     samples = own.inference_samples or opt.rendering.N_samples
     try:
-        if own.invert_steps < 1 or own.cache_size < 0:
-            raise gen.UsageError("--invert_steps must be at least 1 and --cache_size at least 0")
+        check_ranges({"--invert_steps": (own.invert_steps, ">= 1"), "--cache_size": (own.cache_size, ">= 0")})
         check_port(own.host, own.port)
         editor = region_editor.load_editor(
             opt, samples, own.surface_resolution or opt.model.renderer_spatial_output_dim,

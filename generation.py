@@ -23,7 +23,7 @@ from checkpoint import CheckpointError, apply_saved_config, load_generator, load
 from draws import seed_everything
 from latents import identity_latents, latents_from_file, mean_latent
 from model import Generator
-from options import BaseOptions, group_options
+from options import BaseOptions, check_ranges, group_options
 from regions import parse_regions
 
 # Evaluation rendering of the published inference script.
@@ -132,8 +132,7 @@ def load_models(opt, device, surface=False, n_samples=INFERENCE_SAMPLES, surface
 
 def load_for_editing(opt, n_samples):
     """(device, evaluation generator rendering `n_samples` per ray) for the editing and inversion tools."""
-    if n_samples < 2:
-        raise UsageError(f"--inference_samples must be at least 2, got {n_samples}")
+    check_ranges({"--inference_samples": (n_samples, ">= 2")})
     device = devices.select_device(opt.experiment.device)
     generator, _ = load_models(opt, device, n_samples=n_samples)
     return device, generator

@@ -25,6 +25,7 @@ from camera import shape_view_index, view_locations
 from checkpoint import CheckpointError
 from latents import LatentFileError, load_latents
 from mesh_utils import MeshError, depth_mesh, save_mesh, sdf_mesh, shade_mesh
+from options import check_ranges
 from rendering import render_surface, render_views
 
 
@@ -42,17 +43,12 @@ def add_arguments(group):
 
 
 def check_arguments(opt, own):
-    if opt.inference.identities < 1:
-        raise gen.UsageError(f"--identities must be at least 1, got {opt.inference.identities}")
-    if opt.inference.num_views_per_id < 1:
-        raise gen.UsageError(f"--num_views_per_id must be at least 1, got {opt.inference.num_views_per_id}")
-    for name in ("inference_samples", "surface_resolution", "surface_samples"):
-        if own[name] < 2:
-            raise gen.UsageError(f"--{name} must be at least 2, got {own[name]}")
-    if own.shape_size < 0:
-        raise gen.UsageError(f"--shape_size must be positive, got {own.shape_size}")
-    if not 0 < opt.inference.truncation_ratio <= 1:
-        raise gen.UsageError(f"--truncation_ratio must be in (0, 1], got {opt.inference.truncation_ratio}")
+    check_ranges({"--identities": (opt.inference.identities, ">= 1"),
+                  "--num_views_per_id": (opt.inference.num_views_per_id, ">= 1"),
+                  **{f"--{name}": (own[name], ">= 2") for name in ("inference_samples", "surface_resolution",
+                                                                   "surface_samples")},
+                  "--shape_size": (own.shape_size, ">= 0"),
+                  "--truncation_ratio": (opt.inference.truncation_ratio, "(0, 1]")})
 
 
 def prepare(argv):

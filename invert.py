@@ -32,6 +32,7 @@ import metrics
 from checkpoint import CheckpointError, load_checkpoint
 from editing import load_image, load_mask
 from latents import mean_latent, save_latents
+from options import check_ranges
 from regions import color_segmap
 from rendering import render_views
 
@@ -75,8 +76,7 @@ def main(argv=None):
                              "use --vgg_weights with a local torchvision VGG16 state dict")
         if own.pixel_loss not in ("l1", "l2"):
             raise ValueError(f"--pixel_loss {own.pixel_loss!r} is not one of l1, l2")
-        if own.steps < 1 or own.n_views < 0:
-            raise ValueError("--steps must be at least 1 and --n_views at least 0")
+        check_ranges({"--steps": (own.steps, ">= 1"), "--n_views": (own.n_views, ">= 0")})
         if not own.image:
             raise ValueError("no --image given")
         target = load_image(own.image, size)

@@ -6,9 +6,12 @@ the published ones; flags added by this project are marked "(new)".
 """
 import argparse
 import math
+import re
 
 import configargparse
 from munch import Munch
+
+from devices import UsageError
 
 
 def finite_float(text):
@@ -136,6 +139,34 @@ class BaseOptions:
             self.initialize()
         parsed = self.parser.parse_args(args)
         return group_options(self.parser, parsed)
+
+
+_RULE = re.compile(r"^(>=|>)\s*(-?[\d.]+)$|^([(\[])\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*([)\]])$")
+
+
+def _within(value, rule):
+    """(whether `value` obeys `rule`, the rule in words): ">= 1", "> 0" or an interval "(0, 1]", "[0, 1)"."""
+    m = _RULE.match(rule)
+    if m is None:
+        raise ValueError(f"bad range rule {rule!r}")
+    if m.group(1):
+        bound = float(m.group(2))
+        if m.group(1) == ">":
+            return value > bound, "positive" if bound == 0 else f"greater than {m.group(2)}"
+        return value >= bound, "non-negative" if bound == 0 else f"at least {m.group(2)}"
+    low, high = float(m.group(4)), float(m.group(5))
+    above = value > low if m.group(3) == "(" else value >= low
+    below = value < high if m.group(6) == ")" else value <= high
+    return above and below, f"in {m.group(3)}{m.group(4)}, {m.group(5)}{m.group(6)}"
+
+
+def check_ranges(checks, error=UsageError):
+    """The one range check of command-line values: checks {flag: (value, rule)} (rules as in _within),
+    in order; the first value out of range raises `error` with one line naming the flag."""
+    for flag, (value, rule) in checks.items():
+        ok, words = _within(value, rule)
+        if not ok:
+            raise error(f"{flag} must be {words}, got {value}")
 
 
 def group_options(parser, parsed):

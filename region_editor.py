@@ -37,6 +37,7 @@ import metrics
 import perf_utils
 from latents import LatentFileError, latents_from_file, load_latents, mean_latent, save_latents
 from mesh_utils import MeshError, depth_mesh, shade_mesh
+from options import check_ranges
 from regions import NUM_REGIONS, REGION_NAMES, color_segmap
 from rendering import render_surface, render_views
 
@@ -495,8 +496,8 @@ class RegionEditor:
 
 def load_editor(opt, inference_samples, surface_resolution, surface_samples, cache_size=64, invert_steps=200):
     """Load --trained_ckpt strictly (CheckpointError / UsageError, one line) and build the editor."""
-    if inference_samples < 2 or surface_samples < 2 or surface_resolution < 2:
-        raise gen.UsageError("--inference_samples, --surface_samples and --surface_resolution must be at least 2")
+    check_ranges({"--inference_samples": (inference_samples, ">= 2"), "--surface_samples": (surface_samples, ">= 2"),
+                  "--surface_resolution": (surface_resolution, ">= 2")})
     device = devices.select_device(opt.experiment.device)
     generator, surface_generator = gen.load_models(opt, device, surface=True, n_samples=inference_samples,
                                                    surface_resolution=surface_resolution,

@@ -21,6 +21,7 @@ import imaging
 from checkpoint import CheckpointError
 from latents import LatentFileError, load_latents
 from mesh_utils import depth_mesh, shade_mesh
+from options import check_ranges
 from regions import color_segmap
 from rendering import render_surface, render_views
 
@@ -55,16 +56,11 @@ def check_arguments(opt, own):
         # The published --project_noise needs a mesh file that its script never writes (SPEC §17).
         raise gen.UsageError("--project_noise is not supported: the decoder uses its fixed stored noise "
                              "instead (texture still stays put across frames); run without --project_noise")
-    if opt.inference.identities < 1:
-        raise gen.UsageError(f"--identities must be at least 1, got {opt.inference.identities}")
-    if own.frames < 1 or own.fps < 1 or own.frame_batch < 1:
-        raise gen.UsageError(f"--frames, --fps and --frame_batch must be positive "
-                             f"(got {own.frames}, {own.fps}, {own.frame_batch})")
-    for name in ("inference_samples", "surface_resolution", "surface_samples"):
-        if own[name] < 2:
-            raise gen.UsageError(f"--{name} must be at least 2, got {own[name]}")
-    if not 0 < opt.inference.truncation_ratio <= 1:
-        raise gen.UsageError(f"--truncation_ratio must be in (0, 1], got {opt.inference.truncation_ratio}")
+    check_ranges({"--identities": (opt.inference.identities, ">= 1"),
+                  **{f"--{name}": (own[name], ">= 1") for name in ("frames", "fps", "frame_batch")},
+                  **{f"--{name}": (own[name], ">= 2") for name in ("inference_samples", "surface_resolution",
+                                                                   "surface_samples")},
+                  "--truncation_ratio": (opt.inference.truncation_ratio, "(0, 1]")})
 
 
 def prepare(argv):

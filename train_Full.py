@@ -25,7 +25,7 @@ import training_utils as tu
 from checkpoint import generator_state, load_checkpoint, load_state_strict
 from dataset import MultiResolutionDataset
 from draws import seed_everything
-from options import BaseOptions
+from options import BaseOptions, check_ranges
 
 STAGE = "full_pipeline"
 
@@ -76,9 +76,8 @@ def train(argv=None):
     if opt.model.size <= opt.model.renderer_spatial_output_dim:
         raise tu.TrainingError(f"--size {opt.model.size} must be larger than --renderer_spatial_output_dim "
                                f"{opt.model.renderer_spatial_output_dim} (the decoder upsamples)")
-    for name in ("d_reg_every", "g_reg_every", "path_batch_shrink"):
-        if t[name] < 1:
-            raise tu.TrainingError(f"--{name} must be at least 1 (got {t[name]})")
+    check_ranges({f"--{name}": (t[name], ">= 1") for name in ("d_reg_every", "g_reg_every", "path_batch_shrink")},
+                 tu.TrainingError)
     run = tu.start_run(opt, STAGE, 2, ("g", "d", "g_ema", "g_optim", "d_optim", "iter"))
     device, distributed, rank, main = run.device, run.distributed, run.rank, run.main
     logger = run.logger

@@ -23,6 +23,7 @@ import distributed as dist_utils
 import imaging
 from camera import generate_camera_params
 from draws import seed_everything
+from options import check_ranges
 from regions import color_segmap
 
 EMA_DECAY = 0.5 ** (32 / (10 * 1000))  # published, per iteration
@@ -58,18 +59,14 @@ def ema_decay(opt):
 def validate(opt):
     """Option checks both stages share; one-line TrainingError naming the flag."""
     t = opt.training
-    for name in ("vol_g_lr", "vol_d_lr"):
-        if t[name] <= 0:
-            raise TrainingError(f"--{name} must be positive (got {t[name]})")
-    if t.ema_decay is not None and not 0 <= t.ema_decay < 1:
-        raise TrainingError(f"--ema_decay must be in [0, 1) (got {t.ema_decay})")
-    if opt.model.d_channel_scale <= 0:
-        raise TrainingError(f"--d_channel_scale must be positive (got {opt.model.d_channel_scale})")
-    for name in ("batch", "chunk", "sample_every", "save_every", "val_n_sample"):
-        if t[name] < 1:
-            raise TrainingError(f"--{name} must be at least 1 (got {t[name]})")
-    if t.iter < 0:
-        raise TrainingError(f"--iter must be non-negative (got {t.iter})")
+    checks = {f"--{name}": (t[name], "> 0") for name in ("vol_g_lr", "vol_d_lr")}
+    if t.ema_decay is not None:
+        checks["--ema_decay"] = (t.ema_decay, "[0, 1)")
+    checks["--d_channel_scale"] = (opt.model.d_channel_scale, "> 0")
+    checks.update({f"--{name}": (t[name], ">= 1") for name in ("batch", "chunk", "sample_every", "save_every",
+                                                                 "val_n_sample")})
+    checks["--iter"] = (t.iter, ">= 0")
+    check_ranges(checks, TrainingError)
     if t.sphere_init_iter < 0:
         raise TrainingError(f"--sphere_init_iter must be non-negative (got {t.sphere_init_iter})")
     if t.num_workers < 0:

@@ -17,7 +17,7 @@ import check_conformance  # noqa: E402
 from camera import generate_camera_params  # noqa: E402
 from checkpoint import CheckpointError, load_generator, load_state_strict, save_checkpoint  # noqa: E402
 from model import Generator  # noqa: E402
-from options import default_options  # noqa: E402
+from options import check_ranges, default_options  # noqa: E402
 from regions import NUM_REGIONS, parse_regions  # noqa: E402
 
 TINY = ["--size", "64", "--renderer_spatial_output_dim", "16", "--style_dim", "32", "--width", "32",
@@ -266,3 +266,28 @@ def test_options_refuse_non_finite_numbers(value, capsys):
     assert stop.value.code == 2
     assert f"argument --view_lambda: must be a finite number, got '{value}'" in capsys.readouterr().err
     assert default_options(["--view_lambda", "1e-3", "--azim", "-0.5"]).camera.azim == -0.5
+
+
+def test_check_ranges_names_the_first_flag_out_of_range():
+    """The one range check of the scripts: each rule kind, its words, the flag and value in one line."""
+    from devices import UsageError
+
+    ok = {"--a": (1, ">= 1"), "--b": (0.5, "> 0"), "--c": (0, ">= 0"), "--d": (1.0, "(0, 1]"), "--e": (0.0, "[0, 1)")}
+    check_ranges(ok)  # nothing raised
+    for checks, message in (({"--chunk": (0, ">= 1")}, "--chunk must be at least 1, got 0"),
+                            ({"--lr": (0.0, "> 0")}, "--lr must be positive, got 0.0"),
+                            ({"--iter": (-1, ">= 0")}, "--iter must be non-negative, got -1"),
+                            ({"--psi": (0, "(0, 1]")}, "--psi must be in (0, 1], got 0"),
+                            ({"--ema_decay": (1.0, "[0, 1)")}, "--ema_decay must be in [0, 1), got 1.0"),
+                            ({"--n": (5, ">= 2"), "--m": (1, ">= 2"), "--k": (0, ">= 2")}, "--m must be at least 2, got 1")):
+        with pytest.raises(UsageError) as error:
+            check_ranges(checks)
+        assert str(error.value) == message
+
+    class StageError(UsageError):
+        pass
+
+    with pytest.raises(StageError, match="--batch must be at least 1, got 0"):
+        check_ranges({"--batch": (0, ">= 1")}, StageError)
+    with pytest.raises(ValueError, match="bad range rule"):
+        check_ranges({"--x": (1, "at least one")})
