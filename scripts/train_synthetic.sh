@@ -12,9 +12,10 @@
 #   bash scripts/train_synthetic.sh snapshot       # the stages' latest checkpoints, weights only, into git's reach
 #
 # Snapshots carry an unfinished run across machines: `snapshot` writes each stage's latest checkpoint without
-# its optimiser states to checkpoints/progress/synthetic_stage{1,2}_models_NNNNNNN.pt (a few MB; commit them,
-# `git rm` the older ones). A stage whose folder holds nothing newer continues from its snapshot with
-# --fresh_optimizers (Adam's moments restart; everything else goes on where it was).
+# its optimiser states, weights in float16, to checkpoints/progress/synthetic_stage{1,2}_models_NNNNNNN.pt
+# (about 11 MB for stage 1), with the stage's loss log beside it (commit them, `git rm` the older ones). A stage
+# whose folder holds nothing newer continues from its snapshot with --fresh_optimizers (Adam's moments
+# restart; everything else goes on where it was) and its loss log.
 #
 # Recipe: configs/synthetic_stage1.yaml, configs/synthetic_stage2.yaml (4000 portraits, seed 0, 128 px drawn,
 # LMDB at 64 and 32 px). On a CPU shared with other work, OMP_NUM_THREADS=1 is much faster than 2.
@@ -75,7 +76,12 @@ train_stage() {
   local resume=()
   local last; last="$(resume_point "$stage_dir" "$name")"
   if [ -n "$last" ]; then resume=(--continue_training --ckpt "$last"); echo "resuming from $last"; fi
-  if [[ "$last" == "$progress"/* ]]; then resume+=(--fresh_optimizers); fi  # a snapshot has no optimiser states
+  if [[ "$last" == "$progress"/* ]]; then  # a snapshot: no optimiser states; its loss log starts this folder's
+    resume+=(--fresh_optimizers)
+    if [ ! -f "$stage_dir/losses.jsonl" ] && [ -f "$progress/${name}_losses.jsonl" ]; then
+      mkdir -p "$stage_dir" && cp "$progress/${name}_losses.jsonl" "$stage_dir/losses.jsonl"
+    fi
+  fi
   # shellcheck disable=SC2086  # SYNTH_TRAIN_ARGS is a list of flags
   "$py" "$script" --config "$config" --dataset_path "$out/lmdb" --checkpoints_dir "$ckpts" "${resume[@]}" "$@" \
       ${SYNTH_TRAIN_ARGS:-}
@@ -87,7 +93,8 @@ if [ "${1:-}" = snapshot ]; then
     read -r folder name <<< "$stage"
     last="$(latest "$exp/$folder")"
     if [ -z "$last" ]; then echo "$name: no checkpoint in $exp/$folder"; continue; fi
-    "$py" tools/strip_optimizers.py "$last" "$progress/${name}_$(basename "$last")"
+    "$py" tools/strip_optimizers.py "$last" "$progress/${name}_$(basename "$last")" --half
+    if [ -f "$exp/$folder/losses.jsonl" ]; then cp "$exp/$folder/losses.jsonl" "$progress/${name}_losses.jsonl"; fi
   done
   echo "commit the new files under $progress and git rm the older ones"
   exit 0

@@ -121,12 +121,14 @@ def test_snapshots_carry_a_run_to_a_fresh_machine(tmp_path):
     lacks them, a stage continues from its newest snapshot with --fresh_optimizers, and a stage whose folder
     holds a newer checkpoint continues from that one (with its optimiser states)."""
     out, exp = make_run(tmp_path, 300, 200)
+    (exp / "volume_renderer" / "losses.jsonl").write_text('{"step": 300}\n')
     progress = tmp_path / "progress"
     calls, stdout = run_script(tmp_path, out, "snapshot", SYNTH_PROGRESS=str(progress))
     assert [call.split()[0] for call in calls] == ["tools/strip_optimizers.py"] * 2
-    assert f"{exp}/volume_renderer/models_0000300.pt {progress}/synthetic_stage1_models_0000300.pt" in calls[0]
-    assert f"{exp}/full_pipeline/models_0000200.pt {progress}/synthetic_stage2_models_0000200.pt" in calls[1]
+    assert f"{exp}/volume_renderer/models_0000300.pt {progress}/synthetic_stage1_models_0000300.pt --half" in calls[0]
+    assert f"{exp}/full_pipeline/models_0000200.pt {progress}/synthetic_stage2_models_0000200.pt --half" in calls[1]
     assert (progress / "synthetic_stage1_models_0000300.pt").is_file()
+    assert (progress / "synthetic_stage1_losses.jsonl").read_text() == '{"step": 300}\n'
 
     (progress / "synthetic_stage1_models_0000100.pt").touch()  # an older snapshot left behind: not used
     fresh, _ = make_run(tmp_path / "fresh", None, None)  # a new machine: data made again, no checkpoints
@@ -135,6 +137,8 @@ def test_snapshots_carry_a_run_to_a_fresh_machine(tmp_path):
     stage1 = [call for call in calls if call.startswith("train_CNeRF.py")]
     assert len(stage1) == 1
     assert f"--continue_training --ckpt {progress}/synthetic_stage1_models_0000300.pt --fresh_optimizers" in stage1[0]
+    fresh_exp = fresh / "checkpoints" / "synthetic"
+    assert (fresh_exp / "volume_renderer" / "losses.jsonl").read_text() == '{"step": 300}\n'  # the run's log goes on
     stage2 = [call for call in calls if call.startswith("train_Full.py")]
     assert len(stage2) == 1 and "--continue_training" not in stage2[0]  # stage 1 is not finished: stage 2 afresh
 
