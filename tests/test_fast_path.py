@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-import volume_renderer
+import fast_render
 from camera import generate_camera_params
 from losses import eikonal_loss
 from model import Generator
@@ -140,13 +140,13 @@ def test_kept_chunk_count_follows_the_memory_budget(monkeypatch):
     g.renderer.render_path = "fast"
     g.renderer.fast_grad_points = 6 * 10
     seen = []
-    original = volume_renderer._FastRender.forward
+    original = fast_render.FastRender.forward
 
     def spy(ctx, renderer, spec, *tensors):
         seen.append(spec.keep)
         return original(ctx, renderer, spec, *tensors)
 
-    monkeypatch.setattr(volume_renderer._FastRender, "forward", staticmethod(spy))
+    monkeypatch.setattr(fast_render.FastRender, "forward", staticmethod(spy))
     cam = _camera(1)
     z = torch.randn(1, opt.model.style_dim, dtype=torch.float64)
     one_chunk = 2.2 * 5 * 9 * 16 * 8 * 6 * 10 / 2 ** 20
