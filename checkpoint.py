@@ -58,7 +58,9 @@ def apply_saved_config(opt, config, default_of, path):
                 raise CheckpointError(f"--{key} {opt[group][key]}: {path} was trained with --{key} {saved[key]} "
                                       f"(drop the flag: the checkpoint's options are used)")
             opt[group][key] = saved[key]
-    return opt
+    from options import sync_region_count
+
+    return sync_region_count(opt)
 
 
 def load_checkpoint(path, map_location="cpu"):

@@ -23,7 +23,7 @@ from checkpoint import CheckpointError, apply_saved_config, load_generator, load
 from draws import seed_everything
 from latents import identity_latents, latents_from_file, mean_latent
 from model import Generator
-from options import BaseOptions, check_ranges, group_options
+from options import BaseOptions, check_ranges, group_options, model_options
 from regions import parse_regions
 
 # Evaluation rendering of the published inference script.
@@ -54,7 +54,6 @@ def parse_options(argv=None, add_arguments=None, title="script"):
         config = saved_config(opt.training.trained_ckpt)
         if config is not None:
             apply_saved_config(opt, config, base.parser.get_default, opt.training.trained_ckpt)
-    opt.model.n_render = opt.rendering.n_render
     return opt, own
 
 
@@ -80,15 +79,9 @@ def parse_semantics(spec):
 # ------------------------------------------------------------------------------------------- models
 
 
-def model_options(opt):
-    model = Munch(opt.model)
-    model.n_render = opt.rendering.n_render
-    return model
-
-
 def build_generator(opt, device="cpu", n_samples=INFERENCE_SAMPLES):
     """The evaluation generator (ema, full pipeline) on `device`, weights not loaded."""
-    generator = Generator(model_options(opt), eval_rendering_options(opt.rendering, n_samples), ema=True,
+    generator = Generator(model_options(opt)[0], eval_rendering_options(opt.rendering, n_samples), ema=True,
                           full_pipeline=True)
     return generator.to(device).eval()
 
@@ -98,7 +91,7 @@ def build_surface_generator(opt, device="cpu", resolution=SURFACE_RESOLUTION, n_
 
     Cameras for it are the main renderer's with the focal scaled by resolution / R (see surface_cameras).
     """
-    model = model_options(opt)
+    model = model_options(opt)[0]
     model.renderer_spatial_output_dim = int(resolution)
     rendering = eval_rendering_options(opt.rendering, n_samples)
     # The last sample takes whatever weight the ray has left: a ray that hits nothing then ends at the

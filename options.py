@@ -177,7 +177,25 @@ def group_options(parser, parsed):
         if group.title not in ("dataset", "experiment", "training", "inference", "model", "camera", "rendering"):
             continue
         opt[group.title] = Munch({a.dest: values[a.dest] for a in group._group_actions if a.dest in values})
+    sync_region_count(opt)
     return opt
+
+
+def sync_region_count(opt):
+    """The model options carry the region count of the rendering options (--n_render), which the
+    discriminators read: set here, at parse time, and again where a checkpoint's options are applied."""
+    if "model" in opt and "rendering" in opt:
+        opt.model.n_render = opt.rendering.n_render
+    return opt
+
+
+def model_options(opt):
+    """(model options, renderer options) to build a generator or a discriminator from: copies, since the
+    modules keep them."""
+    model_opt = Munch(opt.model)
+    # The published code fails with --view_lambda 0 (SPEC §17): build D without the viewpoint head instead.
+    model_opt.no_viewpoint_loss = opt.training.view_lambda == 0
+    return model_opt, Munch(opt.rendering)
 
 
 def default_options(args=()):

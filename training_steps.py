@@ -22,6 +22,7 @@ import training_utils as tu
 from losses import (classification_loss, d_logistic_loss, eikonal_loss, g_nonsaturating_loss, g_path_regularize,
                     r1_image_and_mask, viewpoints_loss)
 from model import ComponentDualBranchDiscriminator, Discriminator, Generator, VolumeRenderDiscriminator
+from options import model_options
 
 STAGE1_EMA = ("style.", "renderer.")  # every stage-1 generator parameter
 STAGE2_TRAINED = ("decoder.", "feature_transfer.")  # the only parameters stage 2 optimises
@@ -29,7 +30,7 @@ STAGE2_TRAINED = ("decoder.", "feature_transfer.")  # the only parameters stage 
 
 def build_stage1(opt, device):
     """(g, g_ema, gd, sd): the stage-1 generator (no decoder), its EMA copy, the global and semantic D."""
-    model_opt, renderer_opt = tu.model_options(opt)
+    model_opt, renderer_opt = model_options(opt)
     g = Generator(model_opt, renderer_opt, full_pipeline=False).to(device)
     g_ema = Generator(model_opt, renderer_opt, ema=True, full_pipeline=False).to(device)
     gd = VolumeRenderDiscriminator(model_opt).to(device)
@@ -50,7 +51,7 @@ def stage1_optimizers(opt, g, gd, sd):
 def build_stage2(opt, device):
     """(g, g_ema, d): the full generator with its renderer frozen (weights still to load), its EMA copy,
     the stage-2 discriminator."""
-    model_opt, renderer_opt = tu.model_options(opt)
+    model_opt, renderer_opt = model_options(opt)
     g = Generator(model_opt, renderer_opt, full_pipeline=True).to(device)
     g_ema = Generator(model_opt, renderer_opt, ema=True, full_pipeline=True).to(device)
     d = Discriminator(model_opt).to(device)

@@ -41,16 +41,6 @@ class NonFiniteLoss(TrainingError):
 # ---------------------------------------------------------------------------------------- options
 
 
-def model_options(opt):
-    """(model options, renderer options) for the generator and discriminators of a training stage."""
-    model_opt = Munch(opt.model)
-    model_opt.n_render = opt.rendering.n_render
-    # The published code fails with --view_lambda 0 (SPEC §17): build D without the viewpoint head instead.
-    model_opt.no_viewpoint_loss = opt.training.view_lambda == 0
-    renderer_opt = Munch(opt.rendering)
-    return model_opt, renderer_opt
-
-
 def ema_decay(opt):
     """--ema_decay, or the published 0.5 ** (32 / 10000) per iteration."""
     return EMA_DECAY if opt.training.ema_decay is None else opt.training.ema_decay
@@ -376,7 +366,6 @@ def start_run(opt, stage, number, required_keys):
             parser = BaseOptions()
             parser.initialize()
             apply_saved_config(opt, run.ckpt["opt"], parser.parser.get_default, run.resume_path)
-            opt.model.n_render = opt.rendering.n_render
     return run
 
 

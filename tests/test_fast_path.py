@@ -12,7 +12,7 @@ import fast_render
 from camera import generate_camera_params
 from losses import eikonal_loss
 from model import Generator
-from options import default_options
+from options import default_options, sync_region_count
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--size", "64", "--renderer_spatial_output_dim", "8", "--style_dim", "16", "--width", "16",
@@ -22,7 +22,7 @@ TINY = ["--size", "64", "--renderer_spatial_output_dim", "8", "--style_dim", "16
 def _opt(**rendering):
     opt = default_options(TINY)
     opt.rendering.update(rendering)
-    opt.model.n_render = opt.rendering.n_render
+    sync_region_count(opt)
     return opt
 
 

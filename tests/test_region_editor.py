@@ -21,6 +21,7 @@ import region_editor as re_  # noqa: E402
 from checkpoint import save_checkpoint  # noqa: E402
 from latents import load_latents, save_latents  # noqa: E402
 from model import Generator  # noqa: E402
+from options import model_options  # noqa: E402
 from rendering import render_views  # noqa: E402
 
 TINY = ["--size", "16", "--renderer_spatial_output_dim", "8", "--style_dim", "32", "--width", "32",
@@ -35,7 +36,7 @@ def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("editor_model")
     opt, _ = gen.parse_options(TINY)
     torch.manual_seed(0)
-    generator = Generator(gen.model_options(opt), opt.rendering, ema=True)
+    generator = Generator(model_options(opt)[0], opt.rendering, ema=True)
     path = folder / "tiny.pt"
     save_checkpoint({"g_ema": generator.state_dict()}, path)
     opt.training.trained_ckpt = str(path)

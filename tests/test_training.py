@@ -30,7 +30,7 @@ import training_steps  # noqa: E402
 import training_utils as tu  # noqa: E402
 from checkpoint import CheckpointError, load_checkpoint, load_generator  # noqa: E402
 from model import Generator  # noqa: E402
-from options import default_options  # noqa: E402
+from options import default_options, model_options  # noqa: E402
 from regions import REGION_NAMES  # noqa: E402
 
 MODEL = ["--renderer_spatial_output_dim", "8", "--style_dim", "32", "--width", "32", "--N_samples", "8",
@@ -145,7 +145,7 @@ def test_stage1_sphere_init_runs_with_the_gan_optimiser(stage1):
     (no gradient in GAN training), 4 for the mapping and 2 for the region generators."""
     ckpt = load_checkpoint(stage1 / "exp" / "volume_renderer" / "models_0000001.pt")
     opt = default_options(MODEL)
-    model_opt, renderer_opt = tu.model_options(opt)
+    model_opt, renderer_opt = model_options(opt)
     names = [name for name, _ in Generator(model_opt, renderer_opt, full_pipeline=False).named_parameters()]
     state = ckpt["g_optim"]["state"]
     step = lambda name: int(state[names.index(name)]["step"])
@@ -183,7 +183,7 @@ def test_stage2_starts_from_stage1_and_keeps_the_renderer(stage2):
     assert ckpt["mean_path_length"] > 0 and np.isfinite(ckpt["mean_path_length"])
     # The final file loads strictly into a full generator at this configuration.
     opt = default_options(MODEL + ["--size", "16"])
-    model_opt, renderer_opt = tu.model_options(opt)
+    model_opt, renderer_opt = model_options(opt)
     g = Generator(model_opt, renderer_opt, ema=True, full_pipeline=True)
     load_generator(g, exp / "exp_full_pipeline.pt")
     assert torch.equal(g.state_dict()["decoder.conv1.conv.weight"], ckpt["g_ema"]["decoder.conv1.conv.weight"])
@@ -474,7 +474,7 @@ def test_two_ranks_on_cpu_gloo_both_stages(data, tmp_path):
     renderer = load_checkpoint(exp / "ddp_vol_renderer.pt")["g_ema"]
     assert all(torch.equal(ckpt2["g"][k], v) for k, v in renderer.items())
     opt = default_options(MODEL + ["--size", "16"])
-    model_opt, renderer_opt = tu.model_options(opt)
+    model_opt, renderer_opt = model_options(opt)
     load_generator(Generator(model_opt, renderer_opt, ema=True, full_pipeline=True), exp / "ddp_full_pipeline.pt")
     # Only rank 0 writes: one sample grid per sampled iteration, no stray files.
     assert sorted(p.name for p in (exp / "full_pipeline" / "samples").iterdir()) == ["0000000.png", "0000001.png"]

@@ -66,7 +66,6 @@ def build(workload, device, render_path, samples=None, res=None, ray_chunk=None)
         opt.rendering.ray_chunk = ray_chunk
     opt.model.renderer_spatial_output_dim = res or 64
     opt.rendering.render_path = render_path
-    opt.model.n_render = opt.rendering.n_render
     if workload == "infer512":
         opt.model.size = 512
         opt.rendering.N_samples = samples or 64

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from camera import generate_camera_params  # noqa: E402
 from losses import eikonal_loss  # noqa: E402
 from model import ComponentDualBranchDiscriminator, Discriminator, Generator, VolumeRenderDiscriminator  # noqa: E402
-from options import default_options  # noqa: E402
+from options import default_options, sync_region_count  # noqa: E402
 from tools.reference_weights import fill_recipe  # noqa: E402
 
 TOLERANCE = {torch.float64: 1e-6, torch.float32: 2e-2}
@@ -37,7 +37,7 @@ def options_for(config, **rendering):
         if key in config:
             opt.rendering[key] = config[key]
     opt.rendering.update(rendering)
-    opt.model.n_render = opt.rendering.n_render
+    sync_region_count(opt)
     return opt
 
 
