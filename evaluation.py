@@ -18,13 +18,14 @@ import editing
 import face_parser
 import metrics
 from camera import cameras
+from devices import UsageError
 from regions import NUM_REGIONS, REGION_NAMES, color_segmap
 
 # Seed offsets, so that the identities of different metrics never coincide.
 SAMPLE_SEED, LOCALITY_SEED, CONSISTENCY_SEED = 0, 1_000_000, 2_000_000
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UsageError):
     """A file or setting the evaluation cannot use (one-line message)."""
 
 

@@ -23,12 +23,13 @@ from tqdm import tqdm
 
 import metrics
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from devices import UsageError
 from regions import CELEBA_TO_REGION, CELEBAMASK_CLASSES, NUM_REGIONS, REGION_NAMES, label19_to_regions
 
 DEFAULT_WIDTHS = (16, 32, 64, 128)
 
 
-class ParserError(ValueError):
+class ParserError(UsageError):
     """A parser file that cannot be used (one-line message naming the file)."""
 
 

@@ -11,9 +11,10 @@ A latent file is a tensors-only torch file:
 import torch
 
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from devices import UsageError
 
 
-class LatentFileError(ValueError):
+class LatentFileError(UsageError):
     """A latent file that is missing, unreadable or of another configuration (one-line message)."""
 
 

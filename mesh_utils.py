@@ -16,9 +16,10 @@ import trimesh
 from scipy.spatial import Delaunay
 
 from camera import camera_rays, pixel_grid
+from devices import UsageError
 
 
-class MeshError(ValueError):
+class MeshError(UsageError):
     """No surface to extract (one-line message)."""
 
 

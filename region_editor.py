@@ -49,7 +49,7 @@ MAX_LATENT_ENTRIES = 16  # entries of one uploaded latent file offered as identi
 MAX_SEED = 2 ** 31 - 1
 
 
-class EditError(ValueError):
+class EditError(devices.UsageError):
     """Bad editor input (one line, shown in the page)."""
 
 

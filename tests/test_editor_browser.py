@@ -26,6 +26,7 @@ import generation as gen  # noqa: E402
 from checkpoint import save_checkpoint  # noqa: E402
 from latents import save_latents  # noqa: E402
 from model import Generator  # noqa: E402
+from options import model_options  # noqa: E402
 
 TINY = ["--size", "16", "--renderer_spatial_output_dim", "8", "--style_dim", "32", "--width", "32",
         "--N_samples", "8", "--channel_multiplier", "1", "--truncation_mean", "500", "--device", "cpu"]
@@ -46,7 +47,7 @@ def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("editor_browser")
     opt, _ = gen.parse_options(TINY)
     torch.manual_seed(0)
-    save_checkpoint({"g_ema": Generator(gen.model_options(opt), opt.rendering, ema=True).state_dict()},
+    save_checkpoint({"g_ema": Generator(model_options(opt)[0], opt.rendering, ema=True).state_dict()},
                     folder / "tiny.pt")
     with eb.editor_server(["--trained_ckpt", folder / "tiny.pt", *TINY, "--invert_steps", "2"]) as url:
         yield url, folder

@@ -27,6 +27,7 @@ from camera import cameras  # noqa: E402
 from checkpoint import save_checkpoint  # noqa: E402
 from latents import mean_latent  # noqa: E402
 from model import Generator  # noqa: E402
+from options import model_options  # noqa: E402
 from regions import REGION_NAMES  # noqa: E402
 from test_inference import assert_one_line_error, make_sphere, tiny_options  # noqa: E402
 
@@ -225,7 +226,7 @@ def lmdbs(tmp_path_factory):
     opt, _ = gen.parse_options(TINY)  # the model options only
     torch.manual_seed(0)
     model = folder / "tiny.pt"
-    save_checkpoint({"g_ema": Generator(gen.model_options(opt), opt.rendering, ema=True).state_dict()}, model)
+    save_checkpoint({"g_ema": Generator(model_options(opt)[0], opt.rendering, ema=True).state_dict()}, model)
     return dict(lmdb=folder / "lmdb", no_masks=folder / "no_masks", model=model, folder=folder)
 
 
