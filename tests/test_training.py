@@ -204,7 +204,7 @@ def test_track_checkpoints_measures_each_stage2_checkpoint_once(stage2, tmp_path
         assert r["swap"]["region"] == "hair" and r["swap"]["inside"] >= 0
         assert (tmp_path / f"portraits_{r['iter']:07d}.png").is_file()
     picture = np.asarray(Image.open(tmp_path / "portraits_0000001.png"))
-    assert picture.shape == (2 * 64 + 2, 3 * 64 + 4, 3)  # two portraits: image, seg, |Δ| at 64 px
+    assert picture.shape == (64, 6 * 64 + 5 * 2, 3)  # two portraits in a row: image, seg, |Δ| at 64 px each
     assert (tmp_path / "track.png").is_file()
     with pytest.raises(CheckpointError, match="volume_renderer/models_0000001.pt"):
         track.measure(str(stage2 / "exp" / "volume_renderer" / "models_0000001.pt"), [0, 1], 0.7, 64)

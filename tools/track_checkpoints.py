@@ -10,7 +10,7 @@ region, placement problems, the swap's |Δ| outside/inside the hair. Writes, und
   track.json              one record per checkpoint (rerun: checkpoints already measured are skipped); it
                           prints the portraits showing each small region (in brackets: in the renderer's seg)
   track.png               portraits showing eye / mouth / brow / nose, and the swap ratio, over iterations
-  portraits_NNNNNNN.png   the portraits, their segs and the swap's |Δ| (0.5 = white), one row each
+  portraits_NNNNNNN.png   the portraits, their segs and the swap's |Δ| (0.5 = white), four to a row
 Runs beside training (one thread); a checkpoint takes about half a minute at the synthetic recipe's size.
 """
 import argparse
@@ -64,13 +64,14 @@ def measure(path, seeds, psi, mean_samples):
     return evaluation.portrait_check(generator, opt, mean, psi, seeds, swap_region="hair")
 
 
-def picture(check, size=64):
-    """Rows of portrait, seg, |Δ| of the hair swap."""
-    rows = []
+def picture(check, size=64, per_row=4):
+    """Each portrait as three tiles — image, seg, |Δ| of the hair swap — `per_row` portraits to a row."""
+    tiles = []
     for rgb, labels, swapped in zip(check["rgb"], check["labels"], check["swapped"]):
         delta = (swapped - rgb).abs().mean(0)
-        rows.append([imaging.resize_nearest(tile, size) for tile in
-                     (imaging.to_uint8(rgb), evaluation.region_image(labels), evaluation.heat(delta))])
+        tiles.append([imaging.resize_nearest(tile, size) for tile in
+                      (imaging.to_uint8(rgb), evaluation.region_image(labels), evaluation.heat(delta))])
+    rows = [sum(tiles[i:i + per_row], []) for i in range(0, len(tiles), per_row)]
     return imaging.image_grid(rows, pad=2)
 
 
