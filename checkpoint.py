@@ -9,6 +9,8 @@ import tempfile
 
 import torch
 
+from options import sync_region_count
+
 # Entries of the published checkpoints that hold a generator, in order of preference.
 GENERATOR_ENTRIES = ("g_ema", "g")
 
@@ -58,8 +60,6 @@ def apply_saved_config(opt, config, default_of, path):
                 raise CheckpointError(f"--{key} {opt[group][key]}: {path} was trained with --{key} {saved[key]} "
                                       f"(drop the flag: the checkpoint's options are used)")
             opt[group][key] = saved[key]
-    from options import sync_region_count
-
     return sync_region_count(opt)
 
 

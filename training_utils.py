@@ -55,12 +55,8 @@ def validate(opt):
     checks["--d_channel_scale"] = (opt.model.d_channel_scale, "> 0")
     checks.update({f"--{name}": (t[name], ">= 1") for name in ("batch", "chunk", "sample_every", "save_every",
                                                                  "val_n_sample")})
-    checks["--iter"] = (t.iter, ">= 0")
+    checks.update({f"--{name}": (t[name], ">= 0") for name in ("iter", "sphere_init_iter", "num_workers")})
     check_ranges(checks, TrainingError)
-    if t.sphere_init_iter < 0:
-        raise TrainingError(f"--sphere_init_iter must be non-negative (got {t.sphere_init_iter})")
-    if t.num_workers < 0:
-        raise TrainingError(f"--num_workers must be non-negative (got {t.num_workers})")
 
 
 # ------------------------------------------------------------------------------------------- RNG
