@@ -64,7 +64,10 @@ def run_script(tmp_path, out, *script_args, **extra_env):
     stand_in.write_text(STAND_IN)
     stand_in.chmod(stand_in.stat().st_mode | stat.S_IEXEC)
     calls = tmp_path / "calls.txt"
-    env = dict(os.environ, SYNTH_PYTHON=str(stand_in), SYNTH_OUT=str(out), SYNTH_N="3", CALLS=str(calls), **extra_env)
+    # No snapshots unless a test gives some: the repository's own checkpoints/progress must not steer these runs.
+    env = dict(os.environ, SYNTH_PYTHON=str(stand_in), SYNTH_OUT=str(out), SYNTH_N="3", CALLS=str(calls),
+               SYNTH_PROGRESS=str(tmp_path / "no_snapshots"))
+    env.update(extra_env)
     result = subprocess.run(["bash", str(SCRIPT), *script_args], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     return calls.read_text().splitlines(), result.stdout
@@ -174,6 +177,6 @@ def test_export_iter_exports_the_chosen_stage2_checkpoint(tmp_path):
     export = next(call for call in calls if call.startswith("tools/export_generator.py"))
     assert export.startswith(f"tools/export_generator.py {exp}/full_pipeline/models_0000900.pt ")
     env = dict(os.environ, SYNTH_PYTHON=str(tmp_path / "python"), SYNTH_OUT=str(out), SYNTH_N="3",
-               CALLS=str(tmp_path / "calls.txt"), SYNTH_EXPORT_ITER="950")
+               CALLS=str(tmp_path / "calls.txt"), SYNTH_EXPORT_ITER="950", SYNTH_PROGRESS=str(tmp_path / "none"))
     result = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "SYNTH_EXPORT_ITER=950: no checkpoint" in result.stdout
