@@ -53,20 +53,30 @@ def image_grid(rows, pad=0):
     return canvas
 
 
-def save_image(path, image):
-    """Write a uint8 [H,W,3] PNG atomically."""
+def _write_png_atomically(path, write):
+    """Call write(temporary path) for a PNG in the same folder, then rename it into place."""
     path = str(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".png", dir=folder)
     os.close(fd)
     try:
-        Image.fromarray(np.ascontiguousarray(image)).save(tmp, format="PNG")
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def save_image(path, image):
+    """Write a uint8 [H,W,3] PNG atomically."""
+    _write_png_atomically(path, lambda tmp: Image.fromarray(np.ascontiguousarray(image)).save(tmp, format="PNG"))
+
+
+def save_figure(path, figure, dpi=100):
+    """Write a matplotlib figure as a PNG atomically (plots: loss curves, checkpoint tracks)."""
+    _write_png_atomically(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format="png"))
 
 
 def save_row(path, images):

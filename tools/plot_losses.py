@@ -20,6 +20,9 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import imaging  # noqa: E402
+
 
 MAX_COLUMNS = 6  # panels per row; a log with more losses wraps onto further rows
 
@@ -85,11 +88,8 @@ def plot(logs, out, smooth=50, titles=None):
             axis.set_xlabel("iteration", fontsize=7)
         first_row += rows_of[r]
     figure.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = f"{out}.tmp.png"
-    figure.savefig(tmp, dpi=110)
+    imaging.save_figure(out, figure, dpi=110)
     plt.close(figure)
-    os.replace(tmp, out)
     return out
 
 

@@ -33,7 +33,9 @@ import evaluation  # noqa: E402
 import generation as gen  # noqa: E402
 import imaging  # noqa: E402
 from checkpoint import CheckpointError, generator_export, save_checkpoint  # noqa: E402
+from devices import UsageError  # noqa: E402
 from latents import mean_latent  # noqa: E402
+from options import check_ranges  # noqa: E402
 
 SMALL_REGIONS = ("eye", "mouth", "brow", "nose")
 CHECKPOINT_NAME = re.compile(r"models_(\d{7})\.pt$")
@@ -91,9 +93,7 @@ def plot(records, out):
     right.set_title("hair texture swap: |Δ| outside / inside")
     right.legend()
     figure.tight_layout()
-    with tempfile.NamedTemporaryFile(suffix=".png", dir=os.path.dirname(os.path.abspath(out)), delete=False) as tmp:
-        figure.savefig(tmp.name, dpi=90)
-    os.replace(tmp.name, out)
+    imaging.save_figure(out, figure, dpi=90)
     plt.close(figure)
 
 
@@ -129,12 +129,12 @@ def main(argv=None):
     parser.add_argument("--every", type=int, default=100, help="measure checkpoints at multiples of this")
     parser.add_argument("--psi", type=float, default=0.7, help="truncation")
     args = parser.parse_args(argv)
-    if args.n < 2 or args.every < 1:
-        sys.exit("error: --n must be at least 2 (the swap takes the next portrait's code) and --every at least 1")
     torch.set_num_threads(1)
     try:
+        # --n >= 2: the swap takes the next portrait's code
+        check_ranges({"--n": (args.n, ">= 2"), "--every": (args.every, ">= 1")})
         records = track(args.folder, args.out, args.n, args.every, args.psi)
-    except CheckpointError as error:
+    except (CheckpointError, UsageError) as error:
         sys.exit(f"error: {error}")
     for r in records:
         shown = ", ".join(f"{name} {r['shown'][name]} ({r['shown_by_renderer'][name]})" for name in SMALL_REGIONS)
