@@ -278,37 +278,58 @@ def placement_problems(labels):
     return problems
 
 
-@torch.no_grad()
-def portrait_check(generator, opt, mean, psi, seeds, swap_region="hair"):
-    """The shipped model's test, measured: frontal portraits of `seeds` (editing.latents_from_seeds, ψ),
-    which regions their rendered seg (argmax) shows, where, and a texture swap of `swap_region` (each
-    portrait takes the next one's texture code). Returns dict(n, shown {region name: portraits showing
-    it}, shown_by_renderer (the same count in the volume renderer's low-res seg, which the decoder's seg
-    starts from), area {region name: mean area fraction}, problems (placement_problems), swap {inside, outside,
-    ratio}: mean |Δ| (RGB mean, images in [-1, 1]) inside the region's pixels and outside them), and the
-    pictures rgb [N,3,H,W], labels [N,H,W], swapped rgb."""
-    device = mean[0].device
-    region = REGION_NAMES.index(swap_region)
-    codes, styles = editing.latents_from_seeds(generator, seeds, mean, psi)
-    cam = cameras(generator.renderer.out_im_res, torch.zeros(len(seeds), 2), opt.camera, device)
-    rgb, seg, _, seg_low = editing.render(generator, codes, styles, cam, mean, psi)
-    labels = seg.argmax(1)
+def mask_leak(seg, labels):
+    """How far a rendered seg [N,K,H,W] is from one-hot: per region, the mean |seg_k| over the pixels whose
+    argmax (labels [N,H,W]) is another region (0 when every pixel is that region's). The renderer's seg is
+    the mask heads' raw values summed along the ray (SPEC §7, no softmax), and the same values weight each
+    region's colour, so a region's leak bounds how local a texture edit of it can be."""
+    return {name: float(seg[:, k][labels != k].abs().mean()) if bool((labels != k).any()) else 0.0
+            for k, name in enumerate(REGION_NAMES)}
+
+
+def _region_check(rgb, labels, swapped, region):
+    """Which regions labels [N,H,W] show (portraits showing each, mean area fraction), their placement
+    problems, and the swap's mean |Δ| (RGB mean) inside `region`'s pixels and outside them."""
     area = torch.stack([(labels == k).float().mean((1, 2)) for k in range(len(REGION_NAMES))], 1)  # [N,K]
-    labels_low = seg_low.argmax(1)  # the volume renderer's own seg, before the decoder
-    edited = editing.swap_region_codes(codes, torch.roll(codes, 1, 0), [region], "texture")
-    swapped, _, _, _ = editing.render(generator, edited, styles, cam, mean, psi)
     delta = (swapped - rgb).abs().mean(1)
     inside_mask = labels == region
     inside = float(delta[inside_mask].mean()) if inside_mask.any() else 0.0
     outside = float(delta[~inside_mask].mean()) if (~inside_mask).any() else 0.0
-    return {"n": len(seeds), "shown": {name: int((area[:, k] > 0).sum()) for k, name in enumerate(REGION_NAMES)},
-            "shown_by_renderer": {name: int((labels_low == k).flatten(1).any(1).sum())
-                                  for k, name in enumerate(REGION_NAMES)},
+    return {"shown": {name: int((area[:, k] > 0).sum()) for k, name in enumerate(REGION_NAMES)},
             "area": {name: float(area[:, k].mean()) for k, name in enumerate(REGION_NAMES)},
             "problems": placement_problems(labels),
-            "swap": {"region": swap_region, "inside": inside, "outside": outside,
-                     "ratio": outside / inside if inside > 0 else math.inf},
-            "rgb": rgb.cpu(), "labels": labels.cpu(), "swapped": swapped.cpu()}
+            "swap": {"region": REGION_NAMES[region], "inside": inside, "outside": outside,
+                     "ratio": outside / inside if inside > 0 else math.inf}}
+
+
+@torch.no_grad()
+def portrait_check(generator, opt, mean, psi, seeds, swap_region="hair"):
+    """The shipped model's test, measured: frontal portraits of `seeds` (editing.latents_from_seeds, ψ),
+    which regions their seg (argmax) shows, where, and a texture swap of `swap_region` (each portrait
+    takes the next one's texture code).
+
+    Returns dict(n, renderer, low) and, for a generator with the decoder, the output's measures at the top
+    level. The measures (_region_check): shown {region name: portraits showing it}, area {region name: mean
+    area fraction}, problems (placement_problems), swap {region, inside, outside, ratio}: mean |Δ| (RGB
+    mean, images in [-1, 1]) inside the region's pixels and outside them. `renderer` holds them for the
+    volume renderer's own low-res image and seg (which the decoder starts from) with its mask_leak; the
+    pictures are rgb [N,3,H,W], labels [N,H,W] and swapped rgb (top level: output; `low`: renderer)."""
+    region = REGION_NAMES.index(swap_region)
+    codes, styles = editing.latents_from_seeds(generator, seeds, mean, psi)
+    cam = cameras(generator.renderer.out_im_res, torch.zeros(len(seeds), 2), opt.camera, mean[0].device)
+    rgb, seg, rgb_low, seg_low = editing.render(generator, codes, styles, cam, mean, psi)
+    edited = editing.swap_region_codes(codes, torch.roll(codes, 1, 0), [region], "texture")
+    swapped, _, swapped_low, _ = editing.render(generator, edited, styles, cam, mean, psi)
+    labels_low = seg_low.argmax(1)
+    renderer = _region_check(rgb_low, labels_low, swapped_low, region)
+    renderer["mask_leak"] = mask_leak(seg_low, labels_low)
+    result = {"n": len(seeds), "renderer": renderer,
+              "low": {"rgb": rgb_low.cpu(), "labels": labels_low.cpu(), "swapped": swapped_low.cpu()}}
+    if rgb is not None:  # the full pipeline: the decoder's output
+        labels = seg.argmax(1)
+        result.update(_region_check(rgb, labels, swapped, region), rgb=rgb.cpu(), labels=labels.cpu(),
+                      swapped=swapped.cpu())
+    return result
 
 
 # ----------------------------------------------------------------------------------- consistency

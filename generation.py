@@ -79,10 +79,11 @@ def parse_semantics(spec):
 # ------------------------------------------------------------------------------------------- models
 
 
-def build_generator(opt, device="cpu", n_samples=INFERENCE_SAMPLES):
-    """The evaluation generator (ema, full pipeline) on `device`, weights not loaded."""
+def build_generator(opt, device="cpu", n_samples=INFERENCE_SAMPLES, full_pipeline=True):
+    """The evaluation generator (ema; the full pipeline, or the renderer alone: a stage-1 model) on
+    `device`, weights not loaded."""
     generator = Generator(model_options(opt)[0], eval_rendering_options(opt.rendering, n_samples), ema=True,
-                          full_pipeline=True)
+                          full_pipeline=full_pipeline)
     return generator.to(device).eval()
 
 
@@ -103,8 +104,9 @@ def build_surface_generator(opt, device="cpu", resolution=SURFACE_RESOLUTION, n_
 
 
 def load_models(opt, device, surface=False, n_samples=INFERENCE_SAMPLES, surface_resolution=SURFACE_RESOLUTION,
-                surface_samples=SURFACE_SAMPLES):
-    """(generator, surface generator or None) with --trained_ckpt loaded strictly.
+                surface_samples=SURFACE_SAMPLES, full_pipeline=True):
+    """(generator, surface generator or None) with --trained_ckpt loaded strictly (full_pipeline=False:
+    the renderer and its mapping only, e.g. from a stage-1 checkpoint).
 
     Raises CheckpointError (one line) for a missing file or a checkpoint of another configuration.
     Loading happens on the CPU first so that a bad file never touches the accelerator.
@@ -112,7 +114,7 @@ def load_models(opt, device, surface=False, n_samples=INFERENCE_SAMPLES, surface
     path = opt.training.trained_ckpt
     if not path:
         raise CheckpointError("no checkpoint given: pass --trained_ckpt FILE")
-    generator = build_generator(opt, "cpu", n_samples)
+    generator = build_generator(opt, "cpu", n_samples, full_pipeline)
     load_generator(generator, path)  # strict: a full generator must use every weight
     surface_generator = None
     if surface:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The synthetic-portrait model (issue 15), from nothing to the shipped checkpoints, with this project's own
 # scripts only:
-#   synthetic portraits -> LMDB with masks -> stage 1 -> stage 2 -> face parser -> the shipped-model check on
-#   every stage-2 checkpoint -> export -> curves -> metrics
+#   synthetic portraits -> LMDB with masks -> stage 1 (and the renderer's check on its checkpoints) -> stage 2
+#   -> face parser -> the shipped-model check on every stage-2 checkpoint -> export -> curves -> metrics
 # Run it again to resume: finished steps are skipped and training continues from its latest checkpoint.
 #
 #   bash scripts/train_synthetic.sh                # everything under runs/synthetic (SYNTH_OUT to move it)
@@ -131,6 +131,9 @@ if [ "$stage1_at" -lt $(( $(target_iter configs/synthetic_stage1.yaml) - 1 )) ];
 fi
 train_stage train_CNeRF.py configs/synthetic_stage1.yaml "$exp/volume_renderer" "$exp/synthetic_vol_renderer.pt" \
     synthetic_stage1
+
+step "the renderer's check on stage-1 checkpoints (regions its seg shows, hair-swap locality, seg leak)"
+"$py" tools/track_checkpoints.py "$exp/volume_renderer" --out "$out/track_stage1" --n 16 --every 300
 
 step "stage 2: decoder to 64 px"
 train_stage train_Full.py configs/synthetic_stage2.yaml "$exp/full_pipeline" "$exp/synthetic_full_pipeline.pt" \

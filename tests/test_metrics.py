@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -417,3 +418,25 @@ def test_portrait_check_counts_regions_and_measures_the_swap(sphere):
         assert other["swap"]["inside"] == pytest.approx(float(delta[face].mean()), rel=1e-5)
     assert other["swap"]["outside"] == pytest.approx(float(delta[~face].mean()), rel=1e-5)
     assert float(delta.max()) > 0
+    # The renderer's part: the same measures on its own low-res image and seg.
+    low, pictures = other["renderer"], other["low"]
+    assert pictures["rgb"].shape[-1] == generator.renderer.out_im_res < other["rgb"].shape[-1]
+    for k, name in enumerate(REGION_NAMES):
+        assert low["shown"][name] == int(sum(bool((pictures["labels"][i] == k).any()) for i in range(2)))
+    delta_low = (pictures["swapped"] - pictures["rgb"]).abs().mean(1)
+    face_low = pictures["labels"] == REGION_NAMES.index("face")
+    assert low["swap"]["outside"] == pytest.approx(float(delta_low[~face_low].mean()), rel=1e-5)
+    assert same["renderer"]["swap"]["outside"] == 0.0 and set(low["mask_leak"]) == set(REGION_NAMES)
+
+
+def test_mask_leak_is_the_mean_magnitude_off_the_region():
+    """evaluation.mask_leak: per region, mean |seg_k| over pixels labelled otherwise; 0 for a one-hot seg."""
+    labels = torch.zeros(1, 2, 2, dtype=torch.long)
+    labels[0, 0, 0] = 1
+    seg = F.one_hot(labels, len(REGION_NAMES)).permute(0, 3, 1, 2).float()
+    assert all(v == 0 for v in evaluation.mask_leak(seg, labels).values())
+    seg[0, 1, 1, :] = torch.tensor([0.2, -0.4])  # region 1 leaks into two of its three off pixels
+    leak = evaluation.mask_leak(seg, labels)
+    assert leak[REGION_NAMES[1]] == pytest.approx(0.6 / 3) and leak[REGION_NAMES[0]] == 0
+    seg_all = torch.zeros(1, len(REGION_NAMES), 2, 2)
+    assert evaluation.mask_leak(seg_all, torch.zeros(1, 2, 2, dtype=torch.long))[REGION_NAMES[0]] == 0.0

@@ -80,6 +80,8 @@ def test_finished_run_only_exports_and_evaluates(tmp_path):
     assert "train_CNeRF.py" not in scripts and "train_Full.py" not in scripts
     assert "tools/train_parser.py" not in scripts and "prepare_data.py" not in scripts
     assert scripts.count("calc_metrics.py") == 2 and "tools/export_generator.py" in scripts
+    tracked = [call.split()[1] for call in calls if call.startswith("tools/track_checkpoints.py")]
+    assert tracked == [f"{exp}/volume_renderer", f"{exp}/full_pipeline"]  # each stage's checkpoints, then export
     assert scripts.index("tools/track_checkpoints.py") < scripts.index("tools/export_generator.py")
     export = next(call for call in calls if call.startswith("tools/export_generator.py"))
     assert export.startswith(f"tools/export_generator.py {exp}/synthetic_full_pipeline.pt ")

@@ -191,27 +191,37 @@ def test_stage2_starts_from_stage1_and_keeps_the_renderer(stage2):
     assert grid.shape == (64, 8 * 2 * 128 + 15 * 2, 3)
 
 
-def test_track_checkpoints_measures_each_stage2_checkpoint_once(stage2, tmp_path, monkeypatch):
-    """tools/track_checkpoints.py: the shipped-model check on every stage-2 checkpoint, written as JSON,
-    a plot and a picture per checkpoint; a rerun measures only what is new; a stage-1 folder is refused."""
+def test_track_checkpoints_measures_each_checkpoint_once(stage2, tmp_path, monkeypatch):
+    """tools/track_checkpoints.py: the shipped-model check on every stage-2 checkpoint (output and renderer),
+    written as JSON, a plot and a picture per checkpoint; a rerun measures only what is new; a stage-1
+    folder gets the renderer's part alone."""
     track = _load_script("track_checkpoints", ROOT / "tools" / "track_checkpoints.py")
     folder = stage2 / "exp" / "full_pipeline"
     records = track.track(str(folder), str(tmp_path), n=2, every=1, mean_samples=64, progress=False)
     assert [r["iter"] for r in records] == [0, 1]
     for r in records:
-        assert r["n"] == 2 and set(r["shown"]) == set(r["shown_by_renderer"]) == set(REGION_NAMES)
-        assert sum(r["area"].values()) == pytest.approx(1) and sum(r["shown_by_renderer"].values()) >= 2
-        assert r["swap"]["region"] == "hair" and r["swap"]["inside"] >= 0
+        low = r["renderer"]
+        assert r["n"] == 2 and set(r["shown"]) == set(low["shown"]) == set(low["mask_leak"]) == set(REGION_NAMES)
+        assert sum(r["area"].values()) == pytest.approx(1) and sum(low["shown"].values()) >= 2
+        assert r["swap"]["region"] == low["swap"]["region"] == "hair" and r["swap"]["inside"] >= 0
+        assert all(leak >= 0 for leak in low["mask_leak"].values())
         assert (tmp_path / f"portraits_{r['iter']:07d}.png").is_file()
     picture = np.asarray(Image.open(tmp_path / "portraits_0000001.png"))
     assert picture.shape == (64, 6 * 64 + 5 * 2, 3)  # two portraits in a row: image, seg, |Δ| at 64 px each
     assert (tmp_path / "track.png").is_file()
-    with pytest.raises(CheckpointError, match="volume_renderer/models_0000001.pt"):
-        track.measure(str(stage2 / "exp" / "volume_renderer" / "models_0000001.pt"), [0, 1], 0.7, 64)
     monkeypatch.setattr(track, "measure", lambda *a: pytest.fail("measured a checkpoint twice"))
     assert track.track(str(folder), str(tmp_path), n=2, every=1, progress=False) == records
     with pytest.raises(CheckpointError, match="holds no training checkpoint"):
         track.track(str(tmp_path), str(tmp_path / "x"), progress=False)
+    monkeypatch.undo()
+
+    stage1 = track.track(str(stage2 / "exp" / "volume_renderer"), str(tmp_path / "stage1"), n=2, every=1,
+                         mean_samples=64, progress=False)
+    assert [r["iter"] for r in stage1] == [0, 1]  # models_*.pt only, not sdf_init_models_*.pt
+    for r in stage1:
+        assert "shown" not in r and "swap" not in r and set(r["renderer"]["shown"]) == set(REGION_NAMES)
+    picture = np.asarray(Image.open(tmp_path / "stage1" / "portraits_0000001.png"))
+    assert picture.shape == (64, 6 * 64 + 5 * 2, 3) and (tmp_path / "stage1" / "track.png").is_file()
 
 
 def test_stage2_without_stage1_renderer_exits_with_message(data, tmp_path):

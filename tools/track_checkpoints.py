@@ -1,16 +1,21 @@
 #!/usr/bin/env python
-"""The shipped-model check on every stage-2 checkpoint of a run: which one to ship.
+"""The shipped-model check on every checkpoint of a run: which one to ship, and how the renderer gets there.
 
     python tools/track_checkpoints.py RUN/checkpoints/synthetic/full_pipeline --out RUN/track [--n 16] [--every 100]
+    python tools/track_checkpoints.py RUN/checkpoints/synthetic/volume_renderer --out RUN/track_stage1 --every 500
 
 For each training checkpoint `models_NNNNNNN.pt` of the folder (every --every iterations, and the last),
 its EMA generator renders --n frontal portraits (seeds 0..n-1, ψ --psi) and a hair texture swap, measured
 as tests/test_shipped_model.py measures them (evaluation.portrait_check): how many portraits show each
-region, placement problems, the swap's |Δ| outside/inside the hair. Writes, under --out:
+region, placement problems, the swap's |Δ| outside/inside the hair — for the output (stage 2) and for the
+volume renderer's own low-res image and seg (both stages), with the renderer seg's off-region leak
+(evaluation.mask_leak: the hair's bounds how local a hair texture swap can be). Writes, under --out:
   track.json              one record per checkpoint (rerun: checkpoints already measured are skipped); it
                           prints the portraits showing each small region (in brackets: in the renderer's seg)
-  track.png               portraits showing eye / mouth / brow / nose, and the swap ratio, over iterations
-  portraits_NNNNNNN.png   the portraits, their segs and the swap's |Δ| (0.5 = white), four to a row
+  track.png               portraits showing eye / mouth / brow / nose, the swap ratio and the hair's leak,
+                          over iterations
+  portraits_NNNNNNN.png   the portraits, their segs and the swap's |Δ| (0.5 = white), four to a row (stage
+                          1: the renderer's)
 Runs beside training (one thread); a checkpoint takes about half a minute at the synthetic recipe's size.
 """
 import argparse
@@ -53,23 +58,29 @@ def checkpoints(folder, every):
 
 
 def measure(path, seeds, psi, mean_samples):
-    """evaluation.portrait_check of a training checkpoint's EMA generator (float32, on the CPU)."""
+    """evaluation.portrait_check of a training checkpoint's EMA generator (float32, on the CPU): the full
+    pipeline for a stage-2 checkpoint, the renderer alone for a stage-1 one."""
+    export = generator_export(path)
+    full_pipeline = any(key.startswith("decoder.") for key in export["g_ema"])
     with tempfile.TemporaryDirectory() as folder:
         exported = os.path.join(folder, "generator.pt")
-        save_checkpoint(generator_export(path), exported)
+        save_checkpoint(export, exported)
         try:
             opt, _ = gen.parse_options(["--trained_ckpt", exported, "--device", "cpu"])
-            generator, _ = gen.load_models(opt, torch.device("cpu"), n_samples=opt.rendering.N_samples)
-        except CheckpointError as error:  # a stage-1 checkpoint has no decoder: name the file given
+            generator, _ = gen.load_models(opt, torch.device("cpu"), n_samples=opt.rendering.N_samples,
+                                           full_pipeline=full_pipeline)
+        except CheckpointError as error:  # name the file given, not the temporary export
             raise CheckpointError(str(error).replace(exported, path)) from None
     mean = mean_latent(generator, mean_samples)
     return evaluation.portrait_check(generator, opt, mean, psi, seeds, swap_region="hair")
 
 
 def picture(check, size=64, per_row=4):
-    """Each portrait as three tiles — image, seg, |Δ| of the hair swap — `per_row` portraits to a row."""
+    """Each portrait as three tiles — image, seg, |Δ| of the hair swap — `per_row` portraits to a row (the
+    output's; a stage-1 check has only the renderer's)."""
     tiles = []
-    for rgb, labels, swapped in zip(check["rgb"], check["labels"], check["swapped"]):
+    pictures = check if "rgb" in check else check["low"]  # the output's, else (stage 1) the renderer's
+    for rgb, labels, swapped in zip(pictures["rgb"], pictures["labels"], pictures["swapped"]):
         delta = (swapped - rgb).abs().mean(0)
         tiles.append([imaging.resize_nearest(tile, size) for tile in
                       (imaging.to_uint8(rgb), evaluation.region_image(labels), evaluation.heat(delta))])
@@ -79,17 +90,26 @@ def picture(check, size=64, per_row=4):
 
 def plot(records, out):
     iters = [r["iter"] for r in records]
+    output = all("shown" in r for r in records)  # stage 2: the output's counts, the renderer's dotted
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     for colour, name in zip(("C0", "C1", "C2", "C3"), SMALL_REGIONS):
-        left.plot(iters, [r["shown"][name] for r in records], marker="o", color=colour, label=name)
-        left.plot(iters, [r["shown_by_renderer"][name] for r in records], linestyle=":", color=colour)
+        if output:
+            left.plot(iters, [r["shown"][name] for r in records], marker="o", color=colour, label=name)
+        left.plot(iters, [r["renderer"]["shown"][name] for r in records], linestyle=":" if output else "-",
+                  marker=None if output else "o", color=colour, label=None if output else name)
     left.set_ylim(-0.5, max(r["n"] for r in records) + 0.5)
-    left.set_xlabel("stage-2 iteration")
-    left.set_title("portraits showing the region (dotted: renderer)")
+    left.set_xlabel("iteration")
+    left.set_title("portraits showing the region" + (" (dotted: renderer)" if output else " (renderer)"))
     left.legend()
-    right.plot(iters, [r["swap"]["ratio"] for r in records], marker="o", color="k")
+    if output:
+        right.plot(iters, [r["swap"]["ratio"] for r in records], marker="o", color="k", label="swap: output")
+    right.plot(iters, [r["renderer"]["swap"]["ratio"] for r in records], marker="o", linestyle=":", color="0.5",
+               label="swap: renderer")
+    right.plot(iters, [r["renderer"]["mask_leak"]["hair"] for r in records], marker=".", linestyle="--",
+               color="C4", label="hair seg off the hair (renderer)")
     right.axhline(0.1, color="r", linestyle="--", label="target 0.10")
-    right.set_xlabel("stage-2 iteration")
+    right.set_ylim(bottom=0)
+    right.set_xlabel("iteration")
     right.set_title("hair texture swap: |Δ| outside / inside")
     right.legend()
     figure.tight_layout()
@@ -112,9 +132,9 @@ def track(folder, out, n=16, every=100, psi=0.7, mean_samples=2000, progress=Tru
     for i, path in tqdm(todo, desc="checkpoints", disable=not progress):
         check = measure(path, list(range(n)), psi, mean_samples)
         imaging.save_image(os.path.join(out, f"portraits_{i:07d}.png"), picture(check))
-        records.append({"iter": i, "n": check["n"], "shown": check["shown"],
-                        "shown_by_renderer": check["shown_by_renderer"], "area": check["area"],
-                        "problems": check["problems"], "swap": check["swap"]})
+        record = {"iter": i, "n": check["n"], "renderer": check["renderer"]}
+        record.update({key: check[key] for key in ("shown", "area", "problems", "swap") if key in check})
+        records.append(record)
         records.sort(key=lambda r: r["iter"])
         write_json(log, records)
         plot(records, os.path.join(out, "track.png"))
@@ -123,7 +143,8 @@ def track(folder, out, n=16, every=100, psi=0.7, mean_samples=2000, progress=Tru
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("folder", help="a stage-2 checkpoint folder (RUN/checkpoints/EXP/full_pipeline)")
+    parser.add_argument("folder", help="a checkpoint folder: RUN/checkpoints/EXP/full_pipeline (stage 2) or "
+                                       "RUN/checkpoints/EXP/volume_renderer (stage 1)")
     parser.add_argument("--out", required=True, help="folder for track.json, track.png and the portraits")
     parser.add_argument("--n", type=int, default=16, help="frontal portraits per checkpoint (seeds 0..n-1)")
     parser.add_argument("--every", type=int, default=100, help="measure checkpoints at multiples of this")
@@ -137,9 +158,13 @@ def main(argv=None):
     except (CheckpointError, UsageError) as error:
         sys.exit(f"error: {error}")
     for r in records:
-        shown = ", ".join(f"{name} {r['shown'][name]} ({r['shown_by_renderer'][name]})" for name in SMALL_REGIONS)
-        print(f"{r['iter']:>7}: of {r['n']}: {shown}; problems {len(r['problems'])}; "
-              f"hair swap outside/inside {r['swap']['ratio']:.3f} (inside {r['swap']['inside']:.3f})")
+        low = r["renderer"]
+        shown = ", ".join(f"{name} {r['shown'][name] if 'shown' in r else '-'} ({low['shown'][name]})"
+                          for name in SMALL_REGIONS)
+        swap = (f"{r['swap']['ratio']:.3f} (inside {r['swap']['inside']:.3f})" if "swap" in r else "-")
+        print(f"{r['iter']:>7}: of {r['n']}: {shown}; problems {len(r.get('problems', low['problems']))}; "
+              f"hair swap outside/inside {swap}, renderer {low['swap']['ratio']:.3f}; "
+              f"hair seg off the hair {low['mask_leak']['hair']:.3f}")
 
 
 if __name__ == "__main__":
