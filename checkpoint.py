@@ -145,9 +145,14 @@ def generator_export(source, half=False):
         raise CheckpointError(f"{source}: carries no 'config' (architecture options) nor the 'opt' of a training "
                               f"checkpoint; export a checkpoint written by train_Full.py / train_CNeRF.py")
     dtype = torch.float16 if half else torch.float32
-    weights = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items()}
-    return {"g_ema": weights, "config": config, "iter": int(ckpt.get("iter", -1)),
+    return {"g_ema": cast_floating(state, dtype), "config": config, "iter": int(ckpt.get("iter", -1)),
             "dtype": str(dtype).replace("torch.", "")}
+
+
+def cast_floating(state, dtype):
+    """A state dict with its floating tensors cast to `dtype` (integer buffers unchanged): float16 on disk
+    halves a file, and loading copies the values into the float32 modules."""
+    return {key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items()}
 
 
 def save_checkpoint(obj, path):

@@ -17,15 +17,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
+from checkpoint import CheckpointError, cast_floating, load_checkpoint, save_checkpoint  # noqa: E402
 
 
-def _half(value):
-    if torch.is_tensor(value):
-        return value.half() if value.is_floating_point() else value
-    if isinstance(value, dict):
-        return {key: _half(item) for key, item in value.items()}
-    return value
+NETWORKS = ("g", "g_ema", "d", "gd", "sd")  # the state dicts of both stages' training checkpoints
 
 
 def strip(source, destination, half=False):
@@ -36,7 +31,7 @@ def strip(source, destination, half=False):
                               f"entries); nothing to strip")
     snapshot = {key: value for key, value in ckpt.items() if key not in optimizer_keys}
     if half:
-        snapshot = {key: _half(value) if key in ("g", "g_ema", "d", "gd", "sd") else value
+        snapshot = {key: cast_floating(value, torch.float16) if key in NETWORKS else value
                     for key, value in snapshot.items()}
     save_checkpoint(snapshot, destination)
     return destination
