@@ -282,7 +282,8 @@ def mask_leak(seg, labels):
     """How far a rendered seg [N,K,H,W] is from one-hot: per region, the mean |seg_k| over the pixels whose
     argmax (labels [N,H,W]) is another region (0 when every pixel is that region's). The renderer's seg is
     the mask heads' raw values summed along the ray (SPEC §7, no softmax), and the same values weight each
-    region's colour, so a region's leak bounds how local a texture edit of it can be."""
+    region's colour at every point, so a texture edit of a region reaches every pixel where its seg is not
+    zero (how far depends also on how much the edit changes the region's colour logits)."""
     return {name: float(seg[:, k][labels != k].abs().mean()) if bool((labels != k).any()) else 0.0
             for k, name in enumerate(REGION_NAMES)}
 

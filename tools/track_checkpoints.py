@@ -9,7 +9,8 @@ its EMA generator renders --n frontal portraits (seeds 0..n-1, ψ --psi) and a h
 as tests/test_shipped_model.py measures them (evaluation.portrait_check): how many portraits show each
 region, placement problems, the swap's |Δ| outside/inside the hair — for the output (stage 2) and for the
 volume renderer's own low-res image and seg (both stages), with the renderer seg's off-region leak
-(evaluation.mask_leak: the hair's bounds how local a hair texture swap can be). Writes, under --out:
+(evaluation.mask_leak: a hair texture swap reaches every pixel where the hair's seg is not zero). Writes,
+under --out:
   track.json              one record per checkpoint (rerun: checkpoints already measured are skipped); it
                           prints the portraits showing each small region (in brackets: in the renderer's seg)
   track.png               portraits showing eye / mouth / brow / nose, the swap ratio and the hair's leak,
