@@ -2,7 +2,7 @@
 """The shipped-model check on every checkpoint of a run: which one to ship, and how the renderer gets there.
 
     python tools/track_checkpoints.py RUN/checkpoints/synthetic/full_pipeline --out RUN/track [--n 16] [--every 100]
-    python tools/track_checkpoints.py RUN/checkpoints/synthetic/volume_renderer --out RUN/track_stage1 --every 500
+    python tools/track_checkpoints.py RUN/checkpoints/synthetic/volume_renderer --out RUN/track_stage1 --every 300
 
 For each training checkpoint `models_NNNNNNN.pt` of the folder (every --every iterations, and the last),
 its EMA generator renders --n frontal portraits (seeds 0..n-1, ψ --psi) and a hair texture swap, measured
