@@ -17,7 +17,8 @@
 # whose folder holds nothing newer continues from its snapshot with --fresh_optimizers (Adam's moments
 # restart; everything else goes on where it was) and its loss log.
 #
-# Recipe: configs/synthetic_stage1.yaml, configs/synthetic_stage2.yaml (4000 portraits, seed 0, 128 px drawn,
+# Recipe: configs/synthetic_stage1.yaml, then configs/synthetic_stage1_part2.yaml (stage 1 goes on with another R1
+# weight on the masks), configs/synthetic_stage2.yaml (4000 portraits, seed 0, 128 px drawn,
 # LMDB at 64 and 32 px). On a CPU shared with other work, OMP_NUM_THREADS=1 is much faster than 2.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -118,8 +119,10 @@ else
 fi
 
 step "stage 1: volume renderer at 32x32"
+# In parts: each part's config continues the previous part's last checkpoint to its own `iter`.
+stage1_parts=(configs/synthetic_stage1.yaml configs/synthetic_stage1_part2.yaml)
 stage1_at="$(ckpt_iter "$(resume_point "$exp/volume_renderer" synthetic_stage1)")"
-if [ "$stage1_at" -lt $(( $(target_iter configs/synthetic_stage1.yaml) - 1 )) ]; then
+if [ "$stage1_at" -lt $(( $(target_iter "${stage1_parts[-1]}") - 1 )) ]; then
   # stage 1 trains on: a stage 2 (or stage-2 snapshot) of the earlier stage 1 is stale, stage 2 starts afresh
   stage1_trains=1
   if [ -d "$exp/full_pipeline" ]; then
@@ -129,8 +132,10 @@ if [ "$stage1_at" -lt $(( $(target_iter configs/synthetic_stage1.yaml) - 1 )) ];
     echo "stage 2 of the earlier stage 1 moved to $stale"
   fi
 fi
-train_stage train_CNeRF.py configs/synthetic_stage1.yaml "$exp/volume_renderer" "$exp/synthetic_vol_renderer.pt" \
-    synthetic_stage1
+for config in "${stage1_parts[@]}"; do
+  echo "-- $config"
+  train_stage train_CNeRF.py "$config" "$exp/volume_renderer" "$exp/synthetic_vol_renderer.pt" synthetic_stage1
+done
 
 step "the renderer's check on stage-1 checkpoints (regions its seg shows, hair-swap locality, seg leak)"
 "$py" tools/track_checkpoints.py "$exp/volume_renderer" --out "$out/track_stage1" --n 16 --every 300
