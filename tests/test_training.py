@@ -210,7 +210,9 @@ def test_track_checkpoints_measures_each_checkpoint_once(stage2, tmp_path, monke
     assert picture.shape == (64, 6 * 64 + 5 * 2, 3)  # two portraits in a row: image, seg, |Δ| at 64 px each
     assert (tmp_path / "track.png").is_file()
     monkeypatch.setattr(track, "measure", lambda *a: pytest.fail("measured a checkpoint twice"))
+    (tmp_path / "track.png").unlink()
     assert track.track(str(folder), str(tmp_path), n=2, every=1, progress=False) == records
+    assert (tmp_path / "track.png").is_file()  # replotted from the log, e.g. after records were removed by hand
     with pytest.raises(CheckpointError, match="holds no training checkpoint"):
         track.track(str(tmp_path), str(tmp_path / "x"), progress=False)
     monkeypatch.undo()

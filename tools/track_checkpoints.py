@@ -139,6 +139,8 @@ def track(folder, out, n=16, every=100, psi=0.7, mean_samples=2000, progress=Tru
         records.sort(key=lambda r: r["iter"])
         write_json(log, records)
         plot(records, os.path.join(out, "track.png"))
+    if records and not todo:  # nothing new: the plot still reflects the log (e.g. after records were removed)
+        plot(records, os.path.join(out, "track.png"))
     return records
 
 
