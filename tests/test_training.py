@@ -29,6 +29,7 @@ import train_Full  # noqa: E402
 import training_steps  # noqa: E402
 import training_utils as tu  # noqa: E402
 from checkpoint import CheckpointError, load_checkpoint, load_generator  # noqa: E402
+from devices import UsageError  # noqa: E402
 from model import Generator  # noqa: E402
 from options import default_options, model_options  # noqa: E402
 from regions import REGION_NAMES  # noqa: E402
@@ -215,6 +216,10 @@ def test_track_checkpoints_measures_each_checkpoint_once(stage2, tmp_path, monke
     assert (tmp_path / "track.png").is_file()  # replotted from the log, e.g. after records were removed by hand
     with pytest.raises(CheckpointError, match="holds no training checkpoint"):
         track.track(str(tmp_path), str(tmp_path / "x"), progress=False)
+    # seeds from 100 (the test renders 0-7), recorded; a log of other portraits is not extended
+    assert all(r["first_seed"] == 100 and r["psi"] == 0.7 for r in records)
+    with pytest.raises(UsageError, match="measured on other portraits"):
+        track.track(str(folder), str(tmp_path), n=2, every=1, progress=False, first_seed=0)
     monkeypatch.undo()
 
     stage1 = track.track(str(stage2 / "exp" / "volume_renderer"), str(tmp_path / "stage1"), n=2, every=1,
