@@ -6,9 +6,8 @@
 # Run it again to resume: finished steps are skipped and training continues from its latest checkpoint.
 #
 #   bash scripts/train_synthetic.sh                # everything under runs/synthetic (SYNTH_OUT to move it)
-#   SHIP=1 bash scripts/train_synthetic.sh         # also copy the results into checkpoints/
+#   SHIP=1 bash scripts/train_synthetic.sh         # also copy the results into checkpoints/ (what made the shipped model)
 #   SYNTH_EXPORT_ITER=600 bash scripts/train_synthetic.sh   # export (and measure) stage-2 iteration 600, not the last
-#   SYNTH_EXPORT_ITER=600 SHIP=1 bash scripts/train_synthetic.sh   # what made checkpoints/synthetic_portraits.pt
 #   SYNTH_N=40 SYNTH_TRAIN_ARGS="--iter 2 --sphere_init_iter 2" SYNTH_EVAL_ARGS="--n 4 ..." ...   # a dry run
 #   bash scripts/train_synthetic.sh snapshot       # the stages' latest checkpoints, weights only, into git's reach
 #
