@@ -69,7 +69,7 @@ edit() {  # edit <folder> <regions> <attribute> [more flags]
 }
 edit edit_hair_texture hair texture --interpolate 6 --video
 edit edit_hair_shape hair shape
-edit edit_eye_mouth_texture eye,mouth texture
+edit edit_eye_mouth_texture eye,mouth texture --source 1 --reference 2  # seed 0's portrait has no eyes in its seg
 edit edit_face_neck+cloth_texture face,neck+cloth texture
 step "inversion of a held-out synthetic portrait (seed 1: not in the training set), then an edit of it"
 "$py" tools/synthetic_portraits.py --out "$out/heldout" --n 1 --size 64 --seed 1
