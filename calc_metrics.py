@@ -52,18 +52,18 @@ import time
 
 import numpy as np
 
-import devices
-import evaluation
-import face_parser
-import generation as gen
-import imaging
-import metrics
-from checkpoint import CheckpointError
+from common import devices
+from evaluation import measures
+from evaluation import face_parser
+from rendering import loading as gen
+from common import imaging
+from evaluation import metrics
+from common.checkpoint import CheckpointError
 from dataset import MultiResolutionDataset
-from draws import seed_everything
-from latents import mean_latent
+from common.draws import seed_everything
+from rendering.latents import mean_latent
 from options import check_ranges
-from regions import REGION_NAMES
+from common.regions import REGION_NAMES
 
 METRICS = ("fid", "kid", "miou", "locality", "consistency", "inversion")
 
@@ -261,7 +261,7 @@ def main(argv=None):
         device = devices.select_device(opt.experiment.device)
         extractor = None
         if own.inception and ("fid" in chosen or "kid" in chosen):
-            extractor = evaluation.InceptionFeatures(own.inception, device)
+            extractor = measures.InceptionFeatures(own.inception, device)
         # The model first: its output size (from the flags or the checkpoint) sets the data's size.
         _, generator = gen.load_for_editing(opt, own.inference_samples)
         size = generator.size
@@ -279,7 +279,7 @@ def main(argv=None):
                 raise ValueError(f"{path}: --n_inversions {own.n_inversions} but the LMDB holds {len(inversion_data)}")
         parser = get_parser(own, opt.dataset.dataset_path, size, out_dir, device) if need_parser else None
         if extractor is None and ("fid" in chosen or "kid" in chosen):
-            extractor = evaluation.ParserFeatures(parser)
+            extractor = measures.ParserFeatures(parser)
     except (ValueError, CheckpointError, face_parser.ParserError) as error:
         gen.fail(error)
 
@@ -296,15 +296,15 @@ def main(argv=None):
         count = own.n
         if want_features:
             m = min(own.n, len(data) // 2)
-        samples = evaluation.sample_set(generator, opt, mean, psi, count, own.render_batch,
+        samples = measures.sample_set(generator, opt, mean, psi, count, own.render_batch,
                                         extractor if want_features else None,
                                         parser if "miou" in chosen else None)
         seconds["generated samples"] = time.time() - start
         if want_features:
             start = time.time()
-            half_a, half_b = evaluation.data_halves(len(data), m, seed)
-            real_a = evaluation.dataset_features(data, half_a, extractor, desc="dataset half A")
-            real_b = evaluation.dataset_features(data, half_b, extractor, desc="dataset half B")
+            half_a, half_b = measures.data_halves(len(data), m, seed)
+            real_a = measures.dataset_features(data, half_a, extractor, desc="dataset half A")
+            real_b = measures.dataset_features(data, half_b, extractor, desc="dataset half B")
             fake = samples["features"][:m]
             label = "" if extractor.name == "inception" else "_parser"
             described = ("Inception-v3 pool (2048-d)" if extractor.name == "inception"
@@ -333,7 +333,7 @@ def main(argv=None):
 
     if "locality" in chosen:
         start = time.time()
-        summary, example = evaluation.locality(generator, opt, mean, psi, own.n_pairs, attributes, own.min_area,
+        summary, example = measures.locality(generator, opt, mean, psi, own.n_pairs, attributes, own.min_area,
                                                own.render_batch)
         results["locality"] = {}
         for attribute in attributes:
@@ -345,13 +345,13 @@ def main(argv=None):
                 "per_region": per_region(summary[attribute])}
         rgb, source_seg, deltas = example
         top = [imaging.to_uint8(rgb[0])] + list(imaging.to_uint8(rgb[1:]))
-        bottom = [imaging.seg_row_image(source_seg[None])] + [evaluation.heat(d) for d in deltas]
+        bottom = [imaging.seg_row_image(source_seg[None])] + [measures.heat(d) for d in deltas]
         imaging.save_image(os.path.join(out_dir, "locality.png"), imaging.image_grid([top, bottom]))
         seconds["locality"] = time.time() - start
 
     if "consistency" in chosen:
         start = time.time()
-        values, (rgb, seg) = evaluation.consistency(generator, opt, mean, psi, own.n_consistency,
+        values, (rgb, seg) = measures.consistency(generator, opt, mean, psi, own.n_consistency,
                                                     own.consistency_azim)
         results["consistency"] = {k: float(np.nanmean(v)) if not all(map(math.isnan, v)) else None
                                   for k, v in values.items()}
@@ -363,7 +363,7 @@ def main(argv=None):
     if "inversion" in chosen:
         start = time.time()
         indices = list(range(len(inversion_data) - own.n_inversions, len(inversion_data)))
-        rows, confusion, pictures = evaluation.inversion(generator, opt, mean, psi, inversion_data, indices,
+        rows, confusion, pictures = measures.inversion(generator, opt, mean, psi, inversion_data, indices,
                                                          own.inversion_steps, own.invert_lr)
         ious = metrics.iou_per_class(confusion)
         psnrs = [r["psnr"] for r in rows]
@@ -374,7 +374,7 @@ def main(argv=None):
                                 "images": rows}
         shown = pictures[:8]
         grid = [[imaging.to_uint8(t) for t, _, _, _ in shown], [imaging.to_uint8(r) for _, r, _, _ in shown],
-                [evaluation.region_image(lab) for _, _, lab, _ in shown],
+                [measures.region_image(lab) for _, _, lab, _ in shown],
                 [imaging.seg_row_image(s[None]) for _, _, _, s in shown]]
         imaging.save_image(os.path.join(out_dir, "inversions.png"), imaging.image_grid(grid))
         seconds["inversion"] = time.time() - start

@@ -22,7 +22,7 @@ from PIL import Image
 from torch.utils import data
 from torchvision import transforms
 
-from regions import NUM_REGIONS, REGIONS
+from common.regions import NUM_REGIONS, REGIONS
 
 # Square dilation size per CelebAMask-HQ id, applied before the 19 -> 9 merge; ids not listed are
 # used as they are. Small parts are grown so that they survive the low-resolution rendering.

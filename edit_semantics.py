@@ -24,13 +24,13 @@ import os
 
 import torch
 
-import editing
-import generation as gen
-import imaging
-from camera import shape_view_index
-from checkpoint import CheckpointError
-from latents import LatentFileError, latents_from_file, load_latents, mean_latent, save_latents
-from regions import REGION_NAMES, color_segmap, parse_regions
+from editing import manipulation
+from rendering import loading as gen
+from common import imaging
+from rendering.camera import shape_view_index
+from common.checkpoint import CheckpointError
+from rendering.latents import LatentFileError, latents_from_file, load_latents, mean_latent, save_latents
+from common.regions import REGION_NAMES, color_segmap, parse_regions
 
 
 def add_arguments(group):
@@ -53,7 +53,7 @@ def identity(spec, generator, mean, psi):
     """(codes [1,2K,D], styles_global [1,D]) for a seed or a latent file (FILE or FILE@i)."""
     text = str(spec).strip()
     if text.lstrip("-").isdigit():
-        return editing.latents_from_seeds(generator, [int(text)], mean, psi)
+        return manipulation.latents_from_seeds(generator, [int(text)], mean, psi)
     path, index = text, 0
     if "@" in text and text.rsplit("@", 1)[1].isdigit():
         path, index = text.rsplit("@", 1)[0], int(text.rsplit("@", 1)[1])
@@ -91,8 +91,8 @@ def main(argv=None):
         regions = parse_regions(own.regions)
         if not regions:
             raise ValueError("--regions is empty; name at least one region")
-        if own.attribute not in editing.ATTRIBUTES:
-            raise ValueError(f"--attribute {own.attribute!r} is not one of {', '.join(editing.ATTRIBUTES)}")
+        if own.attribute not in manipulation.ATTRIBUTES:
+            raise ValueError(f"--attribute {own.attribute!r} is not one of {', '.join(manipulation.ATTRIBUTES)}")
         if own.interpolate == 1 or own.interpolate < 0:
             raise ValueError(f"--interpolate needs at least 2 steps (or 0 for none), got {own.interpolate}")
         if own.resample < 0 or own.n_views < 0:
@@ -108,12 +108,12 @@ def main(argv=None):
     except (LatentFileError, ValueError) as error:
         gen.fail(error)
 
-    edited = editing.swap_region_codes(source, reference, regions, own.attribute)
-    locations = editing.edit_locations(opt, own.n_views, device)
-    render = lambda codes, styles: editing.render_identities(generator, codes, styles, locations, opt, mean, psi)
+    edited = manipulation.swap_region_codes(source, reference, regions, own.attribute)
+    locations = manipulation.edit_locations(opt, own.n_views, device)
+    render = lambda codes, styles: manipulation.render_identities(generator, codes, styles, locations, opt, mean, psi)
     rgb, seg = render(torch.cat([source, reference, edited]),
                       torch.cat([source_global, reference_global, source_global]))
-    delta_row = [editing.delta_image(rgb[2, v], rgb[0, v]) for v in range(rgb.shape[1])]
+    delta_row = [manipulation.delta_image(rgb[2, v], rgb[0, v]) for v in range(rgb.shape[1])]
     grid = imaging.image_grid(sum((rows_for(rgb[i], seg[i]) for i in range(3)), []) + [delta_row])
 
     outputs = []  # (kind, path, payload) written together at the end: nothing half-written on errors
@@ -124,7 +124,7 @@ def main(argv=None):
     outputs.append(("latents", os.path.join(out_dir, "edit_latents.pt"), (edited, source_global, note)))
 
     if own.interpolate:
-        steps = editing.interpolate_codes(source, reference, regions, own.attribute, own.interpolate)[:, 0]
+        steps = manipulation.interpolate_codes(source, reference, regions, own.attribute, own.interpolate)[:, 0]
         styles = source_global.expand(own.interpolate, -1)
         rgb, seg = render(steps, styles)
         rows = sum((rows_for(rgb[i], seg[i]) for i in range(own.interpolate)), [])
@@ -139,7 +139,7 @@ def main(argv=None):
             outputs.append(("mp4", os.path.join(out_dir, "interpolation.mp4"), frames))
 
     if own.resample:
-        fresh = editing.resample_codes(generator, source, regions, own.attribute, own.resample, mean, psi,
+        fresh = manipulation.resample_codes(generator, source, regions, own.attribute, own.resample, mean, psi,
                                        seed=own.resample_seed)
         styles = source_global.expand(own.resample, -1)
         rgb, seg = render(fresh, styles)

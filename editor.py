@@ -9,8 +9,8 @@ the page and its API editor_web.py.
 """
 import socket
 
-import generation as gen
-from checkpoint import CheckpointError
+from rendering import loading as gen
+from common.checkpoint import CheckpointError
 from options import check_ranges
 
 DEFAULT_CKPT = "checkpoints/synthetic_portraits.pt"
@@ -47,7 +47,7 @@ def check_port(host, port):
 
 def main(argv=None):
     opt, own = gen.parse_options(argv, add_arguments, "editor")
-    import region_editor  # after option parsing, so --help stays quick
+    from editing import region_editor  # after option parsing, so --help stays quick
 
     samples = own.inference_samples or opt.rendering.N_samples
     try:
@@ -65,7 +65,7 @@ def main(argv=None):
 
     import uvicorn
 
-    import editor_web
+    from editing import editor_web
 
     app = editor_web.create_app(editor)
     print(f"CNeRF region editor: {editor.label}")

@@ -18,15 +18,15 @@ import sys
 import torch
 from tqdm import tqdm
 
-import devices
-import generation as gen
-import imaging
-from camera import shape_view_index, view_locations
-from checkpoint import CheckpointError
-from latents import LatentFileError, load_latents
-from mesh_utils import MeshError, depth_mesh, save_mesh, sdf_mesh, shade_mesh
+from common import devices
+from rendering import loading as gen
+from common import imaging
+from rendering.camera import shape_view_index, view_locations
+from common.checkpoint import CheckpointError
+from rendering.latents import LatentFileError, load_latents
+from rendering.meshes import MeshError, depth_mesh, save_mesh, sdf_mesh, shade_mesh
 from options import check_ranges
-from rendering import render_surface, render_views
+from rendering.inference import render_surface, render_views
 
 
 def add_arguments(group):

@@ -25,16 +25,16 @@ import os
 
 import numpy as np
 
-import editing
-import generation as gen
-import imaging
-import metrics
-from checkpoint import CheckpointError, load_checkpoint
-from editing import load_image, load_mask
-from latents import mean_latent, save_latents
+from editing import manipulation
+from rendering import loading as gen
+from common import imaging
+from evaluation import metrics
+from common.checkpoint import CheckpointError, load_checkpoint
+from editing.manipulation import load_image, load_mask
+from rendering.latents import mean_latent, save_latents
 from options import check_ranges
-from regions import color_segmap
-from rendering import render_views
+from common.regions import color_segmap
+from rendering.inference import render_views
 
 
 def add_arguments(group):
@@ -62,7 +62,7 @@ def load_perceptual(path, device):
     except CheckpointError as error:
         raise ValueError(str(error)) from None
     try:
-        return editing.PerceptualLoss(state).to(device)
+        return manipulation.PerceptualLoss(state).to(device)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
 
@@ -92,12 +92,12 @@ def main(argv=None):
     target = target.to(device=device, dtype=dtype)
     target_seg = None
     if regions is not None:
-        target_seg = editing.one_hot_regions(regions, generator.n_render).to(device=device, dtype=dtype)
-    result = editing.invert(generator, target, mean, psi, opt.camera, target_seg=target_seg, steps=own.steps,
+        target_seg = manipulation.one_hot_regions(regions, generator.n_render).to(device=device, dtype=dtype)
+    result = manipulation.invert(generator, target, mean, psi, opt.camera, target_seg=target_seg, steps=own.steps,
                             lr=own.invert_lr, camera_lr=own.camera_lr, pixel_loss=own.pixel_loss,
                             mask_weight=own.mask_weight, perceptual=perceptual,
                             perceptual_weight=own.perceptual_weight)
-    locations = editing.edit_locations(opt, own.n_views, device)
+    locations = manipulation.edit_locations(opt, own.n_views, device)
     views, view_segs = render_views(generator, result["codes"], result["styles_global"], locations, opt, mean,
                                         psi=psi)
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import autograd
 
-import draws
+from common import draws
 
 
 def d_logistic_loss(real_pred, fake_pred):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from munch import Munch
 from torch import nn
 
-import draws
+from common import draws
 from op import FusedLeakyReLU, fused_leaky_relu, upfirdn2d
 from volume_renderer import VolumeFeatureRenderer
 

@@ -15,15 +15,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import devices
-import generation as gen
-import imaging
-from checkpoint import CheckpointError
-from latents import LatentFileError, load_latents
-from mesh_utils import depth_mesh, shade_mesh
+from common import devices
+from rendering import loading as gen
+from common import imaging
+from common.checkpoint import CheckpointError
+from rendering.latents import LatentFileError, load_latents
+from rendering.meshes import depth_mesh, shade_mesh
 from options import check_ranges
-from regions import color_segmap
-from rendering import render_surface, render_views
+from common.regions import color_segmap
+from rendering.inference import render_surface, render_views
 
 
 def add_arguments(group):

@@ -19,12 +19,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import distributed as dist_utils
-import perf_utils
-import training_steps as steps
-import training_utils as tu
-from checkpoint import generator_state, load_checkpoint, load_state_strict
+from common import perf_utils
+from training import steps as steps
+from training import utils as tu
+from common.checkpoint import generator_state, load_checkpoint, load_state_strict
 from dataset import MultiResolutionDataset
-from draws import seed_everything
+from common.draws import seed_everything
 from options import BaseOptions, check_ranges
 
 STAGE = "full_pipeline"

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import fast_render
-from camera import camera_rays, depths_along_rays, pixel_grid, sample_depths_t
+from rendering import fast_render
+from rendering.camera import camera_rays, depths_along_rays, pixel_grid, sample_depths_t
 
 
 def _uniform(shape, bound):

@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:
 
 import dataset as ds  # noqa: E402
 import prepare_data  # noqa: E402
-from regions import REGION_COLORS, color_segmap, label19_to_regions  # noqa: E402
+from common.regions import REGION_COLORS, color_segmap, label19_to_regions  # noqa: E402
 
 REFERENCE = SHARED / "reference" / "data_vectors.pt"
 

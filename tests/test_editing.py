@@ -12,17 +12,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import editing  # noqa: E402
-import generation as gen  # noqa: E402
-import imaging  # noqa: E402
-import metrics  # noqa: E402
-from camera import cameras  # noqa: E402
-from checkpoint import save_checkpoint  # noqa: E402
-from latents import LatentFileError, load_latents, mean_latent, save_latents  # noqa: E402
+from editing import manipulation  # noqa: E402
+from rendering import loading as gen  # noqa: E402
+from common import imaging  # noqa: E402
+from evaluation import metrics  # noqa: E402
+from rendering.camera import cameras  # noqa: E402
+from common.checkpoint import save_checkpoint  # noqa: E402
+from rendering.latents import LatentFileError, load_latents, mean_latent, save_latents  # noqa: E402
 from model import Generator  # noqa: E402
 from options import model_options  # noqa: E402
-from regions import NUM_REGIONS  # noqa: E402
-from rendering import render_views  # noqa: E402
+from common.regions import NUM_REGIONS  # noqa: E402
+from rendering.inference import render_views  # noqa: E402
 
 # Decoder 8 → 16: the smallest configuration the full pipeline supports, so the file stays fast.
 TINY = ["--size", "16", "--renderer_spatial_output_dim", "8", "--style_dim", "32", "--width", "32",
@@ -79,28 +79,28 @@ def test_swap_takes_exactly_the_chosen_slots():
     source, reference = torch.randn(3, 18, 8), torch.randn(3, 18, 8)
     for regions in ([7], [3, 7], [0, 2, 8]):
         for attribute, parity in (("shape", (0,)), ("texture", (1,)), ("both", (0, 1))):
-            edited = editing.swap_region_codes(source, reference, regions, attribute)
+            edited = manipulation.swap_region_codes(source, reference, regions, attribute)
             chosen = {2 * k + p for k in regions for p in parity}
             for slot in range(18):
                 expected = reference if slot in chosen else source
                 assert torch.equal(edited[:, slot], expected[:, slot]), (regions, attribute, slot)
     # One reference for a batch of sources is broadcast; the inputs are not modified.
     before = source.clone()
-    edited = editing.swap_region_codes(source, reference[:1], [1], "texture")
+    edited = manipulation.swap_region_codes(source, reference[:1], [1], "texture")
     assert torch.equal(edited[:, 3], reference[:1, 3].expand(3, -1)) and torch.equal(source, before)
     with pytest.raises(ValueError, match="attribute"):
-        editing.swap_region_codes(source, reference, [1], "colour")
+        manipulation.swap_region_codes(source, reference, [1], "colour")
     with pytest.raises(ValueError, match="differ"):
-        editing.swap_region_codes(source, torch.randn(3, 16, 8), [1])
+        manipulation.swap_region_codes(source, torch.randn(3, 16, 8), [1])
 
 
 def test_interpolation_ends_at_source_and_swap_and_moves_only_chosen_slots():
     torch.manual_seed(2)
     source, reference = torch.randn(1, 18, 8), torch.randn(1, 18, 8)
-    steps = editing.interpolate_codes(source, reference, [7], "shape", 4)
+    steps = manipulation.interpolate_codes(source, reference, [7], "shape", 4)
     assert steps.shape == (4, 1, 18, 8)
     assert torch.equal(steps[0], source)
-    assert torch.equal(steps[-1], editing.swap_region_codes(source, reference, [7], "shape"))
+    assert torch.equal(steps[-1], manipulation.swap_region_codes(source, reference, [7], "shape"))
     others = [s for s in range(18) if s != 14]
     assert torch.equal(steps[:, :, others], source[:, others].expand(4, -1, -1, -1))
     assert torch.allclose(steps[1, 0, 14], source[0, 14] + (reference[0, 14] - source[0, 14]) / 3, atol=1e-6)
@@ -108,8 +108,8 @@ def test_interpolation_ends_at_source_and_swap_and_moves_only_chosen_slots():
 
 def test_resample_changes_only_chosen_slots(tiny):
     _, _, generator, mean = tiny
-    source, _ = editing.latents_from_seeds(generator, [3], mean, 0.7)
-    fresh = editing.resample_codes(generator, source, [3], "texture", 3, mean, 0.7, seed=5)
+    source, _ = manipulation.latents_from_seeds(generator, [3], mean, 0.7)
+    fresh = manipulation.resample_codes(generator, source, [3], "texture", 3, mean, 0.7, seed=5)
     assert fresh.shape == (3, 18, generator.style_dim)
     others = [s for s in range(18) if s != 7]
     assert torch.equal(fresh[:, others], source[:, others].expand(3, -1, -1))
@@ -118,15 +118,15 @@ def test_resample_changes_only_chosen_slots(tiny):
 
 def test_edit_without_chosen_codes_renders_the_source_exactly(tiny):
     _, opt, generator, mean = tiny
-    codes, styles = editing.latents_from_seeds(generator, [3, 8], mean, 0.7)
-    locations = editing.edit_locations(opt, 2)
-    untouched = editing.swap_region_codes(codes[:1], codes[1:], [], "both")
-    rgb, seg = editing.render_identities(generator, torch.cat([codes[:1], untouched]), styles[:1].repeat(2, 1),
+    codes, styles = manipulation.latents_from_seeds(generator, [3, 8], mean, 0.7)
+    locations = manipulation.edit_locations(opt, 2)
+    untouched = manipulation.swap_region_codes(codes[:1], codes[1:], [], "both")
+    rgb, seg = manipulation.render_identities(generator, torch.cat([codes[:1], untouched]), styles[:1].repeat(2, 1),
                                          locations, opt, mean)
     assert torch.equal(rgb[0], rgb[1]) and torch.equal(seg[0], seg[1])
     # ...while a real swap changes the picture (the check above is not vacuous).
-    swapped = editing.swap_region_codes(codes[:1], codes[1:], list(range(NUM_REGIONS)), "both")
-    rgb2, _ = editing.render_identities(generator, swapped, styles[:1], locations, opt, mean)
+    swapped = manipulation.swap_region_codes(codes[:1], codes[1:], list(range(NUM_REGIONS)), "both")
+    rgb2, _ = manipulation.render_identities(generator, swapped, styles[:1], locations, opt, mean)
     assert (rgb2[0] - rgb[0]).abs().max() > 1e-3
 
 
@@ -141,8 +141,8 @@ def test_edit_semantics_writes_grid_and_latents_that_round_trip(tiny, tmp_path):
     edit_semantics.main(argv("--trained_ckpt", path, *RUN, "--source", "3", "--reference", "8", "--regions",
                          "hair,mouth", "--attribute", "texture", "--n_views", "2", "--interpolate", "3",
                          "--resample", "2", "--out_dir", out))
-    codes, styles = editing.latents_from_seeds(generator, [3, 8], mean, 0.7)
-    expected = editing.swap_region_codes(codes[:1], codes[1:], [3, 7], "texture")
+    codes, styles = manipulation.latents_from_seeds(generator, [3, 8], mean, 0.7)
+    expected = manipulation.swap_region_codes(codes[:1], codes[1:], [3, 7], "texture")
     data = load_latents(out / "edit_latents.pt", style_dim=32, n_regions=NUM_REGIONS)
     assert torch.equal(data["codes"], expected) and torch.equal(data["styles_global"], styles[:1])
     inter = load_latents(out / "interpolation_latents.pt", 32, NUM_REGIONS)
@@ -152,8 +152,8 @@ def test_edit_semantics_writes_grid_and_latents_that_round_trip(tiny, tmp_path):
 
     # Grid: source, seg, reference, seg, edited, seg, |Δ| over 2 views; rows are what the codes render.
     grid = split_grid(out / "edit_grid.png", 7, 2, 16)
-    rgb, _ = editing.render_identities(generator, torch.cat([codes, expected]), torch.cat([styles, styles[:1]]),
-                                       editing.edit_locations(opt, 2), opt, mean)
+    rgb, _ = manipulation.render_identities(generator, torch.cat([codes, expected]), torch.cat([styles, styles[:1]]),
+                                       manipulation.edit_locations(opt, 2), opt, mean)
     pixels = imaging.to_uint8(rgb)
     for row, identity in ((0, 0), (2, 1), (4, 2)):
         for view in range(2):
@@ -185,14 +185,14 @@ def test_inference_full_accepts_edited_latents(tiny, tmp_path):
     import inference_Full
 
     path, opt, generator, mean = tiny
-    codes, styles = editing.latents_from_seeds(generator, [4], mean, 0.7)
-    edited = editing.swap_region_codes(codes, editing.latents_from_seeds(generator, [9], mean, 0.7)[0], [7])
+    codes, styles = manipulation.latents_from_seeds(generator, [4], mean, 0.7)
+    edited = manipulation.swap_region_codes(codes, manipulation.latents_from_seeds(generator, [9], mean, 0.7)[0], [7])
     save_latents(tmp_path / "edit.pt", edited, styles)
     inference_Full.main(argv("--trained_ckpt", path, *RUN, "--latents", tmp_path / "edit.pt", "--results_dir",
                          tmp_path / "inf", "--no_surface_renderings"))
     row = np.asarray(Image.open(tmp_path / "inf" / "0_img.png").convert("RGB"))
     assert row.shape == (16, 160, 3)  # the published 10-view sweep
-    first = editing.edit_locations(opt, 0)[:1]
+    first = manipulation.edit_locations(opt, 0)[:1]
     rgb, _ = render_views(generator, edited, styles, first, opt, mean)
     assert np.array_equal(row[:, :16], imaging.to_uint8(rgb[0]))
 
@@ -202,17 +202,17 @@ def test_inference_full_accepts_edited_latents(tiny, tmp_path):
 
 def test_inversion_of_a_generated_image_lowers_the_loss_by_a_large_factor(tiny):
     _, opt, generator, mean = tiny
-    codes, styles = editing.latents_from_seeds(generator, [6], mean, 0.7)
+    codes, styles = manipulation.latents_from_seeds(generator, [6], mean, 0.7)
     location = torch.tensor([[0.15, -0.05]])
     with torch.no_grad():
         cam = cameras(8, location, opt.camera, "cpu")
-        target, target_seg, _, _ = editing.render(generator, codes, styles, cam, mean, 0.7)
+        target, target_seg, _, _ = manipulation.render(generator, codes, styles, cam, mean, 0.7)
     weights = {k: v.clone() for k, v in generator.state_dict().items()}
-    result = editing.invert(generator, target, mean, 0.7, opt.camera, steps=20, lr=0.1, progress=False)
+    result = manipulation.invert(generator, target, mean, 0.7, opt.camera, steps=20, lr=0.1, progress=False)
     assert result["losses"][-1] < result["losses"][0] / 8, result["losses"][::5]
     assert not torch.equal(result["camera"], torch.zeros(1, 2))  # the camera was optimised too
     with torch.no_grad():  # where the inversion started: the mean latent, frontal camera
-        start = editing.render(generator, mean[0].view(1, 1, -1).repeat(1, 18, 1), mean[0],
+        start = manipulation.render(generator, mean[0].view(1, 1, -1).repeat(1, 18, 1), mean[0],
                                cameras(8, torch.zeros(1, 2), opt.camera, "cpu"), mean, 0.7)[0]
     assert metrics.psnr(result["rgb"], target) > metrics.psnr(start, target) + 6
     # Only the variables moved: the generator's weights are untouched.
@@ -223,7 +223,7 @@ def test_invert_script_writes_image_and_latents(tiny, tmp_path):
     import invert
 
     path, opt, generator, mean = tiny
-    codes, styles = editing.latents_from_seeds(generator, [2], mean, 0.7)
+    codes, styles = manipulation.latents_from_seeds(generator, [2], mean, 0.7)
     rgb, seg = render_views(generator, codes, styles, torch.zeros(1, 2), opt, mean)
     Image.fromarray(imaging.to_uint8(rgb[0])).save(tmp_path / "face.png")
     label = np.full((16, 16), 1, dtype=np.uint8)
@@ -284,7 +284,7 @@ def test_perceptual_loss_uses_only_a_local_vgg16_state_dict(tmp_path):
     import invert
 
     torch.manual_seed(3)
-    features = {f"features.{k}": v for k, v in editing.vgg16_features().state_dict().items()}
+    features = {f"features.{k}": v for k, v in manipulation.vgg16_features().state_dict().items()}
     # The layout is torchvision's VGG16 (configuration "D"): the same keys and shapes up to relu4_3.
     from torchvision.models.vgg import cfgs, make_layers
 

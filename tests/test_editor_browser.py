@@ -21,10 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import editor_browser as eb  # noqa: E402
-import generation as gen  # noqa: E402
-from checkpoint import save_checkpoint  # noqa: E402
-from latents import save_latents  # noqa: E402
+from tools import editor_browser as eb  # noqa: E402
+from rendering import loading as gen  # noqa: E402
+from common.checkpoint import save_checkpoint  # noqa: E402
+from rendering.latents import save_latents  # noqa: E402
 from model import Generator  # noqa: E402
 from options import model_options  # noqa: E402
 
@@ -212,7 +212,7 @@ def test_resample_semantics_reset_and_download(server, browser, tmp_path):
     browser.find_element("id", "resample-shape-2").click()
     browser.find_element("id", "download-latents").click()
     saved = eb.wait_for(lambda: [p for p in tmp_path.glob("*.pt")], 30, what="the downloaded latents")
-    from latents import load_latents
+    from rendering.latents import load_latents
 
     data = load_latents(saved[0], style_dim=32, n_regions=9)
     assert data["codes"].shape == (1, 18, 32) and "brow" not in data["note"] and "eye shape resampled" in data["note"]

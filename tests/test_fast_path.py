@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-import fast_render
-from camera import generate_camera_params
+from rendering import fast_render
+from rendering.camera import generate_camera_params
 from losses import eikonal_loss
 from model import Generator
 from options import default_options, sync_region_count
@@ -309,7 +309,7 @@ def test_bench_times_the_real_training_iterations(workload):
 def test_chunk_threads_give_the_serial_result_bit_for_bit(monkeypatch):
     """perf_utils.map_in_threads: two single-threaded workers render the same numbers as one serial
     loop, in order, and the caller's intra-op thread count is restored."""
-    import perf_utils
+    from common import perf_utils
 
     _, g, opt = _pair(True, False, static_viewdirs=True, perturb=0.0)
     g.renderer.fast_points = 6 * 5  # 5 rays per chunk: 13 chunks per 8×8 image

@@ -19,12 +19,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import generation as gen  # noqa: E402
-import mesh_utils as mu  # noqa: E402
-from camera import camera_rays, generate_camera_params, pixel_grid, shape_view_index, view_locations  # noqa: E402
-from checkpoint import CheckpointError, load_state_strict, save_checkpoint  # noqa: E402
-from latents import identity_latents, mean_latent, save_latents  # noqa: E402
-from rendering import render_surface  # noqa: E402
+from rendering import loading as gen  # noqa: E402
+from rendering import meshes as mu  # noqa: E402
+from rendering.camera import camera_rays, generate_camera_params, pixel_grid, shape_view_index, view_locations  # noqa: E402
+from common.checkpoint import CheckpointError, load_state_strict, save_checkpoint  # noqa: E402
+from rendering.latents import identity_latents, mean_latent, save_latents  # noqa: E402
+from rendering.inference import render_surface  # noqa: E402
 
 TINY = ["--size", "64", "--renderer_spatial_output_dim", "32", "--style_dim", "32", "--width", "32",
         "--N_samples", "8", "--channel_multiplier", "1"]
@@ -160,7 +160,7 @@ def test_published_command_writes_every_file_with_expected_sizes(sweep_runs):
     background = (shape == 255).all(-1)
     assert background[0, 0] and background[-1, -1] and not background[SIZE // 2, SIZE // 2]  # a disc
     # Segmentations are written with the region colours only.
-    from regions import REGION_COLORS
+    from common.regions import REGION_COLORS
 
     colours = {tuple(c) for c in pixels(out / "0_seg.png").reshape(-1, 3)}
     assert colours <= {tuple(int(v) for v in c) for c in REGION_COLORS}
@@ -281,7 +281,7 @@ def test_checkpoint_with_its_config_needs_no_model_flags(tiny_generator, tmp_pat
     # Final checkpoints of this project carry their architecture options: --trained_ckpt alone rebuilds
     # the model; a flag that contradicts the checkpoint is one clear line.
     import inference_Full
-    from checkpoint import architecture_config
+    from common.checkpoint import architecture_config
 
     path = tmp_path / "with_config.pt"
     save_checkpoint({"g_ema": tiny_generator.state_dict(), "config": architecture_config(tiny_options())}, path)

@@ -14,11 +14,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
 import check_conformance  # noqa: E402
-from camera import generate_camera_params  # noqa: E402
-from checkpoint import CheckpointError, load_generator, load_state_strict, save_checkpoint  # noqa: E402
+from rendering.camera import generate_camera_params  # noqa: E402
+from common.checkpoint import CheckpointError, load_generator, load_state_strict, save_checkpoint  # noqa: E402
 from model import Generator  # noqa: E402
 from options import check_ranges, default_options  # noqa: E402
-from regions import NUM_REGIONS, parse_regions  # noqa: E402
+from common.regions import NUM_REGIONS, parse_regions  # noqa: E402
 
 TINY = ["--size", "64", "--renderer_spatial_output_dim", "16", "--style_dim", "32", "--width", "32",
         "--N_samples", "6", "--channel_multiplier", "1"]
@@ -270,7 +270,7 @@ def test_options_refuse_non_finite_numbers(value, capsys):
 
 def test_check_ranges_names_the_first_flag_out_of_range():
     """The one range check of the scripts: each rule kind, its words, the flag and value in one line."""
-    from devices import UsageError
+    from common.devices import UsageError
 
     ok = {"--a": (1, ">= 1"), "--b": (0.5, "> 0"), "--c": (0, ">= 0"), "--d": (1.0, "(0, 1]"), "--e": (0.0, "[0, 1)")}
     check_ranges(ok)  # nothing raised

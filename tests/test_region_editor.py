@@ -14,15 +14,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import editing  # noqa: E402
-import generation as gen  # noqa: E402
-import imaging  # noqa: E402
-import region_editor as re_  # noqa: E402
-from checkpoint import save_checkpoint  # noqa: E402
-from latents import load_latents, save_latents  # noqa: E402
+from editing import manipulation  # noqa: E402
+from rendering import loading as gen  # noqa: E402
+from common import imaging  # noqa: E402
+from editing import region_editor as re_  # noqa: E402
+from common.checkpoint import save_checkpoint  # noqa: E402
+from rendering.latents import load_latents, save_latents  # noqa: E402
 from model import Generator  # noqa: E402
 from options import model_options  # noqa: E402
-from rendering import render_views  # noqa: E402
+from rendering.inference import render_views  # noqa: E402
 
 TINY = ["--size", "16", "--renderer_spatial_output_dim", "8", "--style_dim", "32", "--width", "32",
         "--N_samples", "8", "--channel_multiplier", "1", "--truncation_mean", "500", "--device", "cpu"]
@@ -78,7 +78,7 @@ def test_blend_moves_each_slot_by_its_own_factor_and_ends_are_exact():
         else:  # untouched slots keep the source's code bit for bit
             assert torch.equal(out[:, slot], source[:, slot])
     # The full swap agrees with edit_semantics' swap.
-    swapped = editing.swap_region_codes(source, reference, [4, 5], "texture")
+    swapped = manipulation.swap_region_codes(source, reference, [4, 5], "texture")
     both = [1.0 if i in (4, 5) else 0.0 for i in range(K)]
     assert torch.equal(re_.blend_codes(source, reference, [0.0] * K, both), swapped)
 
@@ -156,10 +156,10 @@ def test_edit_matches_edit_semantics_swap_and_render(tiny):
     _, editor = tiny
     s = state(editor, texture=one_hot(7), azim=0.1)
     codes, styles, source = editor.edited_codes(s)
-    src, src_global = editing.latents_from_seeds(editor.generator, [3], editor.mean, 0.7)
-    ref, _ = editing.latents_from_seeds(editor.generator, [7], editor.mean, 0.7)
+    src, src_global = manipulation.latents_from_seeds(editor.generator, [3], editor.mean, 0.7)
+    ref, _ = manipulation.latents_from_seeds(editor.generator, [7], editor.mean, 0.7)
     assert torch.equal(source, src) and torch.equal(styles, src_global)
-    assert torch.equal(codes, editing.swap_region_codes(src, ref, [7], "texture"))
+    assert torch.equal(codes, manipulation.swap_region_codes(src, ref, [7], "texture"))
     rgb, _ = render_views(editor.generator, codes, styles, torch.tensor([[0.1, 0.0]]), editor.opt, editor.mean,
                               psi=0.7)
     assert np.array_equal(editor.render(s)["images"]["image"], imaging.to_uint8(rgb[0]))
@@ -264,7 +264,7 @@ def editor_error(*args):
 def test_editor_refuses_a_missing_or_foreign_checkpoint_with_one_line(tiny, tmp_path):
     import subprocess
 
-    import editor_browser
+    from tools import editor_browser
 
     path, _ = tiny
     port = editor_browser.free_port()

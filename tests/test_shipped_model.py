@@ -20,11 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import evaluation  # noqa: E402
-import generation as gen  # noqa: E402
-from checkpoint import load_checkpoint  # noqa: E402
-from latents import mean_latent  # noqa: E402
-from regions import REGION_NAMES  # noqa: E402
+from evaluation import measures  # noqa: E402
+from rendering import loading as gen  # noqa: E402
+from common.checkpoint import load_checkpoint  # noqa: E402
+from rendering.latents import mean_latent  # noqa: E402
+from common.regions import REGION_NAMES  # noqa: E402
 
 SHIPPED = ROOT / "checkpoints" / "synthetic_portraits.pt"
 SEEDS = list(range(8))
@@ -35,12 +35,12 @@ pytestmark = pytest.mark.skipif(not SHIPPED.is_file(), reason=f"{SHIPPED.name} i
 
 @pytest.fixture(scope="module")
 def check():
-    """evaluation.portrait_check on the shipped model: 8 frontal portraits at ψ 0.7, a hair texture swap."""
+    """measures.portrait_check on the shipped model: 8 frontal portraits at ψ 0.7, a hair texture swap."""
     torch.set_num_threads(1)
     opt, _ = gen.parse_options(["--trained_ckpt", str(SHIPPED), "--device", "cpu"])
     generator, _ = gen.load_models(opt, torch.device("cpu"), n_samples=opt.rendering.N_samples)
     mean = mean_latent(generator, 2000)
-    return evaluation.portrait_check(generator, opt, mean, PSI, SEEDS, swap_region="hair")
+    return measures.portrait_check(generator, opt, mean, PSI, SEEDS, swap_region="hair")
 
 
 def test_loads_strictly_from_the_file_alone():
@@ -54,12 +54,12 @@ def test_loads_strictly_from_the_file_alone():
 
 
 def test_frontal_portraits_have_every_region_in_place(check):
-    for name in evaluation.PORTRAIT_REGIONS:
+    for name in measures.PORTRAIT_REGIONS:
         if name != "brow":  # measured: brows in 24 of 64 portraits (module docstring)
             assert check["shown"][name] >= len(SEEDS) - 1, f"{name} visible in only {check['shown'][name]}/{len(SEEDS)} portraits"
-    wanted = {REGION_NAMES.index(name) for name in evaluation.PORTRAIT_REGIONS}
+    wanted = {REGION_NAMES.index(name) for name in measures.PORTRAIT_REGIONS}
     complete = [i for i, labels in enumerate(check["labels"]) if wanted <= set(labels.unique().tolist())]
-    assert complete, "no portrait shows every region (" + ", ".join(evaluation.PORTRAIT_REGIONS) + ")"
+    assert complete, "no portrait shows every region (" + ", ".join(measures.PORTRAIT_REGIONS) + ")"
     assert not check["problems"], "; ".join(check["problems"])
 
 

@@ -27,9 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from munch import Munch  # noqa: E402
 
-import draws  # noqa: E402
-import training_steps as steps  # noqa: E402
-import training_utils as tu  # noqa: E402
+from common import draws  # noqa: E402
+from training import steps as steps  # noqa: E402
+from training import utils as tu  # noqa: E402
 from options import BaseOptions  # noqa: E402
 from tools.reference_weights import fill_recipe  # noqa: E402
 

@@ -22,7 +22,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import editor_browser as eb  # noqa: E402
-from regions import parse_regions  # noqa: E402
+from common.regions import parse_regions  # noqa: E402
 
 
 def parse(argv):

@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from checkpoint import CheckpointError, generator_export, save_checkpoint  # noqa: E402
+from common.checkpoint import CheckpointError, generator_export, save_checkpoint  # noqa: E402
 
 
 def export(source, destination, half=False):

@@ -19,9 +19,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import generation as gen  # noqa: E402
-import region_editor  # noqa: E402
-from checkpoint import CheckpointError  # noqa: E402
+from rendering import loading as gen  # noqa: E402
+from editing import region_editor  # noqa: E402
+from common.checkpoint import CheckpointError  # noqa: E402
 
 
 def add_arguments(group):

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import imaging  # noqa: E402
+from common import imaging  # noqa: E402
 
 
 MAX_COLUMNS = 6  # panels per row; a log with more losses wraps onto further rows

@@ -39,12 +39,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import evaluation  # noqa: E402
-import generation as gen  # noqa: E402
-import imaging  # noqa: E402
-from checkpoint import CheckpointError, generator_export, save_checkpoint  # noqa: E402
-from devices import UsageError  # noqa: E402
-from latents import mean_latent  # noqa: E402
+from evaluation import measures as evaluation  # noqa: E402
+from rendering import loading as gen  # noqa: E402
+from common import imaging  # noqa: E402
+from common.checkpoint import CheckpointError, generator_export, save_checkpoint  # noqa: E402
+from common.devices import UsageError  # noqa: E402
+from rendering.latents import mean_latent  # noqa: E402
 from options import check_ranges  # noqa: E402
 
 SMALL_REGIONS = ("eye", "mouth", "brow", "nose")

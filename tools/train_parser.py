@@ -17,9 +17,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import face_parser  # noqa: E402
+from evaluation import face_parser  # noqa: E402
 from dataset import MultiResolutionDataset  # noqa: E402
-from devices import select_device  # noqa: E402
+from common.devices import select_device  # noqa: E402
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -15,8 +15,8 @@ import torch
 import trimesh
 from scipy.spatial import Delaunay
 
-from camera import camera_rays, pixel_grid
-from devices import UsageError
+from rendering.camera import camera_rays, pixel_grid
+from common.devices import UsageError
 
 
 class MeshError(UsageError):

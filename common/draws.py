@@ -38,7 +38,7 @@ class Draws:
 
     def camera(self, camera_opt, batch, device, resolution):
         """(extrinsics, focal, near, far, viewpoint) of `batch` random cameras (SPEC §3)."""
-        from camera import generate_camera_params  # camera.py draws its ray jitter through this module
+        from rendering.camera import generate_camera_params  # camera.py draws its ray jitter through this module
 
         c = camera_opt
         return generate_camera_params(resolution, device, batch=batch, uniform=c.uniform, azim_range=c.azim,

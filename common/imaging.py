@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from regions import color_segmap
+from common.regions import color_segmap
 
 
 def to_uint8(rgb):

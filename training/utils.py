@@ -18,13 +18,13 @@ import torch
 from munch import Munch
 from torch.utils import data
 
-import devices
+from common import devices
 import distributed as dist_utils
-import imaging
-from camera import generate_camera_params
-from draws import seed_everything
+from common import imaging
+from rendering.camera import generate_camera_params
+from common.draws import seed_everything
 from options import check_ranges
-from regions import color_segmap
+from common.regions import color_segmap
 
 EMA_DECAY = 0.5 ** (32 / (10 * 1000))  # published, per iteration
 SAMPLE_VIEWS = 8  # generate_camera_params(sweep=True) gives 8 azimuths per identity
@@ -313,7 +313,7 @@ def resolve_resume_path(ckpt, folder):
 
 def run_training(train, argv=None):
     """Run a stage's train(argv); its known failures end with one line and a non-zero exit."""
-    from checkpoint import CheckpointError
+    from common.checkpoint import CheckpointError
 
     try:
         train(argv)
@@ -333,7 +333,7 @@ def start_run(opt, stage, number, required_keys):
     ckpt (None unless --continue_training) and resume_path. `required_keys` are the entries a resume
     checkpoint of this stage must have.
     """
-    from checkpoint import CheckpointError, load_checkpoint
+    from common.checkpoint import CheckpointError, load_checkpoint
 
     t = opt.training
     device = devices.select_device(opt.experiment.device, dist_utils.local_rank_from(t.local_rank))
@@ -356,7 +356,7 @@ def start_run(opt, stage, number, required_keys):
         if isinstance(run.ckpt.get("opt"), dict):
             # The run's architecture (incl. --d_channel_scale) comes with the checkpoint: resuming needs no
             # model flags, and a contradicting one is one clear line.
-            from checkpoint import apply_saved_config
+            from common.checkpoint import apply_saved_config
             from options import BaseOptions
 
             parser = BaseOptions()
@@ -389,7 +389,7 @@ def gather_rng():
 def restore_optimizers(opt, ckpt, resume_path, optimizers):
     """Load each optimiser's state from the resume checkpoint (`optimizers`: checkpoint key -> optimiser),
     unless --fresh_optimizers: then they keep their initial state, as after a checkpoint stripped of them."""
-    from checkpoint import CheckpointError
+    from common.checkpoint import CheckpointError
 
     if opt.experiment.fresh_optimizers:
         return
@@ -410,7 +410,7 @@ def restore_rng(ckpt, seed, start_iter):
 
 
 def save(obj, path):
-    from checkpoint import save_checkpoint
+    from common.checkpoint import save_checkpoint
 
     try:
         save_checkpoint(obj, path)
@@ -437,7 +437,7 @@ def finish_run(run, opt, g_ema, last_iter, name):
     """The final EMA model <exp_dir>/<name> (main process), then close the logger and wait for every rank.
 
     It carries its architecture options ("config"), so `--trained_ckpt` alone rebuilds it."""
-    from checkpoint import architecture_config
+    from common.checkpoint import architecture_config
 
     if run.main:
         save({"g_ema": g_ema.state_dict(), "iter": last_iter, "config": architecture_config(opt)},

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 import distributed as dist_utils
-import draws
-import training_utils as tu
+from common import draws
+from training import utils as tu
 from losses import (classification_loss, d_logistic_loss, eikonal_loss, g_nonsaturating_loss, g_path_regularize,
                     r1_image_and_mask, viewpoints_loss)
 from model import ComponentDualBranchDiscriminator, Discriminator, Generator, VolumeRenderDiscriminator

@@ -17,14 +17,14 @@ import sys
 import torch
 from munch import Munch
 
-import devices
-import perf_utils
-from checkpoint import CheckpointError, apply_saved_config, load_generator, load_state_strict, saved_config
-from draws import seed_everything
-from latents import identity_latents, latents_from_file, mean_latent
+from common import devices
+from common import perf_utils
+from common.checkpoint import CheckpointError, apply_saved_config, load_generator, load_state_strict, saved_config
+from common.draws import seed_everything
+from rendering.latents import identity_latents, latents_from_file, mean_latent
 from model import Generator
 from options import BaseOptions, check_ranges, group_options, model_options
-from regions import parse_regions
+from common.regions import parse_regions
 
 # Evaluation rendering of the published inference script.
 INFERENCE_SAMPLES = 64

@@ -4,7 +4,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-import draws
+from common import draws
 
 
 def generate_camera_params(resolution, device, batch=1, locations=None, sweep=False, uniform=False,

@@ -12,8 +12,8 @@ import threading
 
 import torch
 
-import perf_utils
-from camera import depths_along_rays
+from common import perf_utils
+from rendering.camera import depths_along_rays
 
 
 class SirenEikonal(torch.autograd.Function):

@@ -3,7 +3,7 @@ and semantic consistency, edit locality, view consistency, inversion of dataset 
 
 The arithmetic lives in metrics.py, the face parser in face_parser.py; this module renders what they
 measure. Every identity, camera and subset is drawn from a fixed seed, so two runs give the same
-numbers. Images are rendered the published inference way (editing.render: input_is_latent,
+numbers. Images are rendered the published inference way (manipulation.render: input_is_latent,
 truncation ψ applied to the codes as the inference script does, fixed decoder noise).
 """
 import math
@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import editing
-import face_parser
-import metrics
-from camera import cameras
-from devices import UsageError
-from regions import NUM_REGIONS, REGION_NAMES, color_segmap
+from editing import manipulation
+from evaluation import face_parser
+from evaluation import metrics
+from rendering.camera import cameras
+from common.devices import UsageError
+from common.regions import NUM_REGIONS, REGION_NAMES, color_segmap
 
 # Seed offsets, so that the identities of different metrics never coincide.
 SAMPLE_SEED, LOCALITY_SEED, CONSISTENCY_SEED = 0, 1_000_000, 2_000_000
@@ -60,7 +60,7 @@ class InceptionFeatures:
         else:
             import torchvision
 
-            from checkpoint import CheckpointError, load_checkpoint
+            from common.checkpoint import CheckpointError, load_checkpoint
 
             try:
                 state = load_checkpoint(self.path)
@@ -150,7 +150,7 @@ def sample_set(generator, opt, mean, psi, n, batch, extractor=None, parser=None,
     confusion = torch.zeros(NUM_REGIONS, NUM_REGIONS, dtype=torch.long)
     for start in tqdm(range(0, n, batch), desc="generated samples", disable=not progress):
         seeds = list(range(SAMPLE_SEED + start, SAMPLE_SEED + min(n, start + batch)))
-        codes, styles = editing.latents_from_seeds(generator, seeds, mean, psi)
+        codes, styles = manipulation.latents_from_seeds(generator, seeds, mean, psi)
         locations = torch.cat([training_camera(opt.camera, s) for s in seeds])
         rgb, seg = render_batch(generator, codes, styles, locations, opt.camera, mean, psi)
         rgb = quantize(rgb)
@@ -203,9 +203,9 @@ def locality(generator, opt, mean, psi, pairs, attributes, min_area, chunk=8, pr
              for a in attributes}
     example = None
     for p in tqdm(range(pairs), desc="locality pairs", disable=not progress):
-        codes, styles = editing.latents_from_seeds(generator, [LOCALITY_SEED + 2 * p, LOCALITY_SEED + 2 * p + 1],
+        codes, styles = manipulation.latents_from_seeds(generator, [LOCALITY_SEED + 2 * p, LOCALITY_SEED + 2 * p + 1],
                                                    mean, psi)
-        edits = [editing.swap_region_codes(codes[:1], codes[1:], [k], a) for a in attributes for k in range(n_regions)]
+        edits = [manipulation.swap_region_codes(codes[:1], codes[1:], [k], a) for a in attributes for k in range(n_regions)]
         batch = torch.cat([codes[:1]] + edits)
         # Source and edits rendered the same way, so pixels an edit leaves alone match to round-off.
         rgbs = []
@@ -305,7 +305,7 @@ def _region_check(rgb, labels, swapped, region):
 
 @torch.no_grad()
 def portrait_check(generator, opt, mean, psi, seeds, swap_region="hair"):
-    """The shipped model's test, measured: frontal portraits of `seeds` (editing.latents_from_seeds, ψ),
+    """The shipped model's test, measured: frontal portraits of `seeds` (manipulation.latents_from_seeds, ψ),
     which regions their seg (argmax) shows, where, and a texture swap of `swap_region` (each portrait
     takes the next one's texture code).
 
@@ -316,11 +316,11 @@ def portrait_check(generator, opt, mean, psi, seeds, swap_region="hair"):
     volume renderer's own low-res image and seg (which the decoder starts from) with its mask_leak; the
     pictures are rgb [N,3,H,W], labels [N,H,W] and swapped rgb (top level: output; `low`: renderer)."""
     region = REGION_NAMES.index(swap_region)
-    codes, styles = editing.latents_from_seeds(generator, seeds, mean, psi)
+    codes, styles = manipulation.latents_from_seeds(generator, seeds, mean, psi)
     cam = cameras(generator.renderer.out_im_res, torch.zeros(len(seeds), 2), opt.camera, mean[0].device)
-    rgb, seg, rgb_low, seg_low = editing.render(generator, codes, styles, cam, mean, psi)
-    edited = editing.swap_region_codes(codes, torch.roll(codes, 1, 0), [region], "texture")
-    swapped, _, swapped_low, _ = editing.render(generator, edited, styles, cam, mean, psi)
+    rgb, seg, rgb_low, seg_low = manipulation.render(generator, codes, styles, cam, mean, psi)
+    edited = manipulation.swap_region_codes(codes, torch.roll(codes, 1, 0), [region], "texture")
+    swapped, _, swapped_low, _ = manipulation.render(generator, edited, styles, cam, mean, psi)
     labels_low = seg_low.argmax(1)
     renderer = _region_check(rgb_low, labels_low, swapped_low, region)
     renderer["mask_leak"] = mask_leak(seg_low, labels_low)
@@ -351,7 +351,7 @@ def consistency(generator, opt, mean, psi, n, azimuth, tolerance=1.5, progress=T
     size = generator.size
     locations = torch.tensor([[-azimuth, 0.0], [azimuth, 0.0]])
     for i in tqdm(range(n), desc="view pairs", disable=not progress):
-        codes, styles = editing.latents_from_seeds(generator, [CONSISTENCY_SEED + i], mean, psi)
+        codes, styles = manipulation.latents_from_seeds(generator, [CONSISTENCY_SEED + i], mean, psi)
         rgb, seg, rgb_low, xyz, (extrinsics, focal) = render_batch(
             generator, codes.expand(2, -1, -1), styles.expand(2, -1), locations, opt.camera, mean, psi,
             return_xyz=True)
@@ -374,7 +374,7 @@ def consistency(generator, opt, mean, psi, n, azimuth, tolerance=1.5, progress=T
 
 
 def inversion(generator, opt, mean, psi, dataset, indices, steps, lr, progress=True):
-    """Invert dataset portraits (editing.invert: pixel L2, from the mean latent and a frontal camera; the
+    """Invert dataset portraits (manipulation.invert: pixel L2, from the mean latent and a frontal camera; the
     label map is not used by the fit) and compare the reconstruction with the portrait: PSNR, SSIM
     (scikit-image) and the confusion of the rendered seg's regions against the true label map.
     Returns (per-image list of dict(index, psnr, ssim), confusion [K,K], pictures)."""
@@ -384,7 +384,7 @@ def inversion(generator, opt, mean, psi, dataset, indices, steps, lr, progress=T
     for index in tqdm(indices, desc="inversions", disable=not progress):
         images, regions = face_parser.load_images(dataset, [index], progress=False)
         target = face_parser.to_float(images).to(device=param.device, dtype=param.dtype)
-        result = editing.invert(generator, target, mean, psi, opt.camera, steps=steps, lr=lr, progress=False)
+        result = manipulation.invert(generator, target, mean, psi, opt.camera, steps=steps, lr=lr, progress=False)
         rgb = quantize(result["rgb"])
         rows.append({"index": int(index), "psnr": metrics.psnr(rgb, target), "ssim": metrics.ssim(rgb[0], target[0]),
                      "camera": [round(v, 4) for v in result["camera"][0].tolist()]})

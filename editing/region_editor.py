@@ -29,17 +29,17 @@ import time
 import numpy as np
 import torch
 
-import devices
-import editing
-import generation as gen
-import imaging
-import metrics
-import perf_utils
-from latents import LatentFileError, latents_from_file, load_latents, mean_latent, save_latents
-from mesh_utils import MeshError, depth_mesh, shade_mesh
+from common import devices
+from editing import manipulation
+from rendering import loading as gen
+from common import imaging
+from evaluation import metrics
+from common import perf_utils
+from rendering.latents import LatentFileError, latents_from_file, load_latents, mean_latent, save_latents
+from rendering.meshes import MeshError, depth_mesh, shade_mesh
 from options import check_ranges
-from regions import NUM_REGIONS, REGION_NAMES, color_segmap
-from rendering import render_surface, render_views
+from common.regions import NUM_REGIONS, REGION_NAMES, color_segmap
+from rendering.inference import render_surface, render_views
 
 # A portrait upload whose long side exceeds this × its short side is refused (the model's images are
 # square); a few per cent are cropped away silently, as invert.py does.
@@ -173,8 +173,8 @@ def slot_factors(shape, texture, like):
 def blend_codes(source, reference, shape, texture):
     """Codes [N,2K,D] whose region k's shape code moves from source to reference by shape[k] and its
     texture code by texture[k]. t = 0 keeps the source's code and t = 1 takes the reference's, bit for
-    bit (not a lerp result, which could differ in the last bit), like editing.interpolate_codes."""
-    editing._check_pair(source, reference)
+    bit (not a lerp result, which could differ in the last bit), like manipulation.interpolate_codes."""
+    manipulation._check_pair(source, reference)
     reference = reference.to(source.dtype).expand_as(source)
     t = slot_factors(shape, texture, source)
     if t.shape[0] != source.shape[1]:
@@ -297,7 +297,7 @@ class RegionEditor:
         if isinstance(spec, int):
             cached = self.seed_codes.get((spec, psi))
             if cached is None:
-                cached = self.seed_codes.put((spec, psi), editing.latents_from_seeds(self.generator, [spec],
+                cached = self.seed_codes.put((spec, psi), manipulation.latents_from_seeds(self.generator, [spec],
                                                                                      self.mean, psi))
             return cached
         ident = self.identities.get(spec)
@@ -342,7 +342,7 @@ class RegionEditor:
         for k in range(self.n_regions):
             for attribute, seed in (("shape", state.resample_shape[k]), ("texture", state.resample_texture[k])):
                 if seed is not None:
-                    start = editing.resample_codes(self.generator, start, [k], attribute, 1, self.mean, state.psi,
+                    start = manipulation.resample_codes(self.generator, start, [k], attribute, 1, self.mean, state.psi,
                                                    seed=seed)
         return blend_codes(start, reference, state.shape, state.texture), source_global, source
 
@@ -400,7 +400,7 @@ class RegionEditor:
                 values[(id(cache), key)] = cache.put(key, value)
             (rgb, seg), (source_rgb, _), shape = [values[(id(cache), key)] for cache, key, _ in wanted]
             return {"images": {"image": imaging.to_uint8(rgb), "seg": seg, "shape": shape,
-                               "delta": editing.delta_image(rgb, source_rgb)},
+                               "delta": manipulation.delta_image(rgb, source_rgb)},
                     "seconds": time.perf_counter() - start, "cached": not todo}
 
     def _compute(self, jobs):
@@ -444,8 +444,8 @@ class RegionEditor:
             raise EditError(f"an inversion is already running (step {self.job['step']}/{self.job['steps']}); "
                             f"wait for it to finish")
         try:
-            target = editing.load_image(bytes(image), self.size, name=image_name or "upload", max_aspect=MAX_ASPECT)
-            regions = editing.load_mask(bytes(mask), self.size, name=mask_name or "mask.png") if mask else None
+            target = manipulation.load_image(bytes(image), self.size, name=image_name or "upload", max_aspect=MAX_ASPECT)
+            regions = manipulation.load_mask(bytes(mask), self.size, name=mask_name or "mask.png") if mask else None
         except ValueError as error:
             raise EditError(str(error)) from None
         job = {"id": f"job{next(self._ids)}", "step": 0, "steps": steps, "loss": None, "done": False,
@@ -461,7 +461,7 @@ class RegionEditor:
         target = target.to(device=device, dtype=dtype)
         target_seg = None
         if regions is not None:
-            target_seg = editing.one_hot_regions(regions, self.n_regions).to(device=device, dtype=dtype)
+            target_seg = manipulation.one_hot_regions(regions, self.n_regions).to(device=device, dtype=dtype)
 
         def step_done(step, total, loss):
             job["step"], job["loss"] = step, loss
@@ -478,7 +478,7 @@ class RegionEditor:
                 if torch.device(self.device).type == "cpu":
                     torch.set_num_threads(1)
                 try:
-                    result = editing.invert(self.generator, target, self.mean, psi, self.opt.camera,
+                    result = manipulation.invert(self.generator, target, self.mean, psi, self.opt.camera,
                                             target_seg=target_seg, steps=steps, progress=False, callback=step_done)
                 finally:
                     torch.set_num_threads(threads)

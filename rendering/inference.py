@@ -8,7 +8,7 @@ does), randomize_noise=False and the global styles for the decoder.
 import torch
 from munch import Munch
 
-from camera import camera_rays, cameras, depths_along_rays, surface_cameras
+from rendering.camera import camera_rays, cameras, depths_along_rays, surface_cameras
 
 
 @torch.no_grad()

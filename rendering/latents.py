@@ -10,8 +10,8 @@ A latent file is a tensors-only torch file:
 
 import torch
 
-from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from devices import UsageError
+from common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from common.devices import UsageError
 
 
 class LatentFileError(UsageError):

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from camera import cameras, sweep_locations, view_locations
-from latents import identity_latents
-from regions import CELEBAMASK_CLASSES, NUM_REGIONS, label19_to_regions
-from rendering import render_views
+from rendering.camera import cameras, sweep_locations, view_locations
+from rendering.latents import identity_latents
+from common.regions import CELEBAMASK_CLASSES, NUM_REGIONS, label19_to_regions
+from rendering.inference import render_views
 
 ATTRIBUTES = ("shape", "texture", "both")
 
