@@ -9,6 +9,7 @@ import tempfile
 
 import torch
 
+from common.cli import UsageError
 from options import sync_region_count
 
 # Entries of the published checkpoints that hold a generator, in order of preference.
@@ -25,7 +26,7 @@ ARCHITECTURE_OPTIONS = {
 }
 
 
-class CheckpointError(Exception):
+class CheckpointError(UsageError):
     """A checkpoint that is missing, unreadable or of another configuration (one-line message)."""
 
 

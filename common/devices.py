@@ -2,9 +2,7 @@
 accelerator when there is one, else the CPU."""
 import torch
 
-
-class UsageError(ValueError):
-    """Bad user input (a flag, a file, a device): every script stops on it with its one-line message."""
+from common.cli import UsageError
 
 
 def select_device(requested=None, local_rank=0):
