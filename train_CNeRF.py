@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 import distributed as dist_utils
 from common import perf_utils
-from training import steps as steps
-from training import utils as tu
+from training import steps
+from training import data_order, loop, params, randomness, samples
 from common.checkpoint import load_state_strict
 from dataset import MultiResolutionDataset
 from common.draws import seed_everything
@@ -38,38 +38,38 @@ def sphere_init(m, opt, path, show):
         record = steps.sphere_init_step(m, opt, step)
         bar.set_postfix(l1=f"{record['loss'].item():.4f}")
     if dist_utils.is_main_process():
-        tu.save({"g": m.g_module.state_dict(), "iter": opt.training.sphere_init_iter}, path)
+        loop.save({"g": m.g_module.state_dict(), "iter": opt.training.sphere_init_iter}, path)
 
 
 def write_samples(sampler, g_ema, path, psi=0.7):
     """One row per identity: the 8 sweep views, each as image | coloured seg (EMA, ψ = 0.7)."""
     rows = []
-    with torch.no_grad(), tu.isolated_rng(sampler.device, seed=sampler.seed):
+    with torch.no_grad(), randomness.isolated_rng(sampler.device, seed=sampler.seed):
         mean = sampler.mean_latent(g_ema)
         for k in range(sampler.z.shape[0]):
             z, (cam, focal, near, far) = sampler.identity_inputs(k)
             out = g_ema([z], cam, focal, near, far, truncation=psi, truncation_latent=mean)
-            rows.append(tu.image_seg_tiles(out[1], out[-1]))
-    tu.save_grid(path, rows)
+            rows.append(samples.image_seg_tiles(out[1], out[-1]))
+    samples.save_grid(path, rows)
 
 
 def train(argv=None):
     opt = BaseOptions().parse(argv)
-    tu.validate(opt)
+    loop.validate(opt)
     t = opt.training
-    run = tu.start_run(opt, STAGE, 1, ("g", "gd", "sd", "g_ema", "g_optim", "gd_optim", "sd_optim", "iter"))
+    run = loop.start_run(opt, STAGE, 1, ("g", "gd", "sd", "g_ema", "g_optim", "gd_optim", "sd_optim", "iter"))
     device, distributed, rank, main = run.device, run.distributed, run.rank, run.main
     stage_dir, logger = run.stage_dir, run.logger
     ckpt, resume_path = run.ckpt, run.resume_path
 
     resolution = opt.model.renderer_spatial_output_dim
-    seed = int(ckpt["seed"]) if ckpt is not None and "seed" in ckpt else tu.choose_seed(opt)
+    seed = int(ckpt["seed"]) if ckpt is not None and "seed" in ckpt else loop.choose_seed(opt)
     seed_everything(seed, rank)
 
     try:
         dataset = MultiResolutionDataset(opt.dataset.dataset_path, resolution=resolution, nerf_resolution=resolution)
     except (OSError, ValueError) as error:
-        raise tu.TrainingError(f"--dataset_path: {error}") from None
+        raise loop.TrainingError(f"--dataset_path: {error}") from None
 
     g, g_ema, gd, sd = steps.build_stage1(opt, device)
     g_optim, gd_optim, sd_optim = steps.stage1_optimizers(opt, g, gd, sd)
@@ -82,9 +82,9 @@ def train(argv=None):
         load_state_strict(g_ema, ckpt["g_ema"], resume_path, "EMA generator")
         load_state_strict(gd, ckpt["gd"], resume_path, "global discriminator")
         load_state_strict(sd, ckpt["sd"], resume_path, "semantic discriminator")
-        tu.restore_optimizers(opt, ckpt, resume_path, {"g_optim": g_optim, "gd_optim": gd_optim, "sd_optim": sd_optim})
+        loop.restore_optimizers(opt, ckpt, resume_path, {"g_optim": g_optim, "gd_optim": gd_optim, "sd_optim": sd_optim})
         start_iter = int(ckpt["iter"]) + 1
-        tu.restore_rng(ckpt, seed, start_iter)
+        randomness.restore_rng(ckpt, seed, start_iter)
         del ckpt
     elif not t.no_sphere_init:
         sphere_init(m, opt, os.path.join(stage_dir, "sdf_init_models_0000000.pt"), main)
@@ -100,16 +100,16 @@ def train(argv=None):
     if start_iter == 0:  # the EMA starts as a copy of the (rank 0, after DDP's broadcast) generator
         g_ema.load_state_dict(g_module.state_dict())
 
-    loader = tu.make_loader(dataset, t.batch, seed, start_iter, t.num_workers, device)
+    loader = data_order.make_loader(dataset, t.batch, seed, start_iter, t.num_workers, device)
     data_iter = iter(loader)
-    sampler = tu.Sampler(opt, device, seed, resolution) if main else None
+    sampler = samples.Sampler(opt, device, seed, resolution) if main else None
     last = t.iter - 1
     bar = tqdm(range(start_iter, t.iter), initial=start_iter, total=t.iter, desc="stage 1", disable=not main,
                dynamic_ncols=True, smoothing=0.01)
     for i in bar:
         real_img, _, real_mask = next(data_iter)
         records = steps.stage1_iteration(m, opt, real_img.to(device), real_mask.to(device), i)
-        tu.accumulate(g_ema, g_module, tu.ema_decay(opt), prefixes=steps.STAGE1_EMA)
+        params.accumulate(g_ema, g_module, params.ema_decay(opt), prefixes=steps.STAGE1_EMA)
 
         d, sd_record, g_last = records[0][1], records[1][1], records[-1][1]
         shown = dist_utils.reduce_loss_dict({
@@ -121,19 +121,19 @@ def train(argv=None):
             bar.set_postfix(d=f"{shown['d']:.3f}", sd=f"{shown['sd']:.3f}", g=f"{shown['g']:.3f}",
                             view=f"{shown['g_view']:.3f}", eik=f"{shown['eikonal']:.3f}")
             logger.log(shown, step=i)
-        tu.end_of_iteration(run, i, last, t, lambda path: write_samples(sampler, g_ema, path),
+        loop.end_of_iteration(run, i, last, t, lambda path: write_samples(sampler, g_ema, path),
                             lambda rng: {"g": g_module.state_dict(), "gd": gd_module.state_dict(),
                                          "sd": sd_module.state_dict(), "g_ema": g_ema.state_dict(),
                                          "g_optim": g_optim.state_dict(), "gd_optim": gd_optim.state_dict(),
                                          "sd_optim": sd_optim.state_dict(), "iter": i, "seed": seed, "rng": rng,
-                                         "opt": tu.plain(opt)})
+                                         "opt": loop.plain(opt)})
     bar.close()
-    return tu.finish_run(run, opt, g_ema, max(start_iter, t.iter) - 1, f"{opt.experiment.expname}_vol_renderer.pt")
+    return loop.finish_run(run, opt, g_ema, max(start_iter, t.iter) - 1, f"{opt.experiment.expname}_vol_renderer.pt")
 
 
 def main(argv=None):
     perf_utils.configure_allocator()  # before the big allocations (issue 6)
-    tu.run_training(train, argv)
+    loop.run_training(train, argv)
 
 
 if __name__ == "__main__":

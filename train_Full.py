@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 import distributed as dist_utils
 from common import perf_utils
-from training import steps as steps
-from training import utils as tu
+from training import steps
+from training import data_order, loop, params, randomness, samples
 from common.checkpoint import generator_state, load_checkpoint, load_state_strict
 from dataset import MultiResolutionDataset
 from common.draws import seed_everything
@@ -35,11 +35,11 @@ def renderer_path(opt):
     if opt.training.pretrain_render_path:
         path = opt.training.pretrain_render_path
         if not os.path.isfile(path):
-            raise tu.TrainingError(f"--pretrain_render_path {path}: file not found")
+            raise loop.TrainingError(f"--pretrain_render_path {path}: file not found")
         return path
     path = os.path.join(opt.training.checkpoints_dir, opt.experiment.expname, f"{opt.experiment.expname}_vol_renderer.pt")
     if not os.path.isfile(path):
-        raise tu.TrainingError(f"no stage-1 renderer at {path}: train stage 1 first (train_CNeRF.py --expname "
+        raise loop.TrainingError(f"no stage-1 renderer at {path}: train stage 1 first (train_CNeRF.py --expname "
                                f"{opt.experiment.expname}) or pass --pretrain_render_path")
     return path
 
@@ -55,7 +55,7 @@ def write_samples(sampler, g_ema, path, psi=0.7):
     """One row per identity: per view, high-res image | its seg | low-res image | its seg (EMA, ψ = 0.7)."""
     rows = []
     size = None
-    with torch.no_grad(), tu.isolated_rng(sampler.device, seed=sampler.seed):
+    with torch.no_grad(), randomness.isolated_rng(sampler.device, seed=sampler.seed):
         mean = sampler.mean_latent(g_ema)
         for k in range(sampler.z.shape[0]):
             z, (cam, focal, near, far) = sampler.identity_inputs(k)
@@ -63,22 +63,22 @@ def write_samples(sampler, g_ema, path, psi=0.7):
                                                     truncation_latent=mean, randomize_noise=False)
             size = size or max(high.shape[-1], 64)
             row = []
-            for hi_tile, lo_tile in zip(tu.image_seg_tiles(high, seg_high, size), tu.image_seg_tiles(low, seg_low, size)):
+            for hi_tile, lo_tile in zip(samples.image_seg_tiles(high, seg_high, size), samples.image_seg_tiles(low, seg_low, size)):
                 row += [hi_tile, lo_tile]
             rows.append(row)
-    tu.save_grid(path, rows)
+    samples.save_grid(path, rows)
 
 
 def train(argv=None):
     opt = BaseOptions().parse(argv)
-    tu.validate(opt)
+    loop.validate(opt)
     t = opt.training
     if opt.model.size <= opt.model.renderer_spatial_output_dim:
-        raise tu.TrainingError(f"--size {opt.model.size} must be larger than --renderer_spatial_output_dim "
+        raise loop.TrainingError(f"--size {opt.model.size} must be larger than --renderer_spatial_output_dim "
                                f"{opt.model.renderer_spatial_output_dim} (the decoder upsamples)")
     check_ranges({f"--{name}": (t[name], ">= 1") for name in ("d_reg_every", "g_reg_every", "path_batch_shrink")},
-                 tu.TrainingError)
-    run = tu.start_run(opt, STAGE, 2, ("g", "d", "g_ema", "g_optim", "d_optim", "iter"))
+                 loop.TrainingError)
+    run = loop.start_run(opt, STAGE, 2, ("g", "d", "g_ema", "g_optim", "d_optim", "iter"))
     device, distributed, rank, main = run.device, run.distributed, run.rank, run.main
     logger = run.logger
     ckpt, resume_path = run.ckpt, run.resume_path
@@ -86,14 +86,14 @@ def train(argv=None):
     resolution = opt.model.renderer_spatial_output_dim
     if ckpt is None:
         stage1_path = renderer_path(opt)
-    seed = int(ckpt["seed"]) if ckpt is not None and "seed" in ckpt else tu.choose_seed(opt)
+    seed = int(ckpt["seed"]) if ckpt is not None and "seed" in ckpt else loop.choose_seed(opt)
     seed_everything(seed, rank)
 
     try:
         dataset = MultiResolutionDataset(opt.dataset.dataset_path, resolution=opt.model.size,
                                          nerf_resolution=resolution)
     except (OSError, ValueError) as error:
-        raise tu.TrainingError(f"--dataset_path: {error}") from None
+        raise loop.TrainingError(f"--dataset_path: {error}") from None
 
     g, g_ema, d = steps.build_stage2(opt, device)
     if ckpt is None:
@@ -107,10 +107,10 @@ def train(argv=None):
         load_state_strict(g, ckpt["g"], resume_path, "generator")
         load_state_strict(g_ema, ckpt["g_ema"], resume_path, "EMA generator")
         load_state_strict(d, ckpt["d"], resume_path, "discriminator")
-        tu.restore_optimizers(opt, ckpt, resume_path, {"g_optim": g_optim, "d_optim": d_optim})
+        loop.restore_optimizers(opt, ckpt, resume_path, {"g_optim": g_optim, "d_optim": d_optim})
         start_iter = int(ckpt["iter"]) + 1
         mean_path_length = float(ckpt.get("mean_path_length", 0.0))
-        tu.restore_rng(ckpt, seed, start_iter)
+        randomness.restore_rng(ckpt, seed, start_iter)
         del ckpt
 
     g.train()
@@ -124,9 +124,9 @@ def train(argv=None):
     if start_iter == 0:
         g_ema.load_state_dict(g_module.state_dict())  # also copies the decoder's fixed noise buffers
 
-    loader = tu.make_loader(dataset, t.batch, seed, start_iter, t.num_workers, device)
+    loader = data_order.make_loader(dataset, t.batch, seed, start_iter, t.num_workers, device)
     data_iter = iter(loader)
-    sampler = tu.Sampler(opt, device, seed, resolution) if main else None
+    sampler = samples.Sampler(opt, device, seed, resolution) if main else None
     last = t.iter - 1
     shown_r1 = shown_path = shown_lengths = torch.zeros((), device=device)
     bar = tqdm(range(start_iter, t.iter), initial=start_iter, total=t.iter, desc="stage 2", disable=not main,
@@ -135,7 +135,7 @@ def train(argv=None):
         real_img, _, real_mask = next(data_iter)
         records, mean_path_length = steps.stage2_iteration(m, opt, real_img.to(device), real_mask.to(device),
                                                            mean_path_length, i)
-        tu.accumulate(g_ema, g_module, tu.ema_decay(opt), prefixes=steps.STAGE2_TRAINED)
+        params.accumulate(g_ema, g_module, params.ema_decay(opt), prefixes=steps.STAGE2_TRAINED)
 
         by_name = {}
         for name, record in records:
@@ -152,19 +152,19 @@ def train(argv=None):
             bar.set_postfix(d=f"{shown['d']:.3f}", g=f"{shown['g']:.3f}", r1=f"{shown['r1']:.3f}",
                             path=f"{shown['path']:.3f}", mean_path=f"{mean_path_length:.3f}")
             logger.log({**shown, "mean_path_length": mean_path_length}, step=i)
-        tu.end_of_iteration(run, i, last, t, lambda path: write_samples(sampler, g_ema, path),
+        loop.end_of_iteration(run, i, last, t, lambda path: write_samples(sampler, g_ema, path),
                             lambda rng: {"g": g_module.state_dict(), "d": d_module.state_dict(),
                                          "g_ema": g_ema.state_dict(), "g_optim": g_optim.state_dict(),
                                          "d_optim": d_optim.state_dict(), "iter": i,
                                          "mean_path_length": mean_path_length, "seed": seed, "rng": rng,
-                                         "opt": tu.plain(opt)})
+                                         "opt": loop.plain(opt)})
     bar.close()
-    return tu.finish_run(run, opt, g_ema, max(start_iter, t.iter) - 1, f"{opt.experiment.expname}_full_pipeline.pt")
+    return loop.finish_run(run, opt, g_ema, max(start_iter, t.iter) - 1, f"{opt.experiment.expname}_full_pipeline.pt")
 
 
 def main(argv=None):
     perf_utils.configure_allocator()  # before the big allocations (issue 6)
-    tu.run_training(train, argv)
+    loop.run_training(train, argv)
 
 
 if __name__ == "__main__":

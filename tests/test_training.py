@@ -27,7 +27,7 @@ import distributed as dist_utils  # noqa: E402
 import train_CNeRF  # noqa: E402
 import train_Full  # noqa: E402
 from training import steps as training_steps  # noqa: E402
-from training import utils as tu  # noqa: E402
+from training import data_order, loop, params, randomness  # noqa: E402
 from common.checkpoint import CheckpointError, load_checkpoint, load_generator  # noqa: E402
 from common.devices import UsageError  # noqa: E402
 from model import Generator  # noqa: E402
@@ -412,30 +412,30 @@ def test_rng_state_roundtrip_is_weights_only_safe(tmp_path):
     np.random.seed(2)
     torch.manual_seed(3)
     random.gauss(0, 1)  # leaves a cached gaussian in Python's state
-    state = tu.rng_state()
+    state = randomness.rng_state()
     expected = (random.random(), random.gauss(0, 1), np.random.rand(), torch.rand(3))
     torch.save(state, tmp_path / "rng.pt")
-    tu.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    randomness.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     again = (random.random(), random.gauss(0, 1), np.random.rand(), torch.rand(3))
     assert expected[:3] == again[:3] and torch.equal(expected[3], again[3])
 
 
 def test_resumable_sampler_continues_the_stream():
     dataset = list(range(5))
-    straight = iter(tu.ResumableSampler(dataset, seed=4))
+    straight = iter(data_order.ResumableSampler(dataset, seed=4))
     stream = [next(straight) for _ in range(17)]
     assert sorted(stream[:5]) == list(range(5)) and stream[:5] != stream[5:10]
-    resumed = iter(tu.ResumableSampler(dataset, seed=4, start=7))
+    resumed = iter(data_order.ResumableSampler(dataset, seed=4, start=7))
     assert [next(resumed) for _ in range(10)] == stream[7:]
-    ranks = [iter(tu.ResumableSampler(dataset, seed=4, num_replicas=2, rank=r)) for r in (0, 1)]
+    ranks = [iter(data_order.ResumableSampler(dataset, seed=4, num_replicas=2, rank=r)) for r in (0, 1)]
     first_epoch = [next(ranks[0]) for _ in range(3)] + [next(ranks[1]) for _ in range(3)]
     assert set(first_epoch) == set(range(5))
 
 
 def test_small_helpers():
-    with pytest.raises(tu.NonFiniteLoss, match="iteration 7: g_gan=inf"):
-        tu.check_finite({"d": torch.tensor(1.0), "g_gan": torch.tensor(float("inf"))}, 7)
-    tu.check_finite({"d": torch.tensor(1.0), "x": 2.0}, 0)
+    with pytest.raises(loop.NonFiniteLoss, match="iteration 7: g_gan=inf"):
+        loop.check_finite({"d": torch.tensor(1.0), "g_gan": torch.tensor(float("inf"))}, 7)
+    loop.check_finite({"d": torch.tensor(1.0), "x": 2.0}, 0)
     assert devices.select_device("cpu") == torch.device("cpu")
     if not torch.cuda.is_available():
         with pytest.raises(devices.UsageError, match="no cuda device is available"):
@@ -444,12 +444,12 @@ def test_small_helpers():
     assert dist_utils.reduce_loss_dict({"a": torch.tensor(2.0), "b": 3}) == {"a": 2.0, "b": 3.0}
     a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     weight, bias = a.weight.detach().clone(), a.bias.detach().clone()
-    tu.accumulate(a, b, 0.25, prefixes=("bias",))
+    params.accumulate(a, b, 0.25, prefixes=("bias",))
     assert torch.equal(a.weight, weight)  # outside the prefixes: untouched
     assert torch.allclose(a.bias, 0.25 * bias + 0.75 * b.bias.detach())
-    assert tu.should_save(5, 9, 100, 5) and not tu.should_save(6, 9, 100, 5)
-    assert tu.should_save(9, 9, 100, 5) and tu.should_save(200, 999, 100, 5)
-    assert not tu.should_save(205, 999, 100, 5)
+    assert loop.should_save(5, 9, 100, 5) and not loop.should_save(6, 9, 100, 5)
+    assert loop.should_save(9, 9, 100, 5) and loop.should_save(200, 999, 100, 5)
+    assert not loop.should_save(205, 999, 100, 5)
 
 
 # ------------------------------------------------------------------------------- distributed

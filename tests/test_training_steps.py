@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import draws  # noqa: E402
-from training import steps as steps  # noqa: E402
+from training import steps  # noqa: E402
 from losses import d_logistic_loss, r1_image_and_mask  # noqa: E402
 from munch import Munch  # noqa: E402
 from options import default_options  # noqa: E402

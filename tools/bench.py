@@ -17,7 +17,7 @@ stage1_small / stage2_small (issue 11): one full iteration of the REAL training 
           LMDB (tools/synthetic_portraits.py + prepare_data.py in a temporary folder, removed
           afterwards). Timing a copy of the loop could drift from what training does (the loops
           change: lazy R1, chunked D losses); the real loop cannot. An iteration's time is the wall
-          time between consecutive calls of utils.accumulate (the EMA update, once per
+          time between consecutive calls of training.params.accumulate (the EMA update, once per
           iteration at its end), so it covers data loading, both D steps with R1, the G step and
           the EMA. The first two iterations are not timed (warm-up; iteration 0 also writes a
           sample grid and a checkpoint).
@@ -137,7 +137,7 @@ def time_small_training(workload, args):
     import shutil
     import tempfile
 
-    from training import utils
+    from training import params
 
     folder = tempfile.mkdtemp(prefix=f"bench_{workload}_")
     try:
@@ -156,7 +156,7 @@ def time_small_training(workload, args):
             argv = common + ["--size", "64", "--channel_multiplier", "1",
                              "--pretrain_render_path", small_renderer(folder, args.extra.split())]
         stamps, cpu_stamps = [], []
-        original = utils.accumulate
+        original = params.accumulate
         profiler = None
 
         def timed_accumulate(*a, **k):
@@ -174,15 +174,15 @@ def time_small_training(workload, args):
                 profiler = None
             return result
 
-        utils.accumulate = timed_accumulate
+        params.accumulate = timed_accumulate
         try:
             stage.train(argv)
         finally:
-            utils.accumulate = original
+            params.accumulate = original
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     if len(stamps) != n_iter:
-        raise SystemExit(f"error: utils.accumulate ran {len(stamps)} times in {n_iter} iterations; "
+        raise SystemExit(f"error: params.accumulate ran {len(stamps)} times in {n_iter} iterations; "
                          f"the timing hook needs it once per iteration")
     return ([b - a for a, b in zip(stamps[1:], stamps[2:])],
             [b - a for a, b in zip(cpu_stamps[1:], cpu_stamps[2:])])

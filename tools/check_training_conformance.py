@@ -28,8 +28,8 @@ import torch  # noqa: E402
 from munch import Munch  # noqa: E402
 
 from common import draws  # noqa: E402
-from training import steps as steps  # noqa: E402
-from training import utils as tu  # noqa: E402
+from training import steps  # noqa: E402
+from training.params import accumulate, ema_decay  # noqa: E402
 from options import BaseOptions  # noqa: E402
 from tools.reference_weights import fill_recipe  # noqa: E402
 
@@ -431,11 +431,11 @@ def run_case(report, case_name, case, render_path):
             for k, (ours, recorded) in enumerate(zip(recorder.steps, it["steps"])):
                 compare_step(report, f"{label} step {k} {recorded['optimizer']}", ours, recorded, tol_fp)
             for entry in it["ema"]:
-                # The loops' own EMA update (training_utils.accumulate, as train_CNeRF/train_Full call it).
+                # The loops' own EMA update (params.accumulate, as train_CNeRF/train_Full call it).
                 prefixes = steps.STAGE1_EMA if stage == 1 else steps.STAGE2_TRAINED
-                tu.accumulate(g_ema, m.g_module, tu.ema_decay(opt), prefixes=prefixes)
-                problems = [] if math.isclose(tu.ema_decay(opt), entry["decay"], rel_tol=1e-15) else \
-                    [f"decay {tu.ema_decay(opt)} instead of {entry['decay']}"]
+                accumulate(g_ema, m.g_module, ema_decay(opt), prefixes=prefixes)
+                problems = [] if math.isclose(ema_decay(opt), entry["decay"], rel_tol=1e-15) else \
+                    [f"decay {ema_decay(opt)} instead of {entry['decay']}"]
                 params = {k: fingerprint(p, k) for k, p in g_ema.named_parameters()}
                 errors, fp_problems = compare_fingerprints(params, entry["param"], tol_fp)
                 report.line(f"{label} ema", errors, tol_fp, problems + fp_problems)

@@ -11,14 +11,14 @@ Stage 1 (`stage1_iteration`): global D (`d_loss`), semantic D (`sd_loss`), gener
 record per chunk); `sphere_init_step` is one step of the sphere initialisation. Stage 2
 (`stage2_iteration`): D with lazy R1 (`d_loss` per chunk), generator (`g_loss` per chunk), every
 g_reg_every iterations path-length regularisation (`weighted_path_loss`). The EMA update stays in the
-loops (training_utils.accumulate with `STAGE1_EMA` / `STAGE2_TRAINED` and training_utils.ema_decay).
+loops (params.accumulate with `STAGE1_EMA` / `STAGE2_TRAINED` and params.ema_decay).
 """
 import torch
 import torch.nn.functional as F
 
 import distributed as dist_utils
 from common import draws
-from training import utils as tu
+from training import loop, params
 from losses import (classification_loss, d_logistic_loss, eikonal_loss, g_nonsaturating_loss, g_path_regularize,
                     r1_image_and_mask, viewpoints_loss)
 from model import ComponentDualBranchDiscriminator, Discriminator, Generator, VolumeRenderDiscriminator
@@ -36,7 +36,7 @@ def build_stage1(opt, device):
     gd = VolumeRenderDiscriminator(model_opt).to(device)
     sd = ComponentDualBranchDiscriminator(model_opt).to(device)
     g_ema.eval()
-    tu.requires_grad(g_ema, False)
+    params.requires_grad(g_ema, False)
     return g, g_ema, gd, sd
 
 
@@ -56,7 +56,7 @@ def build_stage2(opt, device):
     g_ema = Generator(model_opt, renderer_opt, ema=True, full_pipeline=True).to(device)
     d = Discriminator(model_opt).to(device)
     g_ema.eval()
-    tu.requires_grad(g_ema, False)
+    params.requires_grad(g_ema, False)
     g.freeze_renderer()
     return g, g_ema, d
 
@@ -117,7 +117,7 @@ def sphere_init_step(m, opt, step):
     cam, focal, near, far, _ = rand.camera(opt.camera, t.batch, m.device, m.resolution)
     sdf, target = m.g_module.init_forward(noise, cam, focal, near, far)
     loss = F.l1_loss(sdf, target)
-    tu.check_finite({"sphere_init_l1": loss}, step)
+    loop.check_finite({"sphere_init_l1": loss}, step)
     loss.backward()
     m.g_optim.step()
     m.g_optim.zero_grad(set_to_none=True)  # no stale gradient may reach the first GAN step
@@ -128,9 +128,9 @@ def global_d_phase(m, opt, real_img, real_mask, i):
     """Global D: fakes generated chunk by chunk from one batch of draws; logistic + R1 + viewpoint; one step."""
     rand = draws.current()
     t = opt.training
-    tu.requires_grad(m.g, False)
-    tu.requires_grad(m.gd, True)
-    tu.requires_grad(m.sd, False)
+    params.requires_grad(m.g, False)
+    params.requires_grad(m.gd, True)
+    params.requires_grad(m.sd, False)
     m.gd.zero_grad(set_to_none=True)
     noise = rand.mixing_noise(t.batch, opt.model.style_dim, t.mixing, m.device)
     cam, focal, near, far, gt_view = rand.camera(opt.camera, t.batch, m.device, m.resolution)
@@ -151,7 +151,7 @@ def global_d_phase(m, opt, real_img, real_mask, i):
     d_gan = d_logistic_loss(real_pred, fake_pred)
     r1, penalty_img, penalty_seg = r1_image_and_mask(real_pred, img_r, seg_r, t.r1_img, t.r1_seg)
     d_loss = d_gan + r1 + d_view
-    tu.check_finite({"d_gan": d_gan, "d_r1": r1, "d_view": d_view}, i)
+    loop.check_finite({"d_gan": d_gan, "d_r1": r1, "d_view": d_view}, i)
     d_loss.backward()
     m.gd_optim.step()
     return _record(d_gan_loss=d_gan, grad_penalty_img=penalty_img, grad_penalty_seg=penalty_seg, r1_loss=r1,
@@ -163,8 +163,8 @@ def semantic_d_phase(m, opt, real_img, real_mask, gen_imgs, gen_segs, i):
     """Semantic D on the global D's fakes: one random region per sample, that channel of the fake and
     the real mask; (CE(real) + CE(fake) + logistic + R1) · Semantic_D_lambda; one step."""
     t = opt.training
-    tu.requires_grad(m.gd, False)
-    tu.requires_grad(m.sd, True)
+    params.requires_grad(m.gd, False)
+    params.requires_grad(m.sd, True)
     m.sd.zero_grad(set_to_none=True)
     labels = draws.current().labels(m.g_module.n_render, gen_imgs.shape[0], m.device)
     fake_component = pick_channel(gen_segs, labels)
@@ -176,7 +176,7 @@ def semantic_d_phase(m, opt, real_img, real_mask, gen_imgs, gen_segs, i):
     gan_loss = d_logistic_loss(real_part, fake_part)
     r1, penalty_img, penalty_seg = r1_image_and_mask(real_part, img_r, mask_r, t.r1_img, t.r1_seg)
     sd_loss = (class_loss + gan_loss + r1) * t.Semantic_D_lambda
-    tu.check_finite({"sd_gan": gan_loss, "sd_cls": class_loss, "sd_r1": r1, "sd": sd_loss}, i)
+    loop.check_finite({"sd_gan": gan_loss, "sd_cls": class_loss, "sd_r1": r1, "sd": sd_loss}, i)
     sd_loss.backward()
     m.sd_optim.step()
     return _record(s_d_class_loss=class_loss, s_d_gan_loss=gan_loss, s_r1_img_loss=penalty_img,
@@ -190,9 +190,9 @@ def stage1_g_phase(m, opt, i):
     gradients summed over chunks, one step. One record per chunk."""
     rand = draws.current()
     t = opt.training
-    tu.requires_grad(m.g, True)
-    tu.requires_grad(m.gd, False)
-    tu.requires_grad(m.sd, False)
+    params.requires_grad(m.g, True)
+    params.requires_grad(m.gd, False)
+    params.requires_grad(m.sd, False)
     want_sdf, want_eik = t.min_surf_lambda > 0, t.eikonal_lambda > 0
     records = []
     for _ in range(0, t.batch, t.chunk):
@@ -213,7 +213,7 @@ def stage1_g_phase(m, opt, i):
         g_class = classification_loss(class_pred, labels)
         g_gan_semantic = g_nonsaturating_loss(part_pred)
         g_loss = g_gan + g_view + g_eikonal + g_min_surf + (g_class + g_gan_semantic) * t.Semantic_D_lambda
-        tu.check_finite({"g_gan": g_gan, "g_view": g_view, "g_eikonal": g_eikonal, "g_min_surf": g_min_surf,
+        loop.check_finite({"g_gan": g_gan, "g_view": g_view, "g_eikonal": g_eikonal, "g_min_surf": g_min_surf,
                          "g_semantic": g_class + g_gan_semantic}, i)
         g_loss.backward()
         records.append(_record(g_gan_loss=g_gan, g_view_loss=g_view, g_eikonal=g_eikonal,
@@ -255,7 +255,7 @@ def stage2_d_phase(m, opt, real_img, real_mask, i):
     t = opt.training
     regularize = i % t.d_reg_every == 0
     set_trainable(m.g_module, False)
-    tu.requires_grad(m.d, True)
+    params.requires_grad(m.d, True)
     m.d.zero_grad(set_to_none=True)
     noise = rand.mixing_noise(t.batch, opt.model.style_dim, t.mixing, m.device)
     cam, focal, near, far, _ = rand.camera(opt.camera, t.batch, m.device, m.resolution)
@@ -281,7 +281,7 @@ def stage2_d_phase(m, opt, real_img, real_mask, i):
         else:
             r1 = torch.zeros((), device=m.device)
         d_loss = d_gan + r1
-        tu.check_finite({"d": d_gan, "r1": r1}, i)
+        loop.check_finite({"d": d_gan, "r1": r1}, i)
         d_loss.backward()
         records.append(_record(d_gan_loss=d_gan, r1_loss=r1, d_loss=d_loss, real_pred=real_pred,
                                fake_pred=fake_pred, gen_imgs=gen_imgs, gen_segs=gen_segs, **values))
@@ -294,7 +294,7 @@ def stage2_g_phase(m, opt, i):
     rand = draws.current()
     t = opt.training
     set_trainable(m.g_module, True)
-    tu.requires_grad(m.d, False)
+    params.requires_grad(m.d, False)
     records = []
     for _ in range(0, t.batch, t.chunk):
         n = t.chunk  # published: every generator chunk has --chunk samples, also when it does not divide --batch
@@ -303,7 +303,7 @@ def stage2_g_phase(m, opt, i):
         (fake_img, fake_seg), _, _ = m.g(noise, cam, focal, near, far)
         fake_pred = m.d(fake_img, fake_seg)
         g_loss = g_nonsaturating_loss(fake_pred)
-        tu.check_finite({"g": g_loss}, i)
+        loop.check_finite({"g": g_loss}, i)
         g_loss.backward()
         records.append(_record(g_gan_loss=g_loss, g_loss=g_loss, fake_pred=fake_pred, fake_img=fake_img,
                                fake_seg=fake_seg))
@@ -333,7 +333,7 @@ def stage2_path_phase(m, opt, mean_path_length, i):
         fake_img, fake_seg, latents = m.g_module(noise, cam, focal, near, far, return_latents=True)
         path_loss, mean_path, path_lengths = g_path_regularize(fake_img, latents, mean_path)
         weighted = t.path_regularize * t.g_reg_every * path_loss
-        tu.check_finite({"path_length": path_loss}, i)
+        loop.check_finite({"path_length": path_loss}, i)
         # The zero terms keep both outputs in the graph, so that every decoder parameter gets a (zero)
         # gradient and Adam counts it, as published.
         (weighted + 0 * fake_img[0, 0, 0, 0] + 0 * fake_seg[0, 0, 0, 0]).backward()
