@@ -47,7 +47,6 @@ DIR/parser.pt and reused by later runs on the same LMDB and size).
 import json
 import math
 import os
-import tempfile
 import time
 
 import numpy as np
@@ -57,6 +56,7 @@ from evaluation import measures
 from evaluation import face_parser
 from rendering import loading as gen
 from common import imaging
+from common.files import write_text
 from evaluation import metrics
 from common.checkpoint import CheckpointError
 from dataset import MultiResolutionDataset
@@ -169,15 +169,6 @@ def clean(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def write_text(path, text):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=folder)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 def fmt(value, digits=4):

@@ -71,20 +71,6 @@ def rows_for(rgb, seg):
     return [list(imaging.to_uint8(rgb)), list(color_segmap(seg))]
 
 
-def write_video(path, frames, fps=8):
-    import imageio.v2 as imageio
-
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp.mp4")
-    try:
-        with imageio.get_writer(tmp, format="FFMPEG", fps=fps, macro_block_size=1) as writer:
-            for frame in frames:
-                writer.append_data(frame)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def main(argv=None):
     opt, own = gen.parse_options(argv, add_arguments, "editing")
     try:
@@ -152,7 +138,7 @@ def main(argv=None):
         if kind == "png":
             imaging.save_image(path, payload)
         elif kind == "mp4":
-            write_video(path, payload)
+            imaging.save_video(path, payload)
         else:
             codes, styles, text = payload
             save_latents(path, codes, styles, truncated=True, note=text)

@@ -9,7 +9,6 @@ flicker between frames. --no_surface_renderings leaves out the shaded-depth pane
 """
 import math
 import os
-import tempfile
 
 import numpy as np
 import torch
@@ -84,25 +83,6 @@ def shaded_depth(generator, surface_generator, codes, location, opt, mean, size)
     return shade_mesh(depth_mesh(surface.xyz, surface.mask), surface.extrinsics, focal, size)
 
 
-def write_video(path, frames, fps):
-    """Write an iterable of uint8 [H,W,3] frames as an mp4, atomically (temporary file, then rename)."""
-    import imageio.v2 as imageio
-
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".mp4", dir=folder)
-    os.close(fd)
-    try:
-        with imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=8,
-                                pixelformat="yuv420p", macro_block_size=2, ffmpeg_log_level="error") as writer:
-            for frame in frames:
-                writer.append_data(frame)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def identity_frames(i, opt, own, semantics, generator, surface_generator, codes, styles_global, path, mean):
     """Frames of one identity, rendered frame_batch at a time (memory stays bounded at any length)."""
     size = opt.model.size
@@ -129,7 +109,7 @@ def run(opt, own, semantics, device, generator, surface_generator, latents):
         codes, styles_global = identity(i)
         frames = identity_frames(i, opt, own, semantics, generator, surface_generator, codes, styles_global,
                                  path, mean)
-        write_video(os.path.join(out_dir, f"{i}_video.mp4"), frames, own.fps)
+        imaging.save_video(os.path.join(out_dir, f"{i}_video.mp4"), frames, own.fps)
     print(f"results in {os.path.abspath(out_dir)}")
 
 

@@ -5,11 +5,11 @@ must be present with its shape; a renderer-only model takes the subset it needs.
 CheckpointError with one line naming the file and the first mismatching keys. Writing is atomic.
 """
 import os
-import tempfile
 
 import torch
 
 from common.cli import UsageError
+from common.files import atomic_write
 from options import sync_region_count
 
 # Entries of the published checkpoints that hold a generator, in order of preference.
@@ -157,18 +157,5 @@ def cast_floating(state, dtype):
 
 
 def save_checkpoint(obj, path):
-    """torch.save to a temporary file in the same folder, then atomically rename it into place."""
-    path = str(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """torch.save through the one atomic writer, fsynced: a crash never leaves a truncated checkpoint."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp), fsync=True)

@@ -1,16 +1,13 @@
-"""Pictures as arrays and PNG files: one place for every script and both training stages.
+"""Pictures as arrays, PNG files and videos: one place for every script and both training stages.
 
-Renders are float tensors [..., 3, H, W] in [-1, 1]; pictures are uint8 numpy arrays [H, W, 3]. PNGs are
-written atomically (a temporary file in the same folder, then a rename), so an interrupted run never
-leaves half an image behind.
+Renders are float tensors [..., 3, H, W] in [-1, 1]; pictures are uint8 numpy arrays [H, W, 3]. Files are
+written through common.files.atomic_write, so an interrupted run never leaves half an image behind.
 """
-import os
-import tempfile
-
 import numpy as np
 import torch
 from PIL import Image
 
+from common.files import atomic_write
 from common.regions import color_segmap
 
 
@@ -53,30 +50,14 @@ def image_grid(rows, pad=0):
     return canvas
 
 
-def _write_png_atomically(path, write):
-    """Call write(temporary path) for a PNG in the same folder, then rename it into place."""
-    path = str(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".png", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_image(path, image):
     """Write a uint8 [H,W,3] PNG atomically."""
-    _write_png_atomically(path, lambda tmp: Image.fromarray(np.ascontiguousarray(image)).save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: Image.fromarray(np.ascontiguousarray(image)).save(tmp, format="PNG"))
 
 
 def save_figure(path, figure, dpi=100):
     """Write a matplotlib figure as a PNG atomically (plots: loss curves, checkpoint tracks)."""
-    _write_png_atomically(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format="png"))
+    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format="png"))
 
 
 def save_row(path, images):
@@ -87,3 +68,17 @@ def save_row(path, images):
 def save_seg_row(path, segs):
     """Save coloured segmentations [V,K,H,W] side by side."""
     save_image(path, seg_row_image(segs))
+
+
+def save_video(path, frames, fps=8):
+    """Write an iterable of uint8 [H,W,3] frames as an H.264 mp4 (yuv420p, which every player reads;
+    odd sides are padded to even ones), atomically."""
+    import imageio.v2 as imageio
+
+    def write(tmp):
+        with imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=8,
+                                pixelformat="yuv420p", macro_block_size=2, ffmpeg_log_level="error") as writer:
+            for frame in frames:
+                writer.append_data(frame)
+
+    atomic_write(path, write)

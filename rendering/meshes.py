@@ -8,7 +8,6 @@
   (embree when embreex is installed): a point light, ambient + diffuse + a little specular.
 """
 import os
-import tempfile
 
 import numpy as np
 import torch
@@ -17,6 +16,7 @@ from scipy.spatial import Delaunay
 
 from rendering.camera import camera_rays, pixel_grid
 from common.devices import UsageError
+from common.files import atomic_write
 
 
 class MeshError(UsageError):
@@ -122,17 +122,7 @@ def save_mesh(mesh, path):
     ext = os.path.splitext(path)[1].lower().lstrip(".")
     if ext not in ("obj", "ply"):
         raise ValueError(f"{path}: mesh files must end in .obj or .ply")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=f".{ext}", dir=folder)
-    os.close(fd)
-    try:
-        mesh.export(tmp, file_type=ext)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda tmp: mesh.export(tmp, file_type=ext))
 
 
 # ------------------------------------------------------------------------------------------ shading

@@ -14,7 +14,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,6 +21,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import editor_browser as eb  # noqa: E402
+from common.files import atomic_write  # noqa: E402
 from common.regions import parse_regions  # noqa: E402
 
 
@@ -101,18 +101,12 @@ def main(argv=None):
                                                "window.outerHeight - window.innerHeight]")
         driver.set_window_size(args.width, height + chrome + 4)
         time.sleep(0.3)
-        folder = os.path.dirname(os.path.abspath(args.out))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".editor_screenshot.", suffix=".png", dir=folder)
-        os.close(fd)
-        try:
+
+        def screenshot(tmp):
             if not driver.save_screenshot(tmp):
                 raise RuntimeError("the browser did not take the screenshot")
-            os.chmod(tmp, 0o644)  # mkstemp's 0600 would follow the picture into git
-            os.replace(tmp, args.out)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+
+        atomic_write(args.out, screenshot)
     print(args.out)
 
 

@@ -9,6 +9,9 @@ import os
 import re
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common.files import write_text  # noqa: E402
+
 # (pattern, description), tried in order against the path relative to the results folder ('/'-separated)
 # and then against the file name; {0}, {1} are the match's groups (identity or step numbers lose leading 0s).
 DESCRIPTIONS = [
@@ -72,8 +75,7 @@ def write_index(folder, title="CNeRF results"):
                  else f"<img src='{src}' alt='{html.escape(text)}'>")
         lines.append(f"<figure>{media}<figcaption><code>{src}</code> — {html.escape(text)}</figcaption></figure>")
     path = os.path.join(folder, "index.html")
-    with open(path, "w") as handle:
-        handle.write("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
     return path, len(entries)
 
 

@@ -18,7 +18,9 @@ import os
 import sys
 
 import numpy as np
-from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common.imaging import save_image  # noqa: E402
 
 # CelebAMask-HQ ids (regions.CELEBAMASK_CLASSES).
 BACKGROUND, SKIN, NOSE, EYE_G, L_EYE, R_EYE, L_BROW, R_BROW, L_EAR, R_EAR = range(10)
@@ -199,8 +201,8 @@ def make_portraits(out, n=200, size=128, seed=0):
     os.makedirs(masks_dir, exist_ok=True)
     for i in range(n):
         image, label = draw_portrait(np.random.default_rng([seed, i]), size)
-        Image.fromarray(image, mode="RGB").save(os.path.join(images_dir, f"{i:05d}.png"))
-        Image.fromarray(label, mode="L").save(os.path.join(masks_dir, f"{i:05d}.png"))
+        save_image(os.path.join(images_dir, f"{i:05d}.png"), image)
+        save_image(os.path.join(masks_dir, f"{i:05d}.png"), label)  # 2-D uint8: a mode-L label map
     return images_dir, masks_dir
 
 

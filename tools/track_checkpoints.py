@@ -42,6 +42,7 @@ from tqdm import tqdm  # noqa: E402
 from evaluation import measures as evaluation  # noqa: E402
 from rendering import loading as gen  # noqa: E402
 from common import imaging  # noqa: E402
+from common.files import write_json  # noqa: E402
 from common.checkpoint import CheckpointError, generator_export, save_checkpoint  # noqa: E402
 from common.devices import UsageError  # noqa: E402
 from rendering.latents import mean_latent  # noqa: E402
@@ -122,12 +123,6 @@ def plot(records, out):
     plt.close(figure)
 
 
-def write_json(path, records):
-    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(os.path.abspath(path)), delete=False) as tmp:
-        json.dump(records, tmp, indent=1)
-    os.replace(tmp.name, path)
-
-
 def track(folder, out, n=16, every=100, psi=0.7, mean_samples=2000, progress=True, first_seed=100):
     os.makedirs(out, exist_ok=True)
     log = os.path.join(out, "track.json")
@@ -145,7 +140,7 @@ def track(folder, out, n=16, every=100, psi=0.7, mean_samples=2000, progress=Tru
         record.update({key: check[key] for key in ("shown", "area", "problems", "swap") if key in check})
         records.append(record)
         records.sort(key=lambda r: r["iter"])
-        write_json(log, records)
+        write_json(log, records, indent=1)
         plot(records, os.path.join(out, "track.png"))
     if records and not todo:  # nothing new: the plot still reflects the log (e.g. after records were removed)
         plot(records, os.path.join(out, "track.png"))
