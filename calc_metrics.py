@@ -51,6 +51,7 @@ import time
 
 import numpy as np
 
+from common.cli import UsageError, command
 from common import devices
 from evaluation import measures
 from evaluation import face_parser
@@ -58,7 +59,6 @@ from rendering import loading as gen
 from common import imaging
 from common.files import write_text
 from evaluation import metrics
-from common.checkpoint import CheckpointError
 from dataset import MultiResolutionDataset
 from common.draws import seed_everything
 from rendering.latents import mean_latent
@@ -97,7 +97,7 @@ def parse_metrics(spec):
     chosen = [m.strip() for m in spec.split(",") if m.strip()]
     unknown = [m for m in chosen if m not in METRICS]
     if unknown or not chosen:
-        raise ValueError(f"--metrics {spec!r}: unknown {', '.join(unknown) or '(none given)'}; valid: {', '.join(METRICS)}")
+        raise UsageError(f"--metrics {spec!r}: unknown {', '.join(unknown) or '(none given)'}; valid: {', '.join(METRICS)}")
     return [m for m in METRICS if m in chosen]
 
 
@@ -106,12 +106,12 @@ def check_settings(own, chosen):
                                                                  "n_consistency", "n_inversions", "inversion_steps",
                                                                  "parser_epochs")})
     if ("fid" in chosen or "kid" in chosen) and own.n < 2:
-        raise devices.UsageError("--n must be at least 2 for fid/kid")
+        raise UsageError("--n must be at least 2 for fid/kid")
     check_ranges({"--psi": (own.psi, "(0, 1]"), "--min_area": (own.min_area, "[0, 1)"),
                   "--consistency_azim": (own.consistency_azim, "> 0")})
     attributes = [a.strip() for a in own.locality_attributes.split(",") if a.strip()]
     if not attributes or any(a not in ("texture", "shape") for a in attributes):
-        raise ValueError(f"--locality_attributes {own.locality_attributes!r}: give texture and/or shape")
+        raise UsageError(f"--locality_attributes {own.locality_attributes!r}: give texture and/or shape")
     return attributes
 
 
@@ -119,7 +119,7 @@ def open_dataset(path, size, masks, why):
     try:
         return MultiResolutionDataset(path, resolution=size, masks=masks)
     except (FileNotFoundError, ValueError) as error:
-        raise ValueError(f"{why}: {error}") from None
+        raise UsageError(f"{why}: {error}") from None
 
 
 def get_parser(own, dataset_path, size, out_dir, device):
@@ -128,7 +128,7 @@ def get_parser(own, dataset_path, size, out_dir, device):
         try:
             return face_parser.load_parser(own.parser, device, size=own.parser_size or None)
         except face_parser.ParserError as error:
-            raise ValueError(f"--parser {error}") from None
+            raise UsageError(f"--parser {error}") from None
     data = open_dataset(dataset_path, size, True,
                         "miou (and fid/kid without --inception) need a face parser: pass --parser FILE or an LMDB "
                         "with label maps to train one")
@@ -142,7 +142,7 @@ def get_parser(own, dataset_path, size, out_dir, device):
         except face_parser.ParserError:
             pass
     if size % 2 ** len(face_parser.DEFAULT_WIDTHS):
-        raise ValueError(f"--size {size}: a parser is trained at the output size, which must be divisible by "
+        raise UsageError(f"--size {size}: a parser is trained at the output size, which must be divisible by "
                          f"{2 ** len(face_parser.DEFAULT_WIDTHS)}; pass --parser FILE")
     train_idx, held_idx = face_parser.split(len(data), 0.1)
     images, labels = face_parser.load_images(data, range(len(data)))
@@ -243,36 +243,34 @@ def per_region(values):
 # ----------------------------------------------------------------------------------------- main
 
 
+@command
 def main(argv=None):
     opt, own = gen.parse_options(argv, add_arguments, "calc_metrics")
     out_dir = own.out or os.path.join(opt.inference.results_dir, "metrics")
-    try:
-        chosen = parse_metrics(own.metrics)
-        attributes = check_settings(own, chosen)
-        device = devices.select_device(opt.experiment.device)
-        extractor = None
-        if own.inception and ("fid" in chosen or "kid" in chosen):
-            extractor = measures.InceptionFeatures(own.inception, device)
-        # The model first: its output size (from the flags or the checkpoint) sets the data's size.
-        _, generator = gen.load_for_editing(opt, own.inference_samples)
-        size = generator.size
-        need_parser = "miou" in chosen or (extractor is None and ("fid" in chosen or "kid" in chosen))
-        data = None
-        if "fid" in chosen or "kid" in chosen:
-            data = open_dataset(opt.dataset.dataset_path, size, False, "fid/kid need dataset images")
-            if len(data) < 4:
-                raise ValueError(f"{opt.dataset.dataset_path}: fid/kid need at least 4 dataset images, found {len(data)}")
-        inversion_data = None
-        if "inversion" in chosen:
-            path = own.inversion_dataset or opt.dataset.dataset_path
-            inversion_data = open_dataset(path, size, True, "inversion needs portraits with label maps")
-            if len(inversion_data) < own.n_inversions:
-                raise ValueError(f"{path}: --n_inversions {own.n_inversions} but the LMDB holds {len(inversion_data)}")
-        parser = get_parser(own, opt.dataset.dataset_path, size, out_dir, device) if need_parser else None
-        if extractor is None and ("fid" in chosen or "kid" in chosen):
-            extractor = measures.ParserFeatures(parser)
-    except (ValueError, CheckpointError, face_parser.ParserError) as error:
-        gen.fail(error)
+    chosen = parse_metrics(own.metrics)
+    attributes = check_settings(own, chosen)
+    device = devices.select_device(opt.experiment.device)
+    extractor = None
+    if own.inception and ("fid" in chosen or "kid" in chosen):
+        extractor = measures.InceptionFeatures(own.inception, device)
+    # The model first: its output size (from the flags or the checkpoint) sets the data's size.
+    _, generator = gen.load_for_editing(opt, own.inference_samples)
+    size = generator.size
+    need_parser = "miou" in chosen or (extractor is None and ("fid" in chosen or "kid" in chosen))
+    data = None
+    if "fid" in chosen or "kid" in chosen:
+        data = open_dataset(opt.dataset.dataset_path, size, False, "fid/kid need dataset images")
+        if len(data) < 4:
+            raise UsageError(f"{opt.dataset.dataset_path}: fid/kid need at least 4 dataset images, found {len(data)}")
+    inversion_data = None
+    if "inversion" in chosen:
+        path = own.inversion_dataset or opt.dataset.dataset_path
+        inversion_data = open_dataset(path, size, True, "inversion needs portraits with label maps")
+        if len(inversion_data) < own.n_inversions:
+            raise UsageError(f"{path}: --n_inversions {own.n_inversions} but the LMDB holds {len(inversion_data)}")
+    parser = get_parser(own, opt.dataset.dataset_path, size, out_dir, device) if need_parser else None
+    if extractor is None and ("fid" in chosen or "kid" in chosen):
+        extractor = measures.ParserFeatures(parser)
 
     seed = opt.experiment.seed or 0
     seed_everything(seed)

@@ -24,11 +24,11 @@ import os
 
 import torch
 
+from common.cli import UsageError, command
 from editing import manipulation
 from rendering import loading as gen
 from common import imaging
 from rendering.camera import shape_view_index
-from common.checkpoint import CheckpointError
 from rendering.latents import LatentFileError, latents_from_file, load_latents, mean_latent, save_latents
 from common.regions import REGION_NAMES, color_segmap, parse_regions
 
@@ -71,28 +71,23 @@ def rows_for(rgb, seg):
     return [list(imaging.to_uint8(rgb)), list(color_segmap(seg))]
 
 
+@command
 def main(argv=None):
     opt, own = gen.parse_options(argv, add_arguments, "editing")
-    try:
-        regions = parse_regions(own.regions)
-        if not regions:
-            raise ValueError("--regions is empty; name at least one region")
-        if own.attribute not in manipulation.ATTRIBUTES:
-            raise ValueError(f"--attribute {own.attribute!r} is not one of {', '.join(manipulation.ATTRIBUTES)}")
-        if own.interpolate == 1 or own.interpolate < 0:
-            raise ValueError(f"--interpolate needs at least 2 steps (or 0 for none), got {own.interpolate}")
-        if own.resample < 0 or own.n_views < 0:
-            raise ValueError("--resample and --n_views must be >= 0")
-        device, generator = gen.load_for_editing(opt, own.inference_samples)
-    except (ValueError, CheckpointError) as error:
-        gen.fail(error)
+    regions = parse_regions(own.regions)
+    if not regions:
+        raise UsageError("--regions is empty; name at least one region")
+    if own.attribute not in manipulation.ATTRIBUTES:
+        raise UsageError(f"--attribute {own.attribute!r} is not one of {', '.join(manipulation.ATTRIBUTES)}")
+    if own.interpolate == 1 or own.interpolate < 0:
+        raise UsageError(f"--interpolate needs at least 2 steps (or 0 for none), got {own.interpolate}")
+    if own.resample < 0 or own.n_views < 0:
+        raise UsageError("--resample and --n_views must be >= 0")
+    device, generator = gen.load_for_editing(opt, own.inference_samples)
     psi = opt.inference.truncation_ratio
     mean = mean_latent(generator, opt.inference.truncation_mean)  # fixed seed, as inference_Full.py
-    try:
-        source, source_global = identity(own.source, generator, mean, psi)
-        reference, reference_global = identity(own.reference, generator, mean, psi)
-    except (LatentFileError, ValueError) as error:
-        gen.fail(error)
+    source, source_global = identity(own.source, generator, mean, psi)
+    reference, reference_global = identity(own.reference, generator, mean, psi)
 
     edited = manipulation.swap_region_codes(source, reference, regions, own.attribute)
     locations = manipulation.edit_locations(opt, own.n_views, device)

@@ -9,6 +9,7 @@ the page and its API editor_web.py.
 """
 import socket
 
+from common.cli import UsageError, command
 from rendering import loading as gen
 from common.checkpoint import CheckpointError
 from options import check_ranges
@@ -36,32 +37,32 @@ def add_arguments(group):
 def check_port(host, port):
     """Fail with one line now rather than after loading the model when the address cannot be bound."""
     if not 0 < port < 65536:
-        raise gen.UsageError(f"--port {port} is not a port number (1-65535)")
+        raise UsageError(f"--port {port} is not a port number (1-65535)")
     try:
         info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         with socket.socket(info[0], socket.SOCK_STREAM) as probe:
             probe.bind(info[4])
     except OSError as error:
-        raise gen.UsageError(f"--host {host} --port {port}: cannot listen there ({error.strerror or error})") from None
+        raise UsageError(f"--host {host} --port {port}: cannot listen there ({error.strerror or error})") from None
 
 
+@command
 def main(argv=None):
     opt, own = gen.parse_options(argv, add_arguments, "editor")
     from editing import region_editor  # after option parsing, so --help stays quick
 
     samples = own.inference_samples or opt.rendering.N_samples
+    check_ranges({"--invert_steps": (own.invert_steps, ">= 1"), "--cache_size": (own.cache_size, ">= 0")})
+    check_port(own.host, own.port)
     try:
-        check_ranges({"--invert_steps": (own.invert_steps, ">= 1"), "--cache_size": (own.cache_size, ">= 0")})
-        check_port(own.host, own.port)
         editor = region_editor.load_editor(
             opt, samples, own.surface_resolution or opt.model.renderer_spatial_output_dim,
             own.surface_samples or samples, cache_size=own.cache_size, invert_steps=own.invert_steps)
     except CheckpointError as error:
-        hint = ("; the shipped model is not in this checkout yet: pass --trained_ckpt FILE (and its model flags)"
-                if opt.training.trained_ckpt == DEFAULT_CKPT and "not found" in str(error) else "")
-        gen.fail(f"{error}{hint}")
-    except gen.UsageError as error:
-        gen.fail(error)
+        if opt.training.trained_ckpt == DEFAULT_CKPT and "not found" in str(error):
+            raise CheckpointError(f"{error}; the shipped model is not in this checkout yet: pass --trained_ckpt FILE "
+                                  f"(and its model flags)") from None
+        raise
 
     import uvicorn
 

@@ -18,12 +18,12 @@ import sys
 import torch
 from tqdm import tqdm
 
+from common.cli import command
 from common import devices
 from rendering import loading as gen
 from common import imaging
 from rendering.camera import shape_view_index, view_locations
-from common.checkpoint import CheckpointError
-from rendering.latents import LatentFileError, load_latents
+from rendering.latents import load_latents
 from rendering.meshes import MeshError, depth_mesh, save_mesh, sdf_mesh, shade_mesh
 from options import check_ranges
 from rendering.inference import render_surface, render_views
@@ -106,11 +106,9 @@ def run(opt, own, semantics, device, generator, surface_generator, latents):
     print(f"results in {os.path.abspath(out_dir)}")
 
 
+@command
 def main(argv=None):
-    try:
-        prepared = prepare(argv)
-    except (CheckpointError, LatentFileError, gen.UsageError) as error:
-        gen.fail(error)
+    prepared = prepare(argv)
     run(*prepared)
 
 

@@ -25,11 +25,12 @@ import os
 
 import numpy as np
 
+from common.cli import UsageError, command
 from editing import manipulation
 from rendering import loading as gen
 from common import imaging
 from evaluation import metrics
-from common.checkpoint import CheckpointError, load_checkpoint
+from common.checkpoint import load_checkpoint
 from editing.manipulation import load_image, load_mask
 from rendering.latents import mean_latent, save_latents
 from options import check_ranges
@@ -57,34 +58,29 @@ def add_arguments(group):
 
 
 def load_perceptual(path, device):
-    try:
-        state = load_checkpoint(path)
-    except CheckpointError as error:
-        raise ValueError(str(error)) from None
+    state = load_checkpoint(path)
     try:
         return manipulation.PerceptualLoss(state).to(device)
-    except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+    except UsageError as error:  # a state dict that is not VGG16's
+        raise UsageError(f"{path}: {error}") from None
 
 
+@command
 def main(argv=None):
     opt, own = gen.parse_options(argv, add_arguments, "inversion")
     size = opt.model.size
-    try:
-        if own.lpips_weights:
-            raise ValueError("--lpips_weights is not supported (LPIPS's learnt heads are not implemented); "
-                             "use --vgg_weights with a local torchvision VGG16 state dict")
-        if own.pixel_loss not in ("l1", "l2"):
-            raise ValueError(f"--pixel_loss {own.pixel_loss!r} is not one of l1, l2")
-        check_ranges({"--steps": (own.steps, ">= 1"), "--n_views": (own.n_views, ">= 0")})
-        if not own.image:
-            raise ValueError("no --image given")
-        target = load_image(own.image, size)
-        regions = load_mask(own.mask, size) if own.mask else None
-        device, generator = gen.load_for_editing(opt, own.inference_samples)
-        perceptual = load_perceptual(own.vgg_weights, device) if own.vgg_weights else None
-    except (ValueError, CheckpointError) as error:
-        gen.fail(error)
+    if own.lpips_weights:
+        raise UsageError("--lpips_weights is not supported (LPIPS's learnt heads are not implemented); "
+                         "use --vgg_weights with a local torchvision VGG16 state dict")
+    if own.pixel_loss not in ("l1", "l2"):
+        raise UsageError(f"--pixel_loss {own.pixel_loss!r} is not one of l1, l2")
+    check_ranges({"--steps": (own.steps, ">= 1"), "--n_views": (own.n_views, ">= 0")})
+    if not own.image:
+        raise UsageError("no --image given")
+    target = load_image(own.image, size)
+    regions = load_mask(own.mask, size) if own.mask else None
+    device, generator = gen.load_for_editing(opt, own.inference_samples)
+    perceptual = load_perceptual(own.vgg_weights, device) if own.vgg_weights else None
 
     psi = opt.inference.truncation_ratio
     mean = mean_latent(generator, opt.inference.truncation_mean)  # fixed seed, as inference_Full.py

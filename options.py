@@ -11,7 +11,7 @@ import re
 import configargparse
 from munch import Munch
 
-from common.devices import UsageError
+from common.cli import UsageError
 
 
 def finite_float(text):

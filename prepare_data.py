@@ -35,6 +35,8 @@ from multiprocessing import Pool
 import numpy as np
 from PIL import Image
 
+from common.cli import UsageError, command
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 MASK_EXTENSIONS = (".png", ".npy")
 NUM_CLASSES = 19
@@ -44,10 +46,6 @@ RESAMPLE = {"lanczos": Image.LANCZOS, "bilinear": Image.BILINEAR}
 ASPECT_TOLERANCE = 0.01
 MAX_LISTED = 10  # problems named in an error line before '... and N more'
 COMMIT_EVERY = 256  # images per LMDB write transaction
-
-
-class UsageError(Exception):
-    """A problem with the command line or the input; reported as one line, exit status 1."""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -340,18 +338,16 @@ def write_lmdb(args, sizes, images, masks):
     return index, unreadable
 
 
+@command
 def main(argv=None):
     args = parse_args(argv)
+    sizes, images, masks, skipped = validate(args)
+    for entry in skipped["unreadable"]:
+        print(f"prepare_data.py: skipping unreadable image {entry}", file=sys.stderr)
+    for entry in skipped["unmatched"]:
+        print(f"prepare_data.py: skipping image without usable mask {entry}", file=sys.stderr)
     try:
-        sizes, images, masks, skipped = validate(args)
-        for entry in skipped["unreadable"]:
-            print(f"prepare_data.py: skipping unreadable image {entry}", file=sys.stderr)
-        for entry in skipped["unmatched"]:
-            print(f"prepare_data.py: skipping image without usable mask {entry}", file=sys.stderr)
         written, late_unreadable = write_lmdb(args, sizes, images, masks)
-    except UsageError as error:
-        print(f"prepare_data.py: error: {error}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("prepare_data.py: interrupted, nothing written", file=sys.stderr)
         return 130

@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common.cli import UsageError, command
 from common import devices
 from rendering import loading as gen
 from common import imaging
-from common.checkpoint import CheckpointError
-from rendering.latents import LatentFileError, load_latents
+from rendering.latents import load_latents
 from rendering.meshes import depth_mesh, shade_mesh
 from options import check_ranges
 from common.regions import color_segmap
@@ -53,7 +53,7 @@ def camera_path(n_frames, camera_opt, azim_only=False):
 def check_arguments(opt, own):
     if opt.model.project_noise:
         # The published --project_noise needs a mesh file that its script never writes (SPEC §17).
-        raise gen.UsageError("--project_noise is not supported: the decoder uses its fixed stored noise "
+        raise UsageError("--project_noise is not supported: the decoder uses its fixed stored noise "
                              "instead (texture still stays put across frames); run without --project_noise")
     check_ranges({"--identities": (opt.inference.identities, ">= 1"),
                   **{f"--{name}": (own[name], ">= 1") for name in ("frames", "fps", "frame_batch")},
@@ -113,11 +113,9 @@ def run(opt, own, semantics, device, generator, surface_generator, latents):
     print(f"results in {os.path.abspath(out_dir)}")
 
 
+@command
 def main(argv=None):
-    try:
-        prepared = prepare(argv)
-    except (CheckpointError, LatentFileError, gen.UsageError) as error:
-        gen.fail(error)
+    prepared = prepare(argv)
     run(*prepared)
 
 

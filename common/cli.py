@@ -2,9 +2,10 @@
 
 Bad input (a flag, a file, a device, an output path) raises `UsageError` or a subclass of it — every
 user-facing error class of the project derives from it — and `run_command` turns it into one line on
-stderr and exit status 1, before or instead of any traceback. Anything else is a programming error and
+stderr and exit status 1 (every script's main is decorated with `command`), instead of a traceback. Anything else is a programming error and
 raises with its traceback. `check_output` refuses an output path that cannot be used, before any work.
 """
+import functools
 import os
 import sys
 
@@ -24,6 +25,15 @@ def run_command(main, *args, **kwargs):
         return main(*args, **kwargs)
     except UsageError as error:
         fail(error)
+
+
+def command(main):
+    """Decorator for a script's main(argv): a UsageError ends it with one line and exit status 1."""
+    @functools.wraps(main)
+    def checked(*args, **kwargs):
+        return run_command(main, *args, **kwargs)
+
+    return checked
 
 
 def _inside(path, folder):

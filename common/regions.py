@@ -5,6 +5,8 @@ checkpoint's mask channels and local generators (SPEC §1).
 """
 import numpy as np
 
+from common.cli import UsageError
+
 # The 19 CelebAMask-HQ label ids, by id.
 CELEBAMASK_CLASSES = (
     "background", "skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear",
@@ -44,7 +46,7 @@ def valid_region_help():
 def parse_regions(spec):
     """Parse '2,3' or 'eye,mouth' (or a list of either) into a sorted list of region indices.
 
-    An empty spec gives []. Unknown names or indices raise ValueError listing the valid ones.
+    An empty spec gives []. Unknown names or indices raise UsageError (a ValueError) listing the valid ones.
     """
     if spec is None:
         return []
@@ -57,11 +59,11 @@ def parse_regions(spec):
         if token.lstrip("-").isdigit():
             index = int(token)
             if not 0 <= index < NUM_REGIONS:
-                raise ValueError(f"unknown region index {token!r}; valid regions: {valid_region_help()}")
+                raise UsageError(f"unknown region index {token!r}; valid regions: {valid_region_help()}")
         else:
             name = _ALIASES.get(token, token)
             if name not in REGION_NAMES:
-                raise ValueError(f"unknown region {token!r}; valid regions: {valid_region_help()}")
+                raise UsageError(f"unknown region {token!r}; valid regions: {valid_region_help()}")
             index = REGION_NAMES.index(name)
         if index not in indices:
             indices.append(index)

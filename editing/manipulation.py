@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from rendering.camera import cameras, sweep_locations, view_locations
 from rendering.latents import identity_latents
+from common.cli import UsageError
 from common.regions import CELEBAMASK_CLASSES, NUM_REGIONS, label19_to_regions
 from rendering.inference import render_views
 
@@ -30,11 +31,11 @@ ATTRIBUTES = ("shape", "texture", "both")
 def region_slots(regions, attribute="both", n_regions=NUM_REGIONS):
     """Indices into the 2K codes for `regions` (indices) and attribute 'shape' | 'texture' | 'both'."""
     if attribute not in ATTRIBUTES:
-        raise ValueError(f"unknown attribute {attribute!r}; valid: {', '.join(ATTRIBUTES)}")
+        raise UsageError(f"unknown attribute {attribute!r}; valid: {', '.join(ATTRIBUTES)}")
     slots = []
     for k in regions:
         if not 0 <= int(k) < n_regions:
-            raise ValueError(f"region index {k} out of range 0..{n_regions - 1}")
+            raise UsageError(f"region index {k} out of range 0..{n_regions - 1}")
         if attribute in ("shape", "both"):
             slots.append(2 * int(k))
         if attribute in ("texture", "both"):
@@ -51,11 +52,11 @@ def slot_mask(codes, regions, attribute):
 
 def _check_pair(source, reference):
     if source.ndim != 3 or source.shape[1] % 2:
-        raise ValueError(f"codes must be [N, 2K, D], got {tuple(source.shape)}")
+        raise UsageError(f"codes must be [N, 2K, D], got {tuple(source.shape)}")
     if source.shape[1:] != reference.shape[1:]:
-        raise ValueError(f"source codes {tuple(source.shape)} and reference codes {tuple(reference.shape)} differ")
+        raise UsageError(f"source codes {tuple(source.shape)} and reference codes {tuple(reference.shape)} differ")
     if reference.shape[0] not in (1, source.shape[0]):
-        raise ValueError(f"reference batch {reference.shape[0]} must be 1 or the source's {source.shape[0]}")
+        raise UsageError(f"reference batch {reference.shape[0]} must be 1 or the source's {source.shape[0]}")
 
 
 def swap_region_codes(source, reference, regions, attribute="both"):
@@ -76,7 +77,7 @@ def interpolate_codes(source, reference, regions, attribute="both", steps=5):
     """
     _check_pair(source, reference)
     if steps < 2:
-        raise ValueError(f"--interpolate needs at least 2 steps, got {steps}")
+        raise UsageError(f"--interpolate needs at least 2 steps, got {steps}")
     mask = slot_mask(source, regions, attribute).view(1, -1, 1)
     reference = reference.to(source.dtype).expand_as(source)
     out = []
@@ -184,7 +185,7 @@ class PerceptualLoss(torch.nn.Module):
                    if not torch.is_tensor(state.get(f"features.{k}"))
                    or tuple(state[f"features.{k}"].shape) != tuple(v.shape)]
         if missing:
-            raise ValueError(f"not a torchvision VGG16 state dict (missing or misshapen: {', '.join(missing[:3])})")
+            raise UsageError(f"not a torchvision VGG16 state dict (missing or misshapen: {', '.join(missing[:3])})")
         features.load_state_dict({k: state[f"features.{k}"] for k in needed})
         self.features = features.eval().requires_grad_(False)
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
@@ -262,7 +263,7 @@ def _open_source(source, name, what):
         return io.BytesIO(source), name or f"uploaded {what}"
     path = str(source)
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: {what} file not found")
+        raise UsageError(f"{path}: {what} file not found")
     return path, name or path
 
 
@@ -279,9 +280,9 @@ def load_image(source, size, name=None, max_aspect=None):
         with Image.open(handle) as image:
             image = image.convert("RGB")
     except Exception as error:
-        raise ValueError(f"{label}: not a readable image ({type(error).__name__})") from None
+        raise UsageError(f"{label}: not a readable image ({type(error).__name__})") from None
     if max_aspect is not None and max(image.size) > max_aspect * min(image.size):
-        raise ValueError(f"{label}: the image is {image.width}×{image.height}; the model's portraits are square "
+        raise UsageError(f"{label}: the image is {image.width}×{image.height}; the model's portraits are square "
                          f"(crop it to a square first)")
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
@@ -305,15 +306,15 @@ def load_mask(source, size, name=None):
             with Image.open(handle) as image:
                 label_map = np.asarray(image)
     except Exception as error:
-        raise ValueError(f"{label}: not a readable mask ({type(error).__name__})") from None
+        raise UsageError(f"{label}: not a readable mask ({type(error).__name__})") from None
     if label_map.ndim == 3:  # a grey PNG saved as RGB: all channels hold the ids
         label_map = label_map[..., 0]
     if label_map.ndim != 2 or not (np.issubdtype(label_map.dtype, np.integer)
                                    or np.all(label_map == np.round(label_map))):
-        raise ValueError(f"{label}: expected a 2-D map of class ids, got shape {label_map.shape} "
+        raise UsageError(f"{label}: expected a 2-D map of class ids, got shape {label_map.shape} "
                          f"dtype {label_map.dtype}")
     if label_map.min() < 0 or label_map.max() >= len(CELEBAMASK_CLASSES):
-        raise ValueError(f"{label}: class ids must be 0..{len(CELEBAMASK_CLASSES) - 1}, "
+        raise UsageError(f"{label}: class ids must be 0..{len(CELEBAMASK_CLASSES) - 1}, "
                          f"found {int(label_map.min())}..{int(label_map.max())}")
     side = min(label_map.shape)
     top, left = (label_map.shape[0] - side) // 2, (label_map.shape[1] - side) // 2

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from evaluation import metrics
 from common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from common.devices import UsageError
+from common.cli import UsageError
 from common.regions import CELEBA_TO_REGION, CELEBAMASK_CLASSES, NUM_REGIONS, REGION_NAMES, label19_to_regions
 
 DEFAULT_WIDTHS = (16, 32, 64, 128)
@@ -240,7 +240,7 @@ def split(n, holdout):
     """(train indices, held-out indices): the last max(1, round(holdout·n)) images are held out."""
     held = max(1, int(round(float(holdout) * n)))
     if held >= n:
-        raise ValueError(f"holding out {held} of {n} images leaves none to train on")
+        raise UsageError(f"holding out {held} of {n} images leaves none to train on")
     return list(range(n - held)), list(range(n - held, n))
 
 
@@ -270,7 +270,7 @@ def train(images, labels, widths=DEFAULT_WIDTHS, epochs=10, batch=8, lr=3e-3, se
     rng = torch.Generator().manual_seed(seed)
     size = images.shape[-1]
     if size % 2 ** len(widths):
-        raise ValueError(f"image size {size} is not divisible by 2^{len(widths)} (U-Net with {len(widths)} levels)")
+        raise UsageError(f"image size {size} is not divisible by 2^{len(widths)} (U-Net with {len(widths)} levels)")
     shift = max(1, size // 16) if shift is None else shift
     model = UNet(widths).to(device)
     # Small regions (eyes, brows, mouth) weigh as much in the mIoU as the background: the loss weights

@@ -18,7 +18,7 @@ from editing import manipulation
 from evaluation import face_parser
 from evaluation import metrics
 from rendering.camera import cameras
-from common.devices import UsageError
+from common.cli import UsageError
 from common.regions import NUM_REGIONS, REGION_NAMES, color_segmap
 
 # Seed offsets, so that the identities of different metrics never coincide.

@@ -11,7 +11,7 @@ A latent file is a tensors-only torch file:
 import torch
 
 from common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from common.devices import UsageError
+from common.cli import UsageError
 
 
 class LatentFileError(UsageError):

@@ -12,12 +12,12 @@ A renderer-only copy of the generator at 128×128 with 128 samples (focal ×2, s
 the surface points and the SDF volume for shapes and meshes (rendering.render_surface).
 """
 import os
-import sys
 
 import torch
 from munch import Munch
 
 from common import devices
+from common.cli import UsageError
 from common import perf_utils
 from common.checkpoint import CheckpointError, apply_saved_config, load_generator, load_state_strict, saved_config
 from common.draws import seed_everything
@@ -32,7 +32,6 @@ SURFACE_RESOLUTION = 128
 SURFACE_SAMPLES = 128
 
 
-UsageError = devices.UsageError  # the project's one user-error type (bad command-line input, one line)
 
 
 # ------------------------------------------------------------------------------------------ options
@@ -158,8 +157,3 @@ def inference_run(opt, generator, latents, device):
         return identity_latents(generator, z, mean, psi)
 
     return run, opt.inference.identities, sampled
-
-
-def fail(message):
-    """Exit with one clear line on stderr and a non-zero status."""
-    sys.exit(f"error: {message}")

@@ -15,7 +15,7 @@ import trimesh
 from scipy.spatial import Delaunay
 
 from rendering.camera import camera_rays, pixel_grid
-from common.devices import UsageError
+from common.cli import UsageError
 from common.files import atomic_write
 
 
@@ -121,7 +121,7 @@ def save_mesh(mesh, path):
     path = str(path)
     ext = os.path.splitext(path)[1].lower().lstrip(".")
     if ext not in ("obj", "ply"):
-        raise ValueError(f"{path}: mesh files must end in .obj or .ply")
+        raise UsageError(f"{path}: mesh files must end in .obj or .ply")
     atomic_write(path, lambda tmp: mesh.export(tmp, file_type=ext))
 
 

@@ -257,7 +257,7 @@ def test_bad_inputs_in_process(ckpts, tmp_path, capsys):
     import inference_Full
 
     base = ["--results_dir", str(tmp_path / "never"), *TINY, *FAST]
-    with pytest.raises(gen.UsageError, match="'12'.*valid regions: 0=background"):
+    with pytest.raises(UsageError, match="'12'.*valid regions: 0=background"):
         gen.parse_semantics("2,12")
     assert gen.parse_semantics("") is None and gen.parse_semantics("mouth,2") == [2, 3]
     with pytest.raises(SystemExit) as exit_info:

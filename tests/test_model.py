@@ -270,7 +270,7 @@ def test_options_refuse_non_finite_numbers(value, capsys):
 
 def test_check_ranges_names_the_first_flag_out_of_range():
     """The one range check of the scripts: each rule kind, its words, the flag and value in one line."""
-    from common.devices import UsageError
+    from common.cli import UsageError
 
     ok = {"--a": (1, ">= 1"), "--b": (0.5, "> 0"), "--c": (0, ">= 0"), "--d": (1.0, "(0, 1]"), "--e": (0.0, "[0, 1)")}
     check_ranges(ok)  # nothing raised

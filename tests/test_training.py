@@ -29,7 +29,7 @@ import train_Full  # noqa: E402
 from training import steps as training_steps  # noqa: E402
 from training import data_order, loop, params, randomness  # noqa: E402
 from common.checkpoint import CheckpointError, load_checkpoint, load_generator  # noqa: E402
-from common.devices import UsageError  # noqa: E402
+from common.cli import UsageError  # noqa: E402
 from model import Generator  # noqa: E402
 from options import default_options, model_options  # noqa: E402
 from common.regions import REGION_NAMES  # noqa: E402
@@ -438,7 +438,7 @@ def test_small_helpers():
     loop.check_finite({"d": torch.tensor(1.0), "x": 2.0}, 0)
     assert devices.select_device("cpu") == torch.device("cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(devices.UsageError, match="no cuda device is available"):
+        with pytest.raises(UsageError, match="no cuda device is available"):
             devices.select_device("cuda")
         assert devices.select_device(None) == torch.device("cpu")
     assert dist_utils.reduce_loss_dict({"a": torch.tensor(2.0), "b": 3}) == {"a": 2.0, "b": 3.0}

@@ -15,7 +15,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common.checkpoint import CheckpointError, generator_export, save_checkpoint  # noqa: E402
+from common.cli import command  # noqa: E402
+from common.checkpoint import generator_export, save_checkpoint  # noqa: E402
 
 
 def export(source, destination, half=False):
@@ -23,16 +24,14 @@ def export(source, destination, half=False):
     return destination
 
 
+@command
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("source", help="final checkpoint with g_ema and config, or a training models_*.pt")
     parser.add_argument("destination", help="file to write")
     parser.add_argument("--half", action="store_true", help="store floating tensors as float16")
     args = parser.parse_args(argv)
-    try:
-        export(args.source, args.destination, args.half)
-    except CheckpointError as error:
-        sys.exit(f"error: {error}")
+    export(args.source, args.destination, args.half)
     print(f"wrote {args.destination} ({os.path.getsize(args.destination) / 2 ** 20:.1f} MiB)")
 
 

@@ -19,9 +19,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from common.cli import UsageError, command  # noqa: E402
 from rendering import loading as gen  # noqa: E402
 from editing import region_editor  # noqa: E402
-from common.checkpoint import CheckpointError  # noqa: E402
 
 
 def add_arguments(group):
@@ -41,15 +41,13 @@ def timed(editor, data):
     return time.perf_counter() - wall, cpu_seconds() - cpu, result["cached"]
 
 
+@command
 def main(argv=None):
     opt, own = gen.parse_options(argv, add_arguments, "measure_editor")
     if not 1 <= own.edits <= 19:
-        gen.fail(f"--edits must be 1..19, got {own.edits}")
+        raise UsageError(f"--edits must be 1..19, got {own.edits}")
     samples = own.inference_samples or opt.rendering.N_samples
-    try:
-        editor = region_editor.load_editor(opt, samples, opt.model.renderer_spatial_output_dim, samples)
-    except (CheckpointError, gen.UsageError) as error:
-        gen.fail(error)
+    editor = region_editor.load_editor(opt, samples, opt.model.renderer_spatial_output_dim, samples)
     k = editor.n_regions
     base = {"source": 3, "reference": 7}
     timed(editor, base)  # the source's view and shape: every later edit finds them cached

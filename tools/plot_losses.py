@@ -22,12 +22,13 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import imaging  # noqa: E402
+from common.cli import UsageError, command  # noqa: E402
 
 
 MAX_COLUMNS = 6  # panels per row; a log with more losses wraps onto further rows
 
 
-class LogError(ValueError):
+class LogError(UsageError):
     """A loss log that cannot be read (one-line message)."""
 
 
@@ -93,6 +94,7 @@ def plot(logs, out, smooth=50, titles=None):
     return out
 
 
+@command
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("logs", nargs="+", help="losses.jsonl files, one row of panels each")
@@ -102,11 +104,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     titles = args.titles.split(",") if args.titles else None
     if titles and len(titles) != len(args.logs):
-        sys.exit(f"error: --titles has {len(titles)} names for {len(args.logs)} logs")
-    try:
-        plot(args.logs, args.out, args.smooth, titles)
-    except LogError as error:
-        sys.exit(f"error: {error}")
+        raise UsageError(f"--titles has {len(titles)} names for {len(args.logs)} logs")
+    plot(args.logs, args.out, args.smooth, titles)
     print(f"wrote {args.out}")
 
 

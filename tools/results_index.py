@@ -10,6 +10,7 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common.cli import UsageError, command  # noqa: E402
 from common.files import write_text  # noqa: E402
 
 # (pattern, description), tried in order against the path relative to the results folder ('/'-separated)
@@ -79,13 +80,14 @@ def write_index(folder, title="CNeRF results"):
     return path, len(entries)
 
 
+@command
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder")
     parser.add_argument("--title", default="CNeRF results")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.folder):
-        sys.exit(f"error: {args.folder}: no such folder")
+        raise UsageError(f"{args.folder}: no such folder")
     path, count = write_index(args.folder, args.title)
     print(f"wrote {path} ({count} pictures and videos)")
 

@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from common.cli import command  # noqa: E402
 from common.checkpoint import CheckpointError, cast_floating, load_checkpoint, save_checkpoint  # noqa: E402
 
 
@@ -37,16 +38,14 @@ def strip(source, destination, half=False):
     return destination
 
 
+@command
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("source", help="a training checkpoint models_NNNNNNN.pt")
     parser.add_argument("destination", help="the snapshot to write")
     parser.add_argument("--half", action="store_true", help="store the network weights as float16")
     args = parser.parse_args(argv)
-    try:
-        strip(args.source, args.destination, args.half)
-    except CheckpointError as error:
-        sys.exit(f"error: {error}")
+    strip(args.source, args.destination, args.half)
     before, after = os.path.getsize(args.source), os.path.getsize(args.destination)
     print(f"{args.destination}: {after / 2**20:.1f} MiB (from {before / 2**20:.1f} MiB)")
 

@@ -44,7 +44,7 @@ from rendering import loading as gen  # noqa: E402
 from common import imaging  # noqa: E402
 from common.files import write_json  # noqa: E402
 from common.checkpoint import CheckpointError, generator_export, save_checkpoint  # noqa: E402
-from common.devices import UsageError  # noqa: E402
+from common.cli import UsageError, command  # noqa: E402
 from rendering.latents import mean_latent  # noqa: E402
 from options import check_ranges  # noqa: E402
 
@@ -147,6 +147,7 @@ def track(folder, out, n=16, every=100, psi=0.7, mean_samples=2000, progress=Tru
     return records
 
 
+@command
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("folder", help="a checkpoint folder: RUN/checkpoints/EXP/full_pipeline (stage 2) or "
@@ -159,12 +160,9 @@ def main(argv=None):
     parser.add_argument("--psi", type=float, default=0.7, help="truncation")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    try:
-        # --n >= 2: the swap takes the next portrait's code
-        check_ranges({"--n": (args.n, ">= 2"), "--every": (args.every, ">= 1"), "--first_seed": (args.first_seed, ">= 0")})
-        records = track(args.folder, args.out, args.n, args.every, args.psi, first_seed=args.first_seed)
-    except (CheckpointError, UsageError) as error:
-        sys.exit(f"error: {error}")
+    # --n >= 2: the swap takes the next portrait's code
+    check_ranges({"--n": (args.n, ">= 2"), "--every": (args.every, ">= 1"), "--first_seed": (args.first_seed, ">= 0")})
+    records = track(args.folder, args.out, args.n, args.every, args.psi, first_seed=args.first_seed)
     for r in records:
         low = r["renderer"]
         shown = ", ".join(f"{name} {r['shown'][name] if 'shown' in r else '-'} ({low['shown'][name]})"

@@ -17,6 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from common.cli import UsageError, command  # noqa: E402
 from evaluation import face_parser  # noqa: E402
 from dataset import MultiResolutionDataset  # noqa: E402
 from common.devices import select_device  # noqa: E402
@@ -44,21 +45,26 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+@command
 def main(argv=None):
     args = parse_args(argv)
     try:
         widths = [int(w) for w in args.widths.split(",") if w.strip()]
-        if args.epochs < 1 or args.batch < 2 or not 0 < args.holdout < 1 or not args.lr > 0 or args.max_images < 0:
-            raise ValueError("need --epochs >= 1, --batch >= 2, 0 < --holdout < 1, --lr > 0 and --max_images >= 0")
-        device = select_device(args.device)
+    except ValueError:
+        raise UsageError(f"--widths {args.widths!r}: expected comma-separated integers") from None
+    if args.epochs < 1 or args.batch < 2 or not 0 < args.holdout < 1 or not args.lr > 0 or args.max_images < 0:
+        raise UsageError("need --epochs >= 1, --batch >= 2, 0 < --holdout < 1, --lr > 0 and --max_images >= 0")
+    if len(widths) < 2 or min(widths) < 1:
+        raise UsageError(f"--widths {args.widths!r}: U-Net widths must be at least two positive numbers")
+    if args.size % 2 ** len(widths):
+        raise UsageError(f"--size {args.size} is not divisible by 2^{len(widths)} ({len(widths)} U-Net levels)")
+    device = select_device(args.device)
+    try:
         data = MultiResolutionDataset(args.dataset_path, resolution=args.size)
-        n = min(len(data), args.max_images) if args.max_images else len(data)
-        train_idx, held_idx = face_parser.split(n, args.holdout)
-        face_parser.UNet(widths)  # checks the widths before any reading
-        if args.size % 2 ** len(widths):
-            raise ValueError(f"--size {args.size} is not divisible by 2^{len(widths)} ({len(widths)} U-Net levels)")
     except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+        raise UsageError(f"--dataset_path: {error}") from None
+    n = min(len(data), args.max_images) if args.max_images else len(data)
+    train_idx, held_idx = face_parser.split(n, args.holdout)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.dataset_path)), f"parser_{args.size}.pt")
     images, labels = face_parser.load_images(data, range(n))
     start = time.time()

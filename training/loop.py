@@ -14,7 +14,7 @@ from munch import Munch
 
 import distributed as dist_utils
 from common import devices
-from common.cli import run_command
+from common.cli import UsageError, run_command
 from common.checkpoint import CheckpointError, apply_saved_config, architecture_config, load_checkpoint, \
     save_checkpoint
 from options import BaseOptions, check_ranges
@@ -22,7 +22,7 @@ from training.randomness import gather_rng
 
 
 
-class TrainingError(devices.UsageError):
+class TrainingError(UsageError):
     """A problem that stops training with a one-line message (bad option, missing file, ...)."""
 
 
