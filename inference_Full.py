@@ -24,7 +24,7 @@ from rendering import loading as gen
 from common import imaging
 from rendering.camera import shape_view_index, view_locations
 from rendering.latents import load_latents
-from rendering.meshes import MeshError, depth_mesh, save_mesh, sdf_mesh, shade_mesh
+from rendering.meshes import MeshError, depth_mesh, save_mesh, sdf_mesh, shade_surface
 from options import check_ranges
 from rendering.inference import render_surface, render_views
 
@@ -72,8 +72,7 @@ def write_surfaces(i, opt, own, generator, surface_generator, codes, location, m
     surface = render_surface(generator, surface_generator, codes, location, opt, mean, return_sdf=True)
     mesh = depth_mesh(surface.xyz, surface.mask)
     size = own.shape_size or opt.model.size
-    focal = surface.focal * size / surface_generator.renderer.out_im_res
-    imaging.save_image(os.path.join(out_dir, f"{i}_shape.png"), shade_mesh(mesh, surface.extrinsics, focal, size))
+    imaging.save_image(os.path.join(out_dir, f"{i}_shape.png"), shade_surface(surface, size, mesh))
     save_mesh(mesh, os.path.join(out_dir, f"{i}_depth_mesh.obj"))
     try:
         mc_mesh = sdf_mesh(surface.sdf, surface.points)

@@ -333,7 +333,7 @@ class Generator(nn.Module):
         self.style_dim = model_opt.style_dim
         self.full_pipeline = full_pipeline
         self.is_train = not (ema or "is_test" in model_opt)
-        self.train_renderer = not model_opt.get("freeze_renderer", False)
+        self.train_renderer = True  # stage 2 calls freeze_renderer()
         renderer_opt.output_features = full_pipeline
         self.style = nn.Sequential(*[MappingLinear(self.style_dim, self.style_dim) for _ in range(3)])
         self.renderer = VolumeFeatureRenderer(renderer_opt, style_dim=self.style_dim,
@@ -546,9 +546,11 @@ class VolumeRenderDiscriminator(nn.Module):
         super().__init__()
         opt = _opt(opt)
         init_size = opt.renderer_spatial_output_dim
+        # options.model_options derives this from --view_lambda; modules built from the plain option tree
+        # (the conformance check) get the published viewpoint head.
         self.viewpoint_loss = not opt.get("no_viewpoint_loss", False)
-        n_seg = opt.get("n_render", 9)
-        channels = scaled_channels(VOLUME_D_CHANNELS, opt.get("d_channel_scale", 1.0))
+        n_seg = opt.n_render
+        channels = scaled_channels(VOLUME_D_CHANNELS, opt.d_channel_scale)
         self.convs_img, in_channel = _volume_branch(3, init_size, channels, 2)
         self.convs_seg, _ = _volume_branch(n_seg, init_size, channels, 2)
         self.final_conv = DiscConv(in_channel + 1, 3 if self.viewpoint_loss else 1, 2)
@@ -568,8 +570,8 @@ class ComponentDualBranchDiscriminator(nn.Module):
         super().__init__()
         opt = _opt(opt)
         init_size = opt.renderer_spatial_output_dim
-        n_classes = opt.get("n_render", 9)
-        channels = scaled_channels(SEMANTIC_D_CHANNELS, opt.get("d_channel_scale", 1.0))
+        n_classes = opt.n_render
+        channels = scaled_channels(SEMANTIC_D_CHANNELS, opt.d_channel_scale)
         self.convs_img, in_channel = _volume_branch(3, init_size, channels, 4)
         self.convs_seg, _ = _volume_branch(1, init_size, channels, 4, activate_first=False)
         self.final_conv = DiscConv(in_channel + 1, channels[4], 3)
@@ -592,8 +594,8 @@ class Discriminator(nn.Module):
         super().__init__()
         opt = _opt(opt)
         size = opt.size
-        n_seg = opt.get("n_render", 9)
-        channels = scaled_channels(decoder_channels(opt.channel_multiplier), opt.get("d_channel_scale", 1.0))
+        n_seg = opt.n_render
+        channels = scaled_channels(decoder_channels(opt.channel_multiplier), opt.d_channel_scale)
         log_size = int(math.log2(size))
 
         def branch(in_channels):

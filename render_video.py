@@ -19,7 +19,7 @@ from common import devices
 from rendering import loading as gen
 from common import imaging
 from rendering.latents import load_latents
-from rendering.meshes import depth_mesh, shade_mesh
+from rendering.meshes import shade_surface
 from options import check_ranges
 from common.regions import color_segmap
 from rendering.inference import render_surface, render_views
@@ -79,8 +79,7 @@ def prepare(argv):
 
 def shaded_depth(generator, surface_generator, codes, location, opt, mean, size):
     surface = render_surface(generator, surface_generator, codes, location, opt, mean)
-    focal = surface.focal * size / surface_generator.renderer.out_im_res
-    return shade_mesh(depth_mesh(surface.xyz, surface.mask), surface.extrinsics, focal, size)
+    return shade_surface(surface, size)
 
 
 def identity_frames(i, opt, own, semantics, generator, surface_generator, codes, styles_global, path, mean):

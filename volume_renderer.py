@@ -137,14 +137,14 @@ class VolumeFeatureRenderer(nn.Module):
         self.z_normalize = not opt.no_z_normalize
         self.force_background = opt.force_background
         self.with_sdf = not opt.no_sdf
-        self.output_features = opt.get("output_features", True)
+        self.output_features = opt.output_features  # set by Generator: features only for the decoder
         self.n_render = opt.n_render
         self.depth = opt.depth
         self.width = opt.width
         self.style_dim = style_dim
-        self.ray_chunk = opt.get("ray_chunk", 2048) or 0
+        self.ray_chunk = opt.ray_chunk
         self.out_im_res = out_im_res
-        self.render_path = opt.get("render_path", "fast") or "fast"
+        self.render_path = opt.render_path
         # Fast path: points per chunk (rays = points // samples), (without, with) gradients. On the
         # CPU, small enough that the [10·128, P] activations stay in cache-friendly, reusable
         # allocations, each chunk on its own thread (perf_utils.map_in_threads); on an accelerator,

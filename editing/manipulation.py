@@ -20,7 +20,7 @@ from rendering.camera import cameras, sweep_locations, view_locations
 from rendering.latents import identity_latents
 from common.cli import UsageError
 from common.regions import CELEBAMASK_CLASSES, NUM_REGIONS, label19_to_regions
-from rendering.inference import render_views
+from rendering.inference import render_codes, render_views
 
 ATTRIBUTES = ("shape", "texture", "both")
 
@@ -119,16 +119,6 @@ def resample_codes(generator, source, regions, attribute, k, mean, psi, seed=0):
 
 
 # -------------------------------------------------------------------------------------- rendering
-
-
-def render(generator, codes, styles_global, cam, mean_latent, psi, semantics=None):
-    """One differentiable batch through the generator, called exactly as rendering.render_views calls
-    it (which runs under no_grad, so inversion cannot use it). codes [B,2K,D], styles_global [B,D],
-    cam for B views. Returns (rgb_high, seg_high, rgb_low, seg_low)."""
-    (rgb, seg_high), rgb_low, seg_low = generator(
-        [codes], *cam, input_is_latent=True, truncation=psi, truncation_latent=mean_latent,
-        randomize_noise=False, styles_global=[styles_global], semantics=semantics)
-    return rgb, seg_high, rgb_low, seg_low
 
 
 def render_identities(generator, codes, styles_global, locations, opt, mean_latent, psi=None, semantics=None):
@@ -231,7 +221,7 @@ def invert(generator, target, mean_latent, truncation, camera_opt, target_seg=No
     bar = tqdm(range(steps), desc="invert", disable=not progress, leave=False)
     for _ in bar:
         cam = cameras(generator.renderer.out_im_res, location, camera_opt, device)
-        rgb, seg, _, _ = render(generator, codes, styles_global, cam, mean_latent, truncation)
+        (rgb, seg), _, _ = render_codes(generator, codes, styles_global, cam, mean_latent, truncation)
         diff = rgb - target
         loss = diff.abs().mean() if pixel_loss == "l1" else diff.pow(2).mean()
         if target_seg is not None and mask_weight > 0:
@@ -249,7 +239,7 @@ def invert(generator, target, mean_latent, truncation, camera_opt, target_seg=No
             callback(len(losses), steps, losses[-1])
     with torch.no_grad():
         cam = cameras(generator.renderer.out_im_res, location, camera_opt, device)
-        rgb, seg, _, _ = render(generator, codes, styles_global, cam, mean_latent, truncation)
+        (rgb, seg), _, _ = render_codes(generator, codes, styles_global, cam, mean_latent, truncation)
     return {"codes": codes.detach(), "styles_global": styles_global.detach(), "camera": location.detach(),
             "losses": losses, "rgb": rgb, "seg": seg}
 

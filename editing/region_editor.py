@@ -36,7 +36,7 @@ from common import imaging
 from evaluation import metrics
 from common import perf_utils
 from rendering.latents import LatentFileError, latents_from_file, load_latents, mean_latent, save_latents
-from rendering.meshes import MeshError, depth_mesh, shade_mesh
+from rendering.meshes import MeshError, shade_surface
 from options import check_ranges
 from common.regions import NUM_REGIONS, REGION_NAMES, color_segmap
 from rendering.inference import render_surface, render_views
@@ -369,9 +369,8 @@ class RegionEditor:
         def shape():
             surface = render_surface(self.generator, self.surface_generator, codes, self._location(state),
                                          self.opt, self.mean, psi=state.psi)
-            focal = surface.focal * self.size / self.surface_generator.renderer.out_im_res
             try:
-                return shade_mesh(depth_mesh(surface.xyz, surface.mask), surface.extrinsics, focal, self.size)
+                return shade_surface(surface, self.size)
             except MeshError:
                 return blank_image(self.size)
         return key, shape

@@ -3,7 +3,7 @@ and semantic consistency, edit locality, view consistency, inversion of dataset 
 
 The arithmetic lives in metrics.py, the face parser in face_parser.py; this module renders what they
 measure. Every identity, camera and subset is drawn from a fixed seed, so two runs give the same
-numbers. Images are rendered the published inference way (manipulation.render: input_is_latent,
+numbers. Images are rendered the published inference way (rendering.inference.render_codes: input_is_latent,
 truncation ψ applied to the codes as the inference script does, fixed decoder noise).
 """
 import math
@@ -18,6 +18,7 @@ from editing import manipulation
 from evaluation import face_parser
 from evaluation import metrics
 from rendering.camera import cameras
+from rendering.inference import render_codes
 from common.cli import UsageError
 from common.regions import NUM_REGIONS, REGION_NAMES, color_segmap
 
@@ -128,8 +129,7 @@ def render_batch(generator, codes, styles, locations, camera_opt, mean, psi, ret
     """(rgb, seg_high[, rgb_low, xyz, (extrinsics, focal)]) of codes [B,2K,D] from locations [B,2]."""
     device = codes.device
     cam = cameras(generator.renderer.out_im_res, locations.to(device), camera_opt, device)
-    out = generator([codes], *cam, input_is_latent=True, truncation=psi, truncation_latent=mean,
-                    randomize_noise=False, styles_global=[styles], return_xyz=return_xyz)
+    out = render_codes(generator, codes, styles, cam, mean, psi, return_xyz=return_xyz)
     (rgb, seg), rgb_low = out[0], out[1]
     if not return_xyz:
         return rgb, seg
@@ -318,9 +318,9 @@ def portrait_check(generator, opt, mean, psi, seeds, swap_region="hair"):
     region = REGION_NAMES.index(swap_region)
     codes, styles = manipulation.latents_from_seeds(generator, seeds, mean, psi)
     cam = cameras(generator.renderer.out_im_res, torch.zeros(len(seeds), 2), opt.camera, mean[0].device)
-    rgb, seg, rgb_low, seg_low = manipulation.render(generator, codes, styles, cam, mean, psi)
+    (rgb, seg), rgb_low, seg_low = render_codes(generator, codes, styles, cam, mean, psi)
     edited = manipulation.swap_region_codes(codes, torch.roll(codes, 1, 0), [region], "texture")
-    swapped, _, swapped_low, _ = manipulation.render(generator, edited, styles, cam, mean, psi)
+    (swapped, _), swapped_low, _ = render_codes(generator, edited, styles, cam, mean, psi)
     labels_low = seg_low.argmax(1)
     renderer = _region_check(rgb_low, labels_low, swapped_low, region)
     renderer["mask_leak"] = mask_leak(seg_low, labels_low)

@@ -139,6 +139,14 @@ def _intersector(mesh):
         return RayMeshIntersector(mesh)
 
 
+def shade_surface(surface, size, mesh=None):
+    """Shaded picture uint8 [size,size,3] of a rendered surface (rendering.inference.render_surface): its
+    depth mesh (or `mesh`) seen from the surface's camera, the focal length rescaled from the surface
+    renderer's resolution to `size`."""
+    mesh = depth_mesh(surface.xyz, surface.mask) if mesh is None else mesh
+    return shade_mesh(mesh, surface.extrinsics, surface.focal * size / surface.resolution, size)
+
+
 def shade_mesh(mesh, extrinsics, focal, resolution, albedo=(0.75, 0.75, 0.75), ambient=0.15, diffuse=0.75,
                specular=0.15, shininess=24.0, background=(255, 255, 255), light_offset=(0.0, 0.3, 0.0)):
     """Shaded rendering uint8 [res,res,3] of `mesh` from a pinhole camera.

@@ -22,7 +22,7 @@ from rendering.latents import LatentFileError, load_latents, mean_latent, save_l
 from model import Generator  # noqa: E402
 from options import model_options  # noqa: E402
 from common.regions import NUM_REGIONS  # noqa: E402
-from rendering.inference import render_views  # noqa: E402
+from rendering.inference import render_codes, render_views  # noqa: E402
 
 # Decoder 8 → 16: the smallest configuration the full pipeline supports, so the file stays fast.
 TINY = ["--size", "16", "--renderer_spatial_output_dim", "8", "--style_dim", "32", "--width", "32",
@@ -206,14 +206,14 @@ def test_inversion_of_a_generated_image_lowers_the_loss_by_a_large_factor(tiny):
     location = torch.tensor([[0.15, -0.05]])
     with torch.no_grad():
         cam = cameras(8, location, opt.camera, "cpu")
-        target, target_seg, _, _ = manipulation.render(generator, codes, styles, cam, mean, 0.7)
+        (target, target_seg), _, _ = render_codes(generator, codes, styles, cam, mean, 0.7)
     weights = {k: v.clone() for k, v in generator.state_dict().items()}
     result = manipulation.invert(generator, target, mean, 0.7, opt.camera, steps=20, lr=0.1, progress=False)
     assert result["losses"][-1] < result["losses"][0] / 8, result["losses"][::5]
     assert not torch.equal(result["camera"], torch.zeros(1, 2))  # the camera was optimised too
     with torch.no_grad():  # where the inversion started: the mean latent, frontal camera
-        start = manipulation.render(generator, mean[0].view(1, 1, -1).repeat(1, 18, 1), mean[0],
-                               cameras(8, torch.zeros(1, 2), opt.camera, "cpu"), mean, 0.7)[0]
+        start = render_codes(generator, mean[0].view(1, 1, -1).repeat(1, 18, 1), mean[0],
+                             cameras(8, torch.zeros(1, 2), opt.camera, "cpu"), mean, 0.7)[0][0]
     assert metrics.psnr(result["rgb"], target) > metrics.psnr(start, target) + 6
     # Only the variables moved: the generator's weights are untouched.
     assert all(torch.equal(v, weights[k]) for k, v in generator.state_dict().items())

@@ -265,9 +265,9 @@ def test_render_path_option_and_state_dict_layout():
     opt.rendering.render_path = "reference"
     g_ref = Generator(opt.model, opt.rendering, full_pipeline=False)
     assert g_ref.renderer.render_path == "reference"
-    opt.rendering.pop("render_path")
+    opt.rendering.render_path = _opt().rendering.render_path  # the one default, the options'
     g = Generator(opt.model, opt.rendering, full_pipeline=False)
-    assert g.renderer.render_path == "fast"  # default
+    assert g.renderer.render_path == "fast"
     assert list(g.state_dict()) == list(g_ref.state_dict())
     assert "renderer.network.8.rgb_linear.weight" in g.state_dict() and "renderer.sigmoid_beta" in g.state_dict()
     g.renderer.render_path = "quick"

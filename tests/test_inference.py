@@ -23,6 +23,7 @@ from rendering import loading as gen  # noqa: E402
 from rendering import meshes as mu  # noqa: E402
 from rendering.camera import camera_rays, generate_camera_params, pixel_grid, shape_view_index, view_locations  # noqa: E402
 from common.checkpoint import CheckpointError, load_state_strict, save_checkpoint  # noqa: E402
+from common.cli import UsageError  # noqa: E402
 from rendering.latents import identity_latents, mean_latent, save_latents  # noqa: E402
 from rendering.inference import render_surface  # noqa: E402
 

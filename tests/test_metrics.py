@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from evaluation import measures as evaluation  # noqa: E402
+from editing import manipulation  # noqa: E402
+from evaluation import measures  # noqa: E402
 from evaluation import face_parser  # noqa: E402
 from rendering import loading as gen  # noqa: E402
 from evaluation import metrics  # noqa: E402
@@ -159,9 +160,9 @@ def sphere():
     generator = make_sphere(gen.build_generator(tiny_options(), "cpu", 32))
     opt = tiny_options()
     mean = mean_latent(generator, 100)
-    codes, styles = evaluation.editing.latents_from_seeds(generator, [0], mean, 1.0)
+    codes, styles = manipulation.latents_from_seeds(generator, [0], mean, 1.0)
     locations = torch.tensor([[-0.3, 0.0], [0.3, 0.0]])
-    rgb, seg, rgb_low, xyz, cam = evaluation.render_batch(generator, codes.expand(2, -1, -1), styles.expand(2, -1),
+    rgb, seg, rgb_low, xyz, cam = measures.render_batch(generator, codes.expand(2, -1, -1), styles.expand(2, -1),
                                                           locations, opt.camera, mean, 1.0, return_xyz=True)
     return dict(generator=generator, opt=opt, mean=mean, xyz=xyz, cam=cam, rgb_low=rgb_low)
 
@@ -202,7 +203,7 @@ def test_reprojection_of_a_shifted_pair_does_not(sphere):
 
 
 def test_consistency_metric_on_the_sphere(sphere):
-    results, _ = evaluation.consistency(sphere["generator"], sphere["opt"], sphere["mean"], 1.0, 1, 0.3,
+    results, _ = measures.consistency(sphere["generator"], sphere["opt"], sphere["mean"], 1.0, 1, 0.3,
                                         progress=False)
     assert 0.15 < results["visible"][0] < 0.3
     assert results["colour_error_renderer"][0] < 0.02
@@ -366,7 +367,7 @@ class Detector(torch.nn.Module):
 def test_inception_files_load_from_local_files_only(tmp_path):
     scripted = tmp_path / "detector.pt"
     torch.jit.script(Detector()).save(str(scripted))
-    features = evaluation.InceptionFeatures(scripted, "cpu")
+    features = measures.InceptionFeatures(scripted, "cpu")
     images = torch.full((2, 3, 8, 8), -1.0)
     images[1] = 1.0
     assert np.allclose(features(images), [[0, 0, 0], [255, 255, 255]])
@@ -376,13 +377,13 @@ def test_inception_files_load_from_local_files_only(tmp_path):
     path = tmp_path / "inception_v3.pt"
     save_checkpoint(state, path)
     del state
-    features = evaluation.InceptionFeatures(path, "cpu")
+    features = measures.InceptionFeatures(path, "cpu")
     assert features(torch.zeros(1, 3, 16, 16)).shape == (1, 2048)  # the pool features, classifier dropped
     path.unlink()
 
 
 def test_placement_problems_of_drawn_and_of_upside_down_portraits():
-    """The shipped model's placement check (evaluation.placement_problems) passes the synthetic portraits'
+    """The shipped model's placement check (measures.placement_problems) passes the synthetic portraits'
     exact label maps and names what is wrong in the same maps upside down or without a face."""
     sys.path.insert(0, str(ROOT / "tools"))
     import synthetic_portraits
@@ -391,23 +392,23 @@ def test_placement_problems_of_drawn_and_of_upside_down_portraits():
     maps = [label19_to_regions(synthetic_portraits.draw_portrait(np.random.default_rng([11, i]), 64)[1])
             for i in range(8)]
     labels = torch.as_tensor(np.stack(maps))
-    assert evaluation.placement_problems(labels) == []
-    upside_down = evaluation.placement_problems(labels.flip(1))
+    assert measures.placement_problems(labels) == []
+    upside_down = measures.placement_problems(labels.flip(1))
     for i in range(8):
         assert f"portrait {i}: eyes below mouth" in upside_down and f"portrait {i}: neck above face" in upside_down
     faceless = labels.clone()
     faceless[faceless == REGION_NAMES.index("face")] = REGION_NAMES.index("background")
-    assert "portrait 0: face not the largest part" in evaluation.placement_problems(faceless[:1])
+    assert "portrait 0: face not the largest part" in measures.placement_problems(faceless[:1])
 
 
 def test_portrait_check_counts_regions_and_measures_the_swap(sphere):
     """On a tiny model: region counts and areas are those of the returned label maps, and the swap's
     |Δ| is zero when the texture comes from the same identity (seeds 4, 4), non-zero from another."""
     generator, opt, mean = sphere["generator"], sphere["opt"], sphere["mean"]
-    same = evaluation.portrait_check(generator, opt, mean, 0.7, [4, 4], swap_region="face")
+    same = measures.portrait_check(generator, opt, mean, 0.7, [4, 4], swap_region="face")
     assert same["swap"]["inside"] == 0.0 and same["swap"]["outside"] == 0.0 and same["n"] == 2
     assert torch.equal(same["rgb"], same["swapped"])
-    other = evaluation.portrait_check(generator, opt, mean, 0.7, [4, 5], swap_region="face")
+    other = measures.portrait_check(generator, opt, mean, 0.7, [4, 5], swap_region="face")
     labels = other["labels"]
     for k, name in enumerate(REGION_NAMES):
         assert other["shown"][name] == int(sum(bool((labels[i] == k).any()) for i in range(2)))
@@ -430,13 +431,13 @@ def test_portrait_check_counts_regions_and_measures_the_swap(sphere):
 
 
 def test_mask_leak_is_the_mean_magnitude_off_the_region():
-    """evaluation.mask_leak: per region, mean |seg_k| over pixels labelled otherwise; 0 for a one-hot seg."""
+    """measures.mask_leak: per region, mean |seg_k| over pixels labelled otherwise; 0 for a one-hot seg."""
     labels = torch.zeros(1, 2, 2, dtype=torch.long)
     labels[0, 0, 0] = 1
     seg = F.one_hot(labels, len(REGION_NAMES)).permute(0, 3, 1, 2).float()
-    assert all(v == 0 for v in evaluation.mask_leak(seg, labels).values())
+    assert all(v == 0 for v in measures.mask_leak(seg, labels).values())
     seg[0, 1, 1, :] = torch.tensor([0.2, -0.4])  # region 1 leaks into two of its three off pixels
-    leak = evaluation.mask_leak(seg, labels)
+    leak = measures.mask_leak(seg, labels)
     assert leak[REGION_NAMES[1]] == pytest.approx(0.6 / 3) and leak[REGION_NAMES[0]] == 0
     seg_all = torch.zeros(1, len(REGION_NAMES), 2, 2)
-    assert evaluation.mask_leak(seg_all, torch.zeros(1, 2, 2, dtype=torch.long))[REGION_NAMES[0]] == 0.0
+    assert measures.mask_leak(seg_all, torch.zeros(1, 2, 2, dtype=torch.long))[REGION_NAMES[0]] == 0.0

@@ -251,7 +251,7 @@ def test_inversion_runs_in_the_background_and_becomes_an_identity(tiny):
 
 
 def editor_error(*args):
-    """The one-line error editor.py stops with (in-process: gen.fail exits with its message)."""
+    """The one-line error editor.py stops with (in-process: common.cli.command exits with its message)."""
     import editor
 
     with pytest.raises(SystemExit) as stopped:

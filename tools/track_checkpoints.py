@@ -7,10 +7,10 @@
 
 For each training checkpoint `models_NNNNNNN.pt` of the folder (every --every iterations, and the last),
 its EMA generator renders --n frontal portraits (seeds first_seed..first_seed+n-1, ψ --psi) and a hair texture
-swap, measured as tests/test_shipped_model.py measures them (evaluation.portrait_check): how many portraits show each
+swap, measured as tests/test_shipped_model.py measures them (evaluation.measures.portrait_check): how many portraits show each
 region, placement problems, the swap's |Δ| outside/inside the hair — for the output (stage 2) and for the
 volume renderer's own low-res image and seg (both stages), with the renderer seg's off-region leak
-(evaluation.mask_leak: a hair texture swap reaches every pixel where the hair's seg is not zero). Writes,
+(evaluation.measures.mask_leak: a hair texture swap reaches every pixel where the hair's seg is not zero). Writes,
 under --out:
   track.json              one record per checkpoint (rerun: checkpoints already measured are skipped); it
                           prints the portraits showing each small region (in brackets: in the renderer's seg)
@@ -39,7 +39,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from evaluation import measures as evaluation  # noqa: E402
+from evaluation import measures  # noqa: E402
 from rendering import loading as gen  # noqa: E402
 from common import imaging  # noqa: E402
 from common.files import write_json  # noqa: E402
@@ -64,7 +64,7 @@ def checkpoints(folder, every):
 
 
 def measure(path, seeds, psi, mean_samples):
-    """evaluation.portrait_check of a training checkpoint's EMA generator (float32, on the CPU): the full
+    """measures.portrait_check of a training checkpoint's EMA generator (float32, on the CPU): the full
     pipeline for a stage-2 checkpoint, the renderer alone for a stage-1 one."""
     export = generator_export(path)
     full_pipeline = any(key.startswith("decoder.") for key in export["g_ema"])
@@ -78,7 +78,7 @@ def measure(path, seeds, psi, mean_samples):
         except CheckpointError as error:  # name the file given, not the temporary export
             raise CheckpointError(str(error).replace(exported, path)) from None
     mean = mean_latent(generator, mean_samples)
-    return evaluation.portrait_check(generator, opt, mean, psi, seeds, swap_region="hair")
+    return measures.portrait_check(generator, opt, mean, psi, seeds, swap_region="hair")
 
 
 def picture(check, size=64, per_row=4):
@@ -89,7 +89,7 @@ def picture(check, size=64, per_row=4):
     for rgb, labels, swapped in zip(pictures["rgb"], pictures["labels"], pictures["swapped"]):
         delta = (swapped - rgb).abs().mean(0)
         tiles.append([imaging.resize_nearest(tile, size) for tile in
-                      (imaging.to_uint8(rgb), evaluation.region_image(labels), evaluation.heat(delta))])
+                      (imaging.to_uint8(rgb), measures.region_image(labels), measures.heat(delta))])
     rows = [sum(tiles[i:i + per_row], []) for i in range(0, len(tiles), per_row)]
     return imaging.image_grid(rows, pad=2)
 
