@@ -243,10 +243,14 @@ def per_region(values):
 # ----------------------------------------------------------------------------------------- main
 
 
+def output_dir(opt, own):
+    return (own.out or os.path.join(opt.inference.results_dir, "metrics")), "--out"
+
+
 @command
 def main(argv=None):
-    opt, own = gen.parse_options(argv, add_arguments, "calc_metrics")
-    out_dir = own.out or os.path.join(opt.inference.results_dir, "metrics")
+    opt, own = gen.parse_options(argv, add_arguments, "calc_metrics", output_dir)
+    out_dir = output_dir(opt, own)[0]
     chosen = parse_metrics(own.metrics)
     attributes = check_settings(own, chosen)
     device = devices.select_device(opt.experiment.device)

@@ -71,9 +71,13 @@ def rows_for(rgb, seg):
     return [list(imaging.to_uint8(rgb)), list(color_segmap(seg))]
 
 
+def output_dir(opt, own):
+    return (own.out_dir or os.path.join(opt.inference.results_dir, "edit")), "--out_dir"
+
+
 @command
 def main(argv=None):
-    opt, own = gen.parse_options(argv, add_arguments, "editing")
+    opt, own = gen.parse_options(argv, add_arguments, "editing", output_dir)
     regions = parse_regions(own.regions)
     if not regions:
         raise UsageError("--regions is empty; name at least one region")
@@ -98,7 +102,7 @@ def main(argv=None):
     grid = imaging.image_grid(sum((rows_for(rgb[i], seg[i]) for i in range(3)), []) + [delta_row])
 
     outputs = []  # (kind, path, payload) written together at the end: nothing half-written on errors
-    out_dir = own.out_dir or os.path.join(opt.inference.results_dir, "edit")
+    out_dir = output_dir(opt, own)[0]
     note = (f"edit: source {own.source}, reference {own.reference}, regions "
             f"{','.join(REGION_NAMES[k] for k in regions)}, attribute {own.attribute}, psi {psi}")
     outputs.append(("png", os.path.join(out_dir, "edit_grid.png"), grid))

@@ -65,9 +65,13 @@ def load_perceptual(path, device):
         raise UsageError(f"{path}: {error}") from None
 
 
+def output_dir(opt, own):
+    return (own.out_dir or os.path.join(opt.inference.results_dir, "invert")), "--out_dir"
+
+
 @command
 def main(argv=None):
-    opt, own = gen.parse_options(argv, add_arguments, "inversion")
+    opt, own = gen.parse_options(argv, add_arguments, "inversion", output_dir)
     size = opt.model.size
     if own.lpips_weights:
         raise UsageError("--lpips_weights is not supported (LPIPS's learnt heads are not implemented); "
@@ -102,7 +106,7 @@ def main(argv=None):
     rgb_row = [imaging.to_uint8(target[0]), imaging.to_uint8(result["rgb"][0])] + list(imaging.to_uint8(views))
     seg_row = [target_seg_image, color_segmap(result["seg"][0])] + list(color_segmap(view_segs))
     name = own.name or os.path.splitext(os.path.basename(own.image))[0]
-    out_dir = own.out_dir or os.path.join(opt.inference.results_dir, "invert")
+    out_dir = output_dir(opt, own)[0]
     image_path = os.path.join(out_dir, f"{name}_inversion.png")
     latent_path = os.path.join(out_dir, f"{name}_latents.pt")
     imaging.save_image(image_path, imaging.image_grid([rgb_row, seg_row]))

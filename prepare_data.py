@@ -35,7 +35,7 @@ from multiprocessing import Pool
 import numpy as np
 from PIL import Image
 
-from common.cli import UsageError, command
+from common.cli import UsageError, check_output, command
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 MASK_EXTENSIONS = (".png", ".npy")
@@ -223,6 +223,7 @@ def validate(args):
     if args.n_worker < 1:
         raise UsageError(f"invalid --n_worker {args.n_worker}: must be at least 1")
     out = os.path.abspath(args.out_path)
+    check_output(out, "--out_path", "folder", inputs=(args.path, args.mask_path))
     if os.path.exists(out):
         if not args.overwrite:
             raise UsageError(f"output {args.out_path} already exists; pass --overwrite to replace it")

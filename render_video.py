@@ -64,7 +64,7 @@ def check_arguments(opt, own):
 
 def prepare(argv):
     """Everything that can fail on bad input, before anything is written."""
-    opt, own = gen.parse_options(argv, add_arguments, "render_video")
+    opt, own = gen.parse_options(argv, add_arguments, "render_video", output=lambda opt, own: (opt.inference.results_dir, "--results_dir"))
     check_arguments(opt, own)
     semantics = gen.parse_semantics(opt.inference.semantics)
     device = devices.select_device(opt.experiment.device)

@@ -55,16 +55,19 @@ def check_output(path, what, kind="folder", inputs=()):
         raise UsageError(f"{what} {path}: exists and is not a folder")
     if kind == "file" and os.path.isdir(path):
         raise UsageError(f"{what} {path}: is a folder, not a file")
-    parent = os.path.abspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise UsageError(f"{what} {path}: {parent} is a file, not a folder")
-    probe = parent if not os.path.isdir(path) else path
+    probe = path if os.path.isdir(path) else parent
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UsageError(f"{what} {path}: {probe} is not writable")
     for source in inputs:
-        if source and (os.path.realpath(path) == os.path.realpath(str(source)) or
-                       os.path.isdir(str(source)) and _inside(path, str(source))):
+        if not source:
+            continue
+        if os.path.realpath(path) == os.path.realpath(str(source)):
+            raise UsageError(f"{what} {path}: is the input {source} itself")
+        if os.path.isdir(str(source)) and _inside(path, str(source)):
             raise UsageError(f"{what} {path}: lies inside the input {source}")
     return path

@@ -17,7 +17,7 @@ import torch
 from munch import Munch
 
 from common import devices
-from common.cli import UsageError
+from common.cli import UsageError, check_output
 from common import perf_utils
 from common.checkpoint import CheckpointError, apply_saved_config, load_generator, load_state_strict, saved_config
 from common.draws import seed_everything
@@ -37,8 +37,12 @@ SURFACE_SAMPLES = 128
 # ------------------------------------------------------------------------------------------ options
 
 
-def parse_options(argv=None, add_arguments=None, title="script"):
-    """The shared option tree plus a script's own flags (group `title`): returns (opt, own Munch)."""
+def parse_options(argv=None, add_arguments=None, title="script", output=None):
+    """The shared option tree plus a script's own flags (group `title`): returns (opt, own Munch).
+
+    `output(opt, own)` gives the script's output folder and its flag, (path, "--flag"): it is checked
+    (common.cli.check_output) before anything is read, so an existing file, an unwritable place or a
+    folder inside the checkpoint, latents or dataset it reads is one line before any work."""
     perf_utils.configure_allocator()  # every inference script starts here (issue 6)
     base = BaseOptions()
     base.initialize()
@@ -49,6 +53,10 @@ def parse_options(argv=None, add_arguments=None, title="script"):
     opt = group_options(base.parser, parsed)
     values = vars(parsed)
     own = Munch({a.dest: values[a.dest] for a in group._group_actions})
+    if output is not None:
+        path, flag = output(opt, own)
+        check_output(path, flag, "folder", inputs=(opt.training.trained_ckpt, opt.inference.latents,
+                                                    opt.dataset.dataset_path))
     if opt.training.trained_ckpt:  # a checkpoint that knows its architecture needs no model flags
         config = saved_config(opt.training.trained_ckpt)
         if config is not None:

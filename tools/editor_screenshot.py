@@ -20,7 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import editor_browser as eb  # noqa: E402
+from tools import editor_browser as eb  # noqa: E402
+from common.cli import check_output, command  # noqa: E402
 from common.files import atomic_write  # noqa: E402
 from common.regions import parse_regions  # noqa: E402
 
@@ -73,8 +74,10 @@ def measure(driver, n):
     return texture, shape
 
 
+@command
 def main(argv=None):
     args, editor_args = parse(sys.argv[1:] if argv is None else argv)
+    check_output(args.out, "--out", "file")
     try:
         eb.find_browser()
     except eb.BrowserUnavailable as reason:

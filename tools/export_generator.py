@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common.cli import command  # noqa: E402
+from common.cli import check_output, command  # noqa: E402
 from common.checkpoint import generator_export, save_checkpoint  # noqa: E402
 
 
@@ -31,6 +31,7 @@ def main(argv=None):
     parser.add_argument("destination", help="file to write")
     parser.add_argument("--half", action="store_true", help="store floating tensors as float16")
     args = parser.parse_args(argv)
+    check_output(args.destination, "destination", "file", inputs=(args.source,))
     export(args.source, args.destination, args.half)
     print(f"wrote {args.destination} ({os.path.getsize(args.destination) / 2 ** 20:.1f} MiB)")
 

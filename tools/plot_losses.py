@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import imaging  # noqa: E402
-from common.cli import UsageError, command  # noqa: E402
+from common.cli import UsageError, check_output, command  # noqa: E402
 
 
 MAX_COLUMNS = 6  # panels per row; a log with more losses wraps onto further rows
@@ -102,6 +102,7 @@ def main(argv=None):
     parser.add_argument("--smooth", type=int, default=50, help="moving-average window (iterations)")
     parser.add_argument("--titles", type=str, default="", help="comma-separated row titles (default: stage folder)")
     args = parser.parse_args(argv)
+    check_output(args.out, "--out", "file", inputs=args.logs)
     titles = args.titles.split(",") if args.titles else None
     if titles and len(titles) != len(args.logs):
         raise UsageError(f"--titles has {len(titles)} names for {len(args.logs)} logs")

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from common.cli import command  # noqa: E402
+from common.cli import check_output, command  # noqa: E402
 from common.checkpoint import CheckpointError, cast_floating, load_checkpoint, save_checkpoint  # noqa: E402
 
 
@@ -45,6 +45,7 @@ def main(argv=None):
     parser.add_argument("destination", help="the snapshot to write")
     parser.add_argument("--half", action="store_true", help="store the network weights as float16")
     args = parser.parse_args(argv)
+    check_output(args.destination, "destination", "file", inputs=(args.source,))
     strip(args.source, args.destination, args.half)
     before, after = os.path.getsize(args.source), os.path.getsize(args.destination)
     print(f"{args.destination}: {after / 2**20:.1f} MiB (from {before / 2**20:.1f} MiB)")

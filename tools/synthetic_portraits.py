@@ -20,6 +20,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common.cli import check_output, command  # noqa: E402
 from common.imaging import save_image  # noqa: E402
 
 # CelebAMask-HQ ids (regions.CELEBAMASK_CLASSES).
@@ -206,6 +207,7 @@ def make_portraits(out, n=200, size=128, seed=0):
     return images_dir, masks_dir
 
 
+@command
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output folder (gets images/ and masks/)")
@@ -217,6 +219,7 @@ def main(argv=None):
         print("synthetic_portraits.py: error: need --n >= 1, --size >= 16 and --seed >= 0",
               file=sys.stderr)
         return 2
+    check_output(args.out, "--out", "folder")
     images_dir, masks_dir = make_portraits(args.out, args.n, args.size, args.seed)
     print(f"wrote {args.n} portraits of {args.size}px to {images_dir} and {masks_dir}")
     return 0

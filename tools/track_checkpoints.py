@@ -44,7 +44,7 @@ from rendering import loading as gen  # noqa: E402
 from common import imaging  # noqa: E402
 from common.files import write_json  # noqa: E402
 from common.checkpoint import CheckpointError, generator_export, save_checkpoint  # noqa: E402
-from common.cli import UsageError, command  # noqa: E402
+from common.cli import UsageError, check_output, command  # noqa: E402
 from rendering.latents import mean_latent  # noqa: E402
 from options import check_ranges  # noqa: E402
 
@@ -160,6 +160,7 @@ def main(argv=None):
     parser.add_argument("--psi", type=float, default=0.7, help="truncation")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    check_output(args.out, "--out", "folder", inputs=(args.folder,))
     # --n >= 2: the swap takes the next portrait's code
     check_ranges({"--n": (args.n, ">= 2"), "--every": (args.every, ">= 1"), "--first_seed": (args.first_seed, ">= 0")})
     records = track(args.folder, args.out, args.n, args.every, args.psi, first_seed=args.first_seed)

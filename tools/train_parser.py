@@ -17,7 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common.cli import UsageError, command  # noqa: E402
+from common.cli import UsageError, check_output, command  # noqa: E402
 from evaluation import face_parser  # noqa: E402
 from dataset import MultiResolutionDataset  # noqa: E402
 from common.devices import select_device  # noqa: E402
@@ -58,6 +58,8 @@ def main(argv=None):
         raise UsageError(f"--widths {args.widths!r}: U-Net widths must be at least two positive numbers")
     if args.size % 2 ** len(widths):
         raise UsageError(f"--size {args.size} is not divisible by 2^{len(widths)} ({len(widths)} U-Net levels)")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.dataset_path)), f"parser_{args.size}.pt")
+    check_output(out, "--out", "file", inputs=(args.dataset_path,))
     device = select_device(args.device)
     try:
         data = MultiResolutionDataset(args.dataset_path, resolution=args.size)
@@ -65,7 +67,6 @@ def main(argv=None):
         raise UsageError(f"--dataset_path: {error}") from None
     n = min(len(data), args.max_images) if args.max_images else len(data)
     train_idx, held_idx = face_parser.split(n, args.holdout)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.dataset_path)), f"parser_{args.size}.pt")
     images, labels = face_parser.load_images(data, range(n))
     start = time.time()
     model = face_parser.train(images[train_idx], labels[train_idx], widths, args.epochs, args.batch, args.lr,

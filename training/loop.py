@@ -14,7 +14,7 @@ from munch import Munch
 
 import distributed as dist_utils
 from common import devices
-from common.cli import UsageError, run_command
+from common.cli import UsageError, check_output, run_command
 from common.checkpoint import CheckpointError, apply_saved_config, architecture_config, load_checkpoint, \
     save_checkpoint
 from options import BaseOptions, check_ranges
@@ -146,10 +146,12 @@ def start_run(opt, stage, number, required_keys):
     checkpoint of this stage must have.
     """
     t = opt.training
+    exp_dir = os.path.join(t.checkpoints_dir, opt.experiment.expname)
+    check_output(exp_dir, "--checkpoints_dir/--expname", "folder", inputs=(opt.dataset.dataset_path,))
     device = devices.select_device(opt.experiment.device, dist_utils.local_rank_from(t.local_rank))
     run = Munch(device=device, distributed=dist_utils.setup(device), rank=dist_utils.get_rank(),
                 main=dist_utils.is_main_process(), ckpt=None, resume_path=None)
-    run.exp_dir = os.path.join(t.checkpoints_dir, opt.experiment.expname)
+    run.exp_dir = exp_dir
     run.stage_dir = os.path.join(run.exp_dir, stage)
     run.samples_dir = os.path.join(run.stage_dir, "samples")
     # Before any heavy work, so that a missing wandb package stops the run at once.
