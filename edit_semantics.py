@@ -108,14 +108,18 @@ def main(argv=None):
     outputs.append(("png", os.path.join(out_dir, "edit_grid.png"), grid))
     outputs.append(("latents", os.path.join(out_dir, "edit_latents.pt"), (edited, source_global, note)))
 
+    def series(name, codes, what):
+        """Render codes [n,2K,D] with the source's global style: name.png (a row pair each) and name_latents.pt."""
+        styles = source_global.expand(codes.shape[0], -1)
+        rgb, seg = render(codes, styles)
+        rows = sum((rows_for(rgb[i], seg[i]) for i in range(codes.shape[0])), [])
+        outputs.append(("png", os.path.join(out_dir, f"{name}.png"), imaging.image_grid(rows)))
+        outputs.append(("latents", os.path.join(out_dir, f"{name}_latents.pt"), (codes, styles, f"{note}, {what}")))
+        return rgb, seg
+
     if own.interpolate:
         steps = manipulation.interpolate_codes(source, reference, regions, own.attribute, own.interpolate)[:, 0]
-        styles = source_global.expand(own.interpolate, -1)
-        rgb, seg = render(steps, styles)
-        rows = sum((rows_for(rgb[i], seg[i]) for i in range(own.interpolate)), [])
-        outputs.append(("png", os.path.join(out_dir, "interpolation.png"), imaging.image_grid(rows)))
-        outputs.append(("latents", os.path.join(out_dir, "interpolation_latents.pt"),
-                        (steps, styles, note + f", {own.interpolate} interpolation steps")))
+        rgb, seg = series("interpolation", steps, f"{own.interpolate} interpolation steps")
         if own.video:
             middle = shape_view_index(opt, locations.shape[0]) if not own.n_views else own.n_views // 2
             frames = [imaging.image_grid([[imaging.to_uint8(rgb[i, middle]), color_segmap(seg[i, middle])]])
@@ -126,12 +130,7 @@ def main(argv=None):
     if own.resample:
         fresh = manipulation.resample_codes(generator, source, regions, own.attribute, own.resample, mean, psi,
                                        seed=own.resample_seed)
-        styles = source_global.expand(own.resample, -1)
-        rgb, seg = render(fresh, styles)
-        rows = sum((rows_for(rgb[i], seg[i]) for i in range(own.resample)), [])
-        outputs.append(("png", os.path.join(out_dir, "resample.png"), imaging.image_grid(rows)))
-        outputs.append(("latents", os.path.join(out_dir, "resample_latents.pt"),
-                        (fresh, styles, note + f", {own.resample} resampled")))
+        series("resample", fresh, f"{own.resample} resampled")
 
     for kind, path, payload in outputs:
         if kind == "png":

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tiny_models import save_random_generator  # noqa: E402
 from editing import manipulation  # noqa: E402
 from rendering import loading as gen  # noqa: E402
 from common import imaging  # noqa: E402
@@ -19,8 +20,6 @@ from evaluation import metrics  # noqa: E402
 from rendering.camera import cameras  # noqa: E402
 from common.checkpoint import save_checkpoint  # noqa: E402
 from rendering.latents import LatentFileError, load_latents, mean_latent, save_latents  # noqa: E402
-from model import Generator  # noqa: E402
-from options import model_options  # noqa: E402
 from common.regions import NUM_REGIONS  # noqa: E402
 from rendering.inference import render_codes, render_views  # noqa: E402
 
@@ -37,12 +36,8 @@ def tiny(tmp_path_factory):
     """(checkpoint path, option tree, loaded eval generator (SAMPLES per ray), truncation means) of a
     random tiny model."""
     folder = tmp_path_factory.mktemp("tiny_model")
-    opt, _ = gen.parse_options(TINY)
-    torch.manual_seed(0)
-    generator = Generator(model_options(opt)[0], opt.rendering, ema=True)
     path = folder / "tiny.pt"
-    save_checkpoint({"g_ema": generator.state_dict()}, path)
-    opt.training.trained_ckpt = str(path)
+    opt = save_random_generator(path, TINY)
     loaded, _ = gen.load_models(opt, "cpu", n_samples=SAMPLES)
     return path, opt, loaded, mean_latent(loaded, opt.inference.truncation_mean)
 

@@ -21,12 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tiny_models import save_random_generator  # noqa: E402
 from tools import editor_browser as eb  # noqa: E402
-from rendering import loading as gen  # noqa: E402
-from common.checkpoint import save_checkpoint  # noqa: E402
 from rendering.latents import save_latents  # noqa: E402
-from model import Generator  # noqa: E402
-from options import model_options  # noqa: E402
 
 TINY = ["--size", "16", "--renderer_spatial_output_dim", "8", "--style_dim", "32", "--width", "32",
         "--N_samples", "8", "--channel_multiplier", "1", "--truncation_mean", "500", "--device", "cpu"]
@@ -45,10 +42,7 @@ def browser_or_skip():
 def server(tmp_path_factory):
     browser_or_skip()
     folder = tmp_path_factory.mktemp("editor_browser")
-    opt, _ = gen.parse_options(TINY)
-    torch.manual_seed(0)
-    save_checkpoint({"g_ema": Generator(model_options(opt)[0], opt.rendering, ema=True).state_dict()},
-                    folder / "tiny.pt")
+    save_random_generator(folder / "tiny.pt", TINY)
     with eb.editor_server(["--trained_ckpt", folder / "tiny.pt", *TINY, "--invert_steps", "2"]) as url:
         yield url, folder
 

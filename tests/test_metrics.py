@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tiny_models import save_random_generator  # noqa: E402
 from editing import manipulation  # noqa: E402
 from evaluation import measures  # noqa: E402
 from evaluation import face_parser  # noqa: E402
@@ -28,8 +29,6 @@ from evaluation import metrics  # noqa: E402
 from rendering.camera import cameras  # noqa: E402
 from common.checkpoint import save_checkpoint  # noqa: E402
 from rendering.latents import mean_latent  # noqa: E402
-from model import Generator  # noqa: E402
-from options import model_options  # noqa: E402
 from common.regions import REGION_NAMES  # noqa: E402
 from test_inference import assert_one_line_error, make_sphere, tiny_options  # noqa: E402
 
@@ -225,10 +224,8 @@ def lmdbs(tmp_path_factory):
                  ["--size", "16", "--out_path", folder / "no_masks"]):
         result = run_script("prepare_data.py", "--n_worker", "1", *args, images)
         assert result.returncode == 0, result.stderr
-    opt, _ = gen.parse_options(TINY)  # the model options only
-    torch.manual_seed(0)
     model = folder / "tiny.pt"
-    save_checkpoint({"g_ema": Generator(model_options(opt)[0], opt.rendering, ema=True).state_dict()}, model)
+    save_random_generator(model, TINY)
     return dict(lmdb=folder / "lmdb", no_masks=folder / "no_masks", model=model, folder=folder)
 
 

@@ -14,14 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tiny_models import save_random_generator  # noqa: E402
 from editing import manipulation  # noqa: E402
-from rendering import loading as gen  # noqa: E402
 from common import imaging  # noqa: E402
 from editing import region_editor as re_  # noqa: E402
-from common.checkpoint import save_checkpoint  # noqa: E402
 from rendering.latents import load_latents, save_latents  # noqa: E402
-from model import Generator  # noqa: E402
-from options import model_options  # noqa: E402
 from rendering.inference import render_views  # noqa: E402
 
 TINY = ["--size", "16", "--renderer_spatial_output_dim", "8", "--style_dim", "32", "--width", "32",
@@ -34,12 +31,8 @@ K = 9
 def tiny(tmp_path_factory):
     """(checkpoint path, editor) of a random tiny model."""
     folder = tmp_path_factory.mktemp("editor_model")
-    opt, _ = gen.parse_options(TINY)
-    torch.manual_seed(0)
-    generator = Generator(model_options(opt)[0], opt.rendering, ema=True)
     path = folder / "tiny.pt"
-    save_checkpoint({"g_ema": generator.state_dict()}, path)
-    opt.training.trained_ckpt = str(path)
+    opt = save_random_generator(path, TINY)
     return path, re_.load_editor(opt, SAMPLES, 8, SAMPLES, cache_size=16, invert_steps=2)
 
 
