@@ -51,19 +51,16 @@ import time
 
 import numpy as np
 
+from common import devices, imaging
 from common.cli import UsageError, command
-from common import devices
-from evaluation import measures
-from evaluation import face_parser
-from rendering import loading as gen
-from common import imaging
-from common.files import write_text
-from evaluation import metrics
-from dataset import MultiResolutionDataset
 from common.draws import seed_everything
-from rendering.latents import mean_latent
-from options import check_ranges
+from common.files import write_text
 from common.regions import REGION_NAMES
+from dataset import MultiResolutionDataset
+from evaluation import face_parser, measures, metrics
+from options import check_ranges
+from rendering import loading as gen
+from rendering.latents import mean_latent
 
 METRICS = ("fid", "kid", "miou", "locality", "consistency", "inversion")
 

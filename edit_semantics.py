@@ -24,13 +24,13 @@ import os
 
 import torch
 
+from common import imaging
 from common.cli import UsageError, command
+from common.regions import REGION_NAMES, color_segmap, parse_regions
 from editing import manipulation
 from rendering import loading as gen
-from common import imaging
 from rendering.camera import shape_view_index
 from rendering.latents import LatentFileError, latents_from_file, load_latents, mean_latent, save_latents
-from common.regions import REGION_NAMES, color_segmap, parse_regions
 
 
 def add_arguments(group):

@@ -9,10 +9,10 @@ the page and its API editor_web.py.
 """
 import socket
 
-from common.cli import UsageError, command
-from rendering import loading as gen
 from common.checkpoint import CheckpointError
+from common.cli import UsageError, command
 from options import check_ranges
+from rendering import loading as gen
 
 DEFAULT_CKPT = "checkpoints/synthetic_portraits.pt"
 

@@ -18,15 +18,14 @@ import sys
 import torch
 from tqdm import tqdm
 
+from common import devices, imaging
 from common.cli import command
-from common import devices
+from options import check_ranges
 from rendering import loading as gen
-from common import imaging
 from rendering.camera import shape_view_index, view_locations
+from rendering.inference import render_surface, render_views
 from rendering.latents import load_latents
 from rendering.meshes import MeshError, depth_mesh, save_mesh, sdf_mesh, shade_surface
-from options import check_ranges
-from rendering.inference import render_surface, render_views
 
 
 def add_arguments(group):

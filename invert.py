@@ -25,17 +25,17 @@ import os
 
 import numpy as np
 
-from common.cli import UsageError, command
-from editing import manipulation
-from rendering import loading as gen
 from common import imaging
-from evaluation import metrics
 from common.checkpoint import load_checkpoint
-from editing.manipulation import load_image, load_mask
-from rendering.latents import mean_latent, save_latents
-from options import check_ranges
+from common.cli import UsageError, command
 from common.regions import color_segmap
+from editing import manipulation
+from editing.manipulation import load_image, load_mask
+from evaluation import metrics
+from options import check_ranges
+from rendering import loading as gen
 from rendering.inference import render_views
+from rendering.latents import mean_latent, save_latents
 
 
 def add_arguments(group):

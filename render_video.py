@@ -14,15 +14,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common import devices, imaging
 from common.cli import UsageError, command
-from common import devices
+from common.regions import color_segmap
+from options import check_ranges
 from rendering import loading as gen
-from common import imaging
+from rendering.inference import render_surface, render_views
 from rendering.latents import load_latents
 from rendering.meshes import shade_surface
-from options import check_ranges
-from common.regions import color_segmap
-from rendering.inference import render_surface, render_views
 
 
 def add_arguments(group):

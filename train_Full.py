@@ -20,12 +20,11 @@ from tqdm import tqdm
 
 import distributed as dist_utils
 from common import perf_utils
-from training import steps
-from training import data_order, loop, params, randomness, samples
 from common.checkpoint import generator_state, load_checkpoint, load_state_strict
-from dataset import MultiResolutionDataset
 from common.draws import seed_everything
+from dataset import MultiResolutionDataset
 from options import BaseOptions, check_ranges
+from training import data_order, loop, params, randomness, samples, steps
 
 STAGE = "full_pipeline"
 

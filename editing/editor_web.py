@@ -27,8 +27,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from editing import region_editor
 from common.regions import REGION_COLORS, REGION_NAMES
+from editing import region_editor
 
 PAGE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "editor_page.html")
 MAX_UPLOAD_BYTES = 32 << 20

@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from rendering.camera import cameras, sweep_locations, view_locations
-from rendering.latents import identity_latents
 from common.cli import UsageError
 from common.regions import CELEBAMASK_CLASSES, NUM_REGIONS, label19_to_regions
+from rendering.camera import cameras, sweep_locations, view_locations
 from rendering.inference import render_codes, render_views
+from rendering.latents import identity_latents
 
 ATTRIBUTES = ("shape", "texture", "both")
 

@@ -29,17 +29,15 @@ import time
 import numpy as np
 import torch
 
-from common import devices
+from common import devices, imaging, perf_utils
+from common.regions import NUM_REGIONS, REGION_NAMES, color_segmap
 from editing import manipulation
-from rendering import loading as gen
-from common import imaging
 from evaluation import metrics
-from common import perf_utils
+from options import check_ranges
+from rendering import loading as gen
+from rendering.inference import render_surface, render_views
 from rendering.latents import LatentFileError, latents_from_file, load_latents, mean_latent, save_latents
 from rendering.meshes import MeshError, shade_surface
-from options import check_ranges
-from common.regions import NUM_REGIONS, REGION_NAMES, color_segmap
-from rendering.inference import render_surface, render_views
 
 # A portrait upload whose long side exceeds this × its short side is refused (the model's images are
 # square); a few per cent are cropped away silently, as invert.py does.

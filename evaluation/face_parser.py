@@ -21,10 +21,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from evaluation import metrics
 from common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from common.cli import UsageError
 from common.regions import CELEBA_TO_REGION, CELEBAMASK_CLASSES, NUM_REGIONS, REGION_NAMES, label19_to_regions
+from evaluation import metrics
 
 DEFAULT_WIDTHS = (16, 32, 64, 128)
 

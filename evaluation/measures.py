@@ -14,13 +14,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from editing import manipulation
-from evaluation import face_parser
-from evaluation import metrics
-from rendering.camera import cameras
-from rendering.inference import render_codes
 from common.cli import UsageError
 from common.regions import NUM_REGIONS, REGION_NAMES, color_segmap
+from editing import manipulation
+from evaluation import face_parser, metrics
+from rendering.camera import cameras
+from rendering.inference import render_codes
 
 # Seed offsets, so that the identities of different metrics never coincide.
 SAMPLE_SEED, LOCALITY_SEED, CONSISTENCY_SEED = 0, 1_000_000, 2_000_000

@@ -16,15 +16,14 @@ import os
 import torch
 from munch import Munch
 
-from common import devices
-from common.cli import UsageError, check_output
-from common import perf_utils
+from common import devices, perf_utils
 from common.checkpoint import CheckpointError, apply_saved_config, load_generator, load_state_strict, saved_config
+from common.cli import UsageError, check_output
 from common.draws import seed_everything
-from rendering.latents import identity_latents, latents_from_file, mean_latent
+from common.regions import parse_regions
 from model import Generator
 from options import BaseOptions, check_ranges, group_options, model_options
-from common.regions import parse_regions
+from rendering.latents import identity_latents, latents_from_file, mean_latent
 
 # Evaluation rendering of the published inference script.
 INFERENCE_SAMPLES = 64

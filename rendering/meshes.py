@@ -14,9 +14,9 @@ import torch
 import trimesh
 from scipy.spatial import Delaunay
 
-from rendering.camera import camera_rays, pixel_grid
 from common.cli import UsageError
 from common.files import atomic_write
+from rendering.camera import camera_rays, pixel_grid
 
 
 class MeshError(UsageError):

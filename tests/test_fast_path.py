@@ -8,11 +8,11 @@ import sys
 import pytest
 import torch
 
-from rendering import fast_render
-from rendering.camera import generate_camera_params
 from losses import eikonal_loss
 from model import Generator
 from options import default_options, sync_region_count
+from rendering import fast_render
+from rendering.camera import generate_camera_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--size", "64", "--renderer_spatial_output_dim", "8", "--style_dim", "16", "--width", "16",

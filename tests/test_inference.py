@@ -19,13 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from common.checkpoint import CheckpointError, load_state_strict, save_checkpoint  # noqa: E402
+from common.cli import UsageError  # noqa: E402
 from rendering import loading as gen  # noqa: E402
 from rendering import meshes as mu  # noqa: E402
 from rendering.camera import camera_rays, generate_camera_params, pixel_grid, shape_view_index, view_locations  # noqa: E402
-from common.checkpoint import CheckpointError, load_state_strict, save_checkpoint  # noqa: E402
-from common.cli import UsageError  # noqa: E402
-from rendering.latents import identity_latents, mean_latent, save_latents  # noqa: E402
 from rendering.inference import render_surface  # noqa: E402
+from rendering.latents import identity_latents, mean_latent, save_latents  # noqa: E402
 
 TINY = ["--size", "64", "--renderer_spatial_output_dim", "32", "--style_dim", "32", "--width", "32",
         "--N_samples", "8", "--channel_multiplier", "1"]

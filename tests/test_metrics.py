@@ -20,17 +20,20 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tiny_models import save_random_generator  # noqa: E402
-from editing import manipulation  # noqa: E402
-from evaluation import measures  # noqa: E402
-from evaluation import face_parser  # noqa: E402
-from rendering import loading as gen  # noqa: E402
-from evaluation import metrics  # noqa: E402
-from rendering.camera import cameras  # noqa: E402
-from common.checkpoint import save_checkpoint  # noqa: E402
-from rendering.latents import mean_latent  # noqa: E402
-from common.regions import REGION_NAMES  # noqa: E402
 from test_inference import assert_one_line_error, make_sphere, tiny_options  # noqa: E402
+
+from common.checkpoint import save_checkpoint  # noqa: E402
+from common.regions import REGION_NAMES  # noqa: E402
+from editing import manipulation  # noqa: E402
+from evaluation import (
+    face_parser,  # noqa: E402
+    measures,  # noqa: E402
+    metrics,  # noqa: E402
+)
+from rendering import loading as gen  # noqa: E402
+from rendering.camera import cameras  # noqa: E402
+from rendering.latents import mean_latent  # noqa: E402
+from tiny_models import save_random_generator  # noqa: E402
 
 TINY = ["--size", "16", "--renderer_spatial_output_dim", "8", "--style_dim", "32", "--width", "32",
         "--N_samples", "8", "--channel_multiplier", "1", "--truncation_mean", "200"]
@@ -384,6 +387,7 @@ def test_placement_problems_of_drawn_and_of_upside_down_portraits():
     exact label maps and names what is wrong in the same maps upside down or without a face."""
     sys.path.insert(0, str(ROOT / "tools"))
     import synthetic_portraits
+
     from common.regions import label19_to_regions
 
     maps = [label19_to_regions(synthetic_portraits.draw_portrait(np.random.default_rng([11, i]), 64)[1])

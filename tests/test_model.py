@@ -14,11 +14,12 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
 import check_conformance  # noqa: E402
-from rendering.camera import generate_camera_params  # noqa: E402
+
 from common.checkpoint import CheckpointError, load_generator, load_state_strict, save_checkpoint  # noqa: E402
+from common.regions import NUM_REGIONS, parse_regions  # noqa: E402
 from model import Generator  # noqa: E402
 from options import check_ranges, default_options  # noqa: E402
-from common.regions import NUM_REGIONS, parse_regions  # noqa: E402
+from rendering.camera import generate_camera_params  # noqa: E402
 
 TINY = ["--size", "64", "--renderer_spatial_output_dim", "16", "--style_dim", "32", "--width", "32",
         "--N_samples", "6", "--channel_multiplier", "1"]

@@ -20,11 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from common.checkpoint import load_checkpoint  # noqa: E402
+from common.regions import REGION_NAMES  # noqa: E402
 from evaluation import measures  # noqa: E402
 from rendering import loading as gen  # noqa: E402
-from common.checkpoint import load_checkpoint  # noqa: E402
 from rendering.latents import mean_latent  # noqa: E402
-from common.regions import REGION_NAMES  # noqa: E402
 
 SHIPPED = ROOT / "checkpoints" / "synthetic_portraits.pt"
 SEEDS = list(range(8))

@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from evaluation import face_parser  # noqa: E402
 import prepare_data  # noqa: E402
 from common.regions import NUM_REGIONS, REGION_NAMES, label19_to_regions  # noqa: E402
+from evaluation import face_parser  # noqa: E402
 from tools.synthetic_portraits import draw_portrait  # noqa: E402
 
 SHIPPED = ROOT / "checkpoints" / "synthetic_parser.pt"

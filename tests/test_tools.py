@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from rendering import loading as gen  # noqa: E402
 from common.checkpoint import architecture_config, load_checkpoint, load_generator, save_checkpoint  # noqa: E402
+from rendering import loading as gen  # noqa: E402
 from tools import export_generator, plot_losses  # noqa: E402
 
 TINY = ["--size", "32", "--renderer_spatial_output_dim", "16", "--style_dim", "16", "--width", "16",

@@ -22,17 +22,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common import devices  # noqa: E402
 import distributed as dist_utils  # noqa: E402
 import train_CNeRF  # noqa: E402
 import train_Full  # noqa: E402
-from training import steps as training_steps  # noqa: E402
-from training import data_order, loop, params, randomness  # noqa: E402
+from common import devices  # noqa: E402
 from common.checkpoint import CheckpointError, load_checkpoint, load_generator  # noqa: E402
 from common.cli import UsageError  # noqa: E402
+from common.regions import REGION_NAMES  # noqa: E402
 from model import Generator  # noqa: E402
 from options import default_options, model_options  # noqa: E402
-from common.regions import REGION_NAMES  # noqa: E402
+from training import data_order, loop, params, randomness  # noqa: E402
+from training import steps as training_steps  # noqa: E402
 
 MODEL = ["--renderer_spatial_output_dim", "8", "--style_dim", "32", "--width", "32", "--N_samples", "8",
          "--channel_multiplier", "1", "--n_render", "9"]

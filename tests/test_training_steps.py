@@ -9,11 +9,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import draws  # noqa: E402
-from training import steps  # noqa: E402
-from losses import d_logistic_loss, r1_image_and_mask  # noqa: E402
 from munch import Munch  # noqa: E402
+
+from common import draws  # noqa: E402
+from losses import d_logistic_loss, r1_image_and_mask  # noqa: E402
 from options import default_options  # noqa: E402
+from training import steps  # noqa: E402
 
 TINY = ["--renderer_spatial_output_dim", "8", "--style_dim", "32", "--width", "32", "--N_samples", "8",
         "--device", "cpu", "--d_channel_scale", "0.25"]

@@ -54,10 +54,10 @@ perf_utils.configure_allocator()
 
 import torch  # noqa: E402
 
-from rendering.camera import generate_camera_params  # noqa: E402
 from losses import eikonal_loss  # noqa: E402
 from model import Generator  # noqa: E402
 from options import default_options  # noqa: E402
+from rendering.camera import generate_camera_params  # noqa: E402
 
 
 def build(workload, device, render_path, samples=None, res=None, ray_chunk=None):
@@ -123,6 +123,7 @@ def small_dataset(folder):
 def small_renderer(folder, extra):
     """A stage-1 renderer file (random weights, {"g_ema": ...}) at the small configuration, for stage 2."""
     from munch import Munch
+
     from options import default_options
     opt = default_options(SMALL_FLAGS + ["--size", "32"] + extra)
     model_opt = Munch(opt.model, n_render=opt.rendering.n_render)

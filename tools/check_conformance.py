@@ -18,10 +18,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from rendering.camera import generate_camera_params  # noqa: E402
 from losses import eikonal_loss  # noqa: E402
 from model import ComponentDualBranchDiscriminator, Discriminator, Generator, VolumeRenderDiscriminator  # noqa: E402
 from options import default_options, sync_region_count  # noqa: E402
+from rendering.camera import generate_camera_params  # noqa: E402
 from tools.reference_weights import fill_recipe  # noqa: E402
 
 TOLERANCE = {torch.float64: 1e-6, torch.float32: 2e-2}

@@ -28,10 +28,10 @@ import torch  # noqa: E402
 from munch import Munch  # noqa: E402
 
 from common import draws  # noqa: E402
-from training import steps  # noqa: E402
-from training.params import accumulate, ema_decay  # noqa: E402
 from options import BaseOptions  # noqa: E402
 from tools.reference_weights import fill_recipe  # noqa: E402
+from training import steps  # noqa: E402
+from training.params import accumulate, ema_decay  # noqa: E402
 
 TOLERANCE = {1: (1e-9, 1e-9), 2: (1e-6, 1e-4)}  # stage → (losses, fingerprints)
 # Items the check skips because the published code is at fault there: {(phase or step name, item): reason}.

@@ -20,10 +20,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from tools import editor_browser as eb  # noqa: E402
 from common.cli import check_output, command  # noqa: E402
 from common.files import atomic_write  # noqa: E402
 from common.regions import parse_regions  # noqa: E402
+from tools import editor_browser as eb  # noqa: E402
 
 
 def parse(argv):

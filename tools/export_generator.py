@@ -15,8 +15,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common.cli import check_output, command  # noqa: E402
 from common.checkpoint import generator_export, save_checkpoint  # noqa: E402
+from common.cli import check_output, command  # noqa: E402
 
 
 def export(source, destination, half=False):

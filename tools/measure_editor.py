@@ -20,8 +20,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from common.cli import UsageError, command  # noqa: E402
-from rendering import loading as gen  # noqa: E402
 from editing import region_editor  # noqa: E402
+from rendering import loading as gen  # noqa: E402
 
 
 def add_arguments(group):

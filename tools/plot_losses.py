@@ -24,7 +24,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import imaging  # noqa: E402
 from common.cli import UsageError, check_output, command  # noqa: E402
 
-
 MAX_COLUMNS = 6  # panels per row; a log with more losses wraps onto further rows
 
 

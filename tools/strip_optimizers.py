@@ -17,9 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from common.cli import check_output, command  # noqa: E402
 from common.checkpoint import CheckpointError, cast_floating, load_checkpoint, save_checkpoint  # noqa: E402
-
+from common.cli import check_output, command  # noqa: E402
 
 NETWORKS = ("g", "g_ema", "d", "gd", "sd")  # the state dicts of both stages' training checkpoints
 

@@ -39,14 +39,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from evaluation import measures  # noqa: E402
-from rendering import loading as gen  # noqa: E402
 from common import imaging  # noqa: E402
-from common.files import write_json  # noqa: E402
 from common.checkpoint import CheckpointError, generator_export, save_checkpoint  # noqa: E402
 from common.cli import UsageError, check_output, command  # noqa: E402
-from rendering.latents import mean_latent  # noqa: E402
+from common.files import write_json  # noqa: E402
+from evaluation import measures  # noqa: E402
 from options import check_ranges  # noqa: E402
+from rendering import loading as gen  # noqa: E402
+from rendering.latents import mean_latent  # noqa: E402
 
 SMALL_REGIONS = ("eye", "mouth", "brow", "nose")
 CHECKPOINT_NAME = re.compile(r"models_(\d{7})\.pt$")

@@ -18,9 +18,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common.cli import UsageError, check_output, command  # noqa: E402
-from evaluation import face_parser  # noqa: E402
-from dataset import MultiResolutionDataset  # noqa: E402
 from common.devices import select_device  # noqa: E402
+from dataset import MultiResolutionDataset  # noqa: E402
+from evaluation import face_parser  # noqa: E402
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -6,7 +6,6 @@ from torch.utils import data
 import distributed as dist_utils
 
 
-
 class ResumableSampler(data.Sampler):
     """An endless, shuffled index stream that a resumed run continues exactly.
 

@@ -14,12 +14,10 @@ from munch import Munch
 
 import distributed as dist_utils
 from common import devices
+from common.checkpoint import CheckpointError, apply_saved_config, architecture_config, load_checkpoint, save_checkpoint
 from common.cli import UsageError, check_output, run_command
-from common.checkpoint import CheckpointError, apply_saved_config, architecture_config, load_checkpoint, \
-    save_checkpoint
 from options import BaseOptions, check_ranges
 from training.randomness import gather_rng
-
 
 
 class TrainingError(UsageError):

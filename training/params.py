@@ -2,7 +2,6 @@
 decay 0.5 ** (32 / 10000) per iteration unless --ema_decay)."""
 import torch
 
-
 EMA_DECAY = 0.5 ** (32 / (10 * 1000))  # published, per iteration
 
 

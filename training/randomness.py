@@ -11,7 +11,6 @@ import distributed as dist_utils
 from common.draws import seed_everything
 
 
-
 def rng_state():
     """Every RNG this program draws from, as tensors and plain lists (safe for weights_only loading).
 

@@ -18,11 +18,18 @@ import torch.nn.functional as F
 
 import distributed as dist_utils
 from common import draws
-from training import loop, params
-from losses import (classification_loss, d_logistic_loss, eikonal_loss, g_nonsaturating_loss, g_path_regularize,
-                    r1_image_and_mask, viewpoints_loss)
+from losses import (
+    classification_loss,
+    d_logistic_loss,
+    eikonal_loss,
+    g_nonsaturating_loss,
+    g_path_regularize,
+    r1_image_and_mask,
+    viewpoints_loss,
+)
 from model import ComponentDualBranchDiscriminator, Discriminator, Generator, VolumeRenderDiscriminator
 from options import model_options
+from training import loop, params
 
 STAGE1_EMA = ("style.", "renderer.")  # every stage-1 generator parameter
 STAGE2_TRAINED = ("decoder.", "feature_transfer.")  # the only parameters stage 2 optimises
