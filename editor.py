@@ -4,8 +4,8 @@
   python editor.py [--trained_ckpt CKPT] [--host 127.0.0.1] [--port 7860] [--device cpu] [model flags]
 
 Opens nothing itself: it prints the address to open. From another machine, forward the port first:
-`ssh -L 7860:localhost:7860 HOST`, then open http://localhost:7860. The logic is region_editor.py,
-the page and its API editor_web.py.
+`ssh -L 7860:localhost:7860 HOST`, then open http://localhost:7860. The logic is editing/region_editor.py,
+the page and its API editing/editor_web.py.
 """
 import socket
 

@@ -3,7 +3,7 @@ an initial SDF network supplying a base shape, and SDF-based volume integration.
 
 The renderer processes rays in chunks so that memory stays bounded; the outputs do not depend on
 the chunk size. Parameter names follow the published checkpoint. `forward` dispatches to the fast path
-(fast_render.py, the default) or the reference path (here); both use the rays, volume weights and image
+(rendering/fast_render.py, the default) or the reference path (here); both use the rays, volume weights and image
 layout defined here.
 """
 import contextlib

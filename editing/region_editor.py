@@ -1,4 +1,4 @@
-"""The interactive region editor's logic: what editor.py serves in a browser (editor_web.py is the page).
+"""The interactive region editor's logic: what editor.py serves in a browser (editing/editor_web.py is the page).
 
 An edit is a complete, self-describing state (EditState): a source and a reference identity (seeds,
 or latent files / inversions held by the editor), per region a shape and a texture blend factor

@@ -1,7 +1,7 @@
 """A face parser for the evaluation metrics: a compact U-Net trained on the LMDB's own label maps
 (tools/train_parser.py), or any TorchScript face parser giving 19- or 9-class logits.
 
-The parser maps RGB images in [-1, 1] to scores over the 9 regions of regions.py. Its role in
+The parser maps RGB images in [-1, 1] to scores over the 9 regions of common/regions.py. Its role in
 calc_metrics.py: the semantic-consistency metric (parse a generated image, compare with the
 generator's own segmentation), and, when no Inception file is given, the features of FID/KID (the
 U-Net's pooled bottleneck).
@@ -199,7 +199,7 @@ def load_parser(path, device="cpu", size=None):
                           f"tools/train_parser.py, or a TorchScript module; found {sorted(ckpt)[:6]})")
     n_classes = int(config.get("n_classes", -1))
     if n_classes != NUM_REGIONS:
-        raise ParserError(f"{path}: parser has {n_classes} classes; expected {NUM_REGIONS} (the regions of regions.py)")
+        raise ParserError(f"{path}: parser has {n_classes} classes; expected {NUM_REGIONS} (the regions of common/regions.py)")
     try:
         module = UNet(config["widths"], n_classes)
         module.load_state_dict(ckpt["parser"])

@@ -1,7 +1,7 @@
 """The evaluation metrics of calc_metrics.py, each run on a loaded generator: sample sets for FID/KID
 and semantic consistency, edit locality, view consistency, inversion of dataset portraits.
 
-The arithmetic lives in metrics.py, the face parser in face_parser.py; this module renders what they
+The arithmetic lives in evaluation/metrics.py, the face parser in evaluation/face_parser.py; this module renders what they
 measure. Every identity, camera and subset is drawn from a fixed seed, so two runs give the same
 numbers. Images are rendered the published inference way (rendering.inference.render_codes: input_is_latent,
 truncation ψ applied to the codes as the inference script does, fixed decoder noise).

@@ -1,4 +1,4 @@
-"""Inference side (SPEC §15, issue 4): inference_Full.py, render_video.py, generation.py, mesh_utils.py.
+"""Inference side (SPEC §15, issue 4): inference_Full.py, render_video.py, rendering/loading.py, rendering/meshes.py.
 
 Everything runs a tiny random-weight generator on the CPU; scripts run as subprocesses, one thread each
 (the test machine has 2 shared cores, and oversubscribed threads are several times slower).

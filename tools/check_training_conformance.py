@@ -6,7 +6,7 @@
 
 For every case of the file (and each render path), rebuilds the case's models with the reference
 weight recipe in float64, then replays each recorded iteration through this project's own training
-step (training_steps: the functions train_CNeRF.py / train_Full.py run) with the recorded draws fed
+step (training/steps.py: the functions train_CNeRF.py / train_Full.py run) with the recorded draws fed
 in through `draws.using` (latents, cameras, labels, style-mixing choices, crossover, renderer
 jitter, decoder noise, path noise) and compares every loss term and prediction, the activation
 fingerprints, every gradient fingerprint before each optimiser step (and which parameters had no

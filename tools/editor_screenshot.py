@@ -5,7 +5,7 @@
       [--texture hair] [--shape mouth] [--measure 10] -- [editor.py arguments, e.g. --trained_ckpt CKPT]
 
 Starts `editor.py` on a free loopback port with the arguments after `--`, opens the page in the same
-headless browser the browser test uses (editor_browser.py), moves the --texture / --shape regions'
+headless browser the browser test uses (tools/editor_browser.py), moves the --texture / --shape regions'
 sliders to the reference, and writes the whole page as a PNG. With --measure N it first times N texture
 edits and N shape edits as a user sees them (slider moved → new picture shown, each to a value not
 seen before, so nothing comes from the cache) and prints the medians.

@@ -5,7 +5,7 @@
       [--lr 0.003] [--widths 16,32,64,128] [--holdout 0.1] [--seed 0] [--device cpu]
 
 The LMDB (prepare_data.py --mask_path) must hold images and 19-class label maps at size S; the labels
-are merged into the 9 regions of regions.py (no dilation). The last --holdout fraction of the images
+are merged into the 9 regions of common/regions.py (no dilation). The last --holdout fraction of the images
 is held out; the network (face_parser.UNet, Adam, cross-entropy, flips and small shifts) trains on the
 rest. Printed and saved with the parser: the held-out IoU per region and their mean (mIoU) -- the
 ceiling of calc_metrics.py's semantic-consistency metric with this parser.
