@@ -40,9 +40,11 @@ Metrics:
                label map is not used by the fit): PSNR and SSIM (scikit-image) of the reconstruction,
                and the IoU of the rendered seg's regions against the true label map.
 
-The face parser: --parser FILE (tools/train_parser.py output, or a TorchScript module giving 19- or
-9-class logits for RGB in [-1, 1]); without it one is trained on the LMDB's label maps (saved as
-DIR/parser.pt and reused by later runs on the same LMDB and size).
+The face parser: --parser FILE (tools/train_parser.py output; zllrunning's BiSeNet state dict, e.g. its
+79999_iter.pth, the parser of IDE-3D-style evaluation, run at 512 px or --parser_size; or a TorchScript
+module giving 19-class logits in CelebAMask-HQ order or 9 region logits, for RGB in [-1, 1]; the
+format is read from the file, see evaluation/face_parser.py); without it one is trained on the LMDB's
+label maps (saved as DIR/parser.pt and reused by later runs on the same LMDB and size).
 """
 import json
 import math
@@ -75,9 +77,11 @@ def add_arguments(group):
     group.add_argument("--render_batch", type=int, default=8, help="images rendered at once")
     group.add_argument("--inception", type=str, default="", help="local Inception-v3 file for fid/kid")
     group.add_argument("--kid_subsets", type=int, default=100, help="random subsets averaged by KID")
-    group.add_argument("--parser", type=str, default="", help="face parser file (else one is trained on the LMDB)")
+    group.add_argument("--parser", type=str, default="",
+                       help="face parser file: tools/train_parser.py, BiSeNet state dict or TorchScript (else one is "
+                            "trained on the LMDB)")
     group.add_argument("--parser_size", type=int, default=0,
-                       help="input size of a TorchScript parser (default: the images' size)")
+                       help="input size of a TorchScript parser (default: the images' size) or a BiSeNet (default 512)")
     group.add_argument("--parser_epochs", type=int, default=10, help="epochs of a parser trained here")
     group.add_argument("--n_pairs", type=int, default=20, help="identity pairs for locality")
     group.add_argument("--locality_attributes", type=str, default="texture,shape", help="swapped codes: texture, shape")

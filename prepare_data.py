@@ -4,7 +4,8 @@
                            [--mask_path MASK_DIR] [--skip_unmatched] [--overwrite] INPUT_DIR
 
 Images (png, jpg, jpeg, webp; flat or nested folders, hidden entries skipped) are indexed 0..n-1 in
-sorted relative-path order. Each is converted to RGB, its shorter side resized to every size
+sorted relative-path order, numeric names in numeric order (CelebA-HQ's 0.jpg, 1.jpg, ..., 10.jpg: LMDB
+index k is image k). Each is converted to RGB, its shorter side resized to every size
 (LANCZOS by default) and centre-cropped to a square, as StyleGAN2's prepare_data does.
 
 Label maps (`--mask_path`): CelebAMask-HQ ids 0-18, one per image, matched by file stem, stored as a
@@ -84,15 +85,31 @@ def parse_sizes(text):
     return sizes
 
 
+def path_order_key(relpath):
+    """Sort key of a relative path: folder by folder, names whose stem is a number (CelebA-HQ's 0.jpg ...
+    29999.jpg) before the others and in numeric order (2 before 10), the others by name. Zero-padded names
+    (FFHQ's 00000.png) keep their order."""
+    parts = relpath.replace(os.sep, "/").split("/")
+    key = []
+    for position, name in enumerate(parts):
+        number = os.path.splitext(name)[0] if position == len(parts) - 1 else name
+        if number.isascii() and number.isdigit():
+            key.append((0, int(number), name))
+        else:
+            key.append((1, 0, name))
+    return key
+
+
 def list_files(root, extensions):
-    """Relative paths of the files under root with one of the extensions, sorted; hidden ones skipped."""
+    """Relative paths of the files under root with one of the extensions, in path_order_key order; hidden
+    ones skipped."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
             if not name.startswith(".") and name.lower().endswith(extensions):
                 found.append(os.path.relpath(os.path.join(dirpath, name), root))
-    return sorted(found, key=lambda p: p.replace(os.sep, "/"))
+    return sorted(found, key=path_order_key)
 
 
 def stem(relpath):

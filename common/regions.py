@@ -13,6 +13,18 @@ CELEBAMASK_CLASSES = (
     "r_ear", "mouth", "u_lip", "l_lip", "hair", "hat", "ear_r", "neck_l", "neck", "cloth",
 )
 
+# The 19 classes of zllrunning's BiSeNet face parser (face-parsing.PyTorch, `79999_iter.pth`), by its
+# output index: the same CelebAMask-HQ parts, numbered in the order its training script painted them.
+BISENET_CLASSES = (
+    "background", "skin", "l_brow", "r_brow", "l_eye", "r_eye", "eye_g", "l_ear", "r_ear",
+    "ear_r", "nose", "mouth", "u_lip", "l_lip", "neck", "neck_l", "cloth", "hair", "hat",
+)
+
+# BiSeNet output index -> CelebAMask-HQ id (the one table between the two orders; read a BiSeNet map
+# without it and nose becomes mouth, hair becomes neck). Written out, and checked against the names
+# by the tests.
+BISENET_TO_CELEBAMASK = np.array([0, 1, 6, 7, 4, 5, 3, 8, 9, 15, 2, 10, 11, 12, 17, 16, 18, 13, 14], dtype=np.int64)
+
 # (region name, CelebAMask-HQ ids merged into it, display colour RGB), by region index.
 REGIONS = (
     ("background", (0,), (0, 0, 0)),
@@ -37,6 +49,25 @@ _ALIASES = {"eyes": "eye", "lips": "mouth", "brows": "brow", "eyebrow": "brow", 
 CELEBA_TO_REGION = np.zeros(len(CELEBAMASK_CLASSES), dtype=np.int64)
 for _index, (_, _ids, _) in enumerate(REGIONS):
     CELEBA_TO_REGION[list(_ids)] = _index
+
+
+# Region -> the CelebAMask-HQ id that stands for it in a label map written from a 9-region parser
+# (tools/parse_faces.py with the project's U-Net): (id on the image's left, id on the image's right).
+# A 9-region parser cannot tell the classes of one region apart; left and right of the paired parts
+# are told by the side of the face's centre column (a person's left is the image's right). Training
+# reads regions, dilating some classes first (dataset.DILATION_KERNELS): each region's id here is its
+# main part, so it gets that part's dilation (glasses, earrings and lips inside a region get it too).
+REGION_TO_CELEBAMASK = (
+    (0, 0),    # background
+    (1, 1),    # face: skin
+    (5, 4),    # eye: r_eye | l_eye
+    (10, 10),  # mouth: mouth
+    (7, 6),    # brow: r_brow | l_brow
+    (2, 2),    # nose
+    (9, 8),    # ear: r_ear | l_ear
+    (13, 13),  # hair
+    (17, 17),  # neck+cloth: neck
+)
 
 
 def valid_region_help():

@@ -1,14 +1,27 @@
-"""A face parser for the evaluation metrics: a compact U-Net trained on the LMDB's own label maps
-(tools/train_parser.py), or any TorchScript face parser giving 19- or 9-class logits.
+"""Face parsers for the evaluation metrics and for making label maps: the project's compact U-Net
+trained on an LMDB's own label maps (tools/train_parser.py), zllrunning's BiSeNet (face-parsing.PyTorch,
+its `79999_iter.pth` state dict), or any TorchScript face parser giving 19- or 9-class logits.
 
-The parser maps RGB images in [-1, 1] to scores over the 9 regions of common/regions.py. Its role in
+Each format states the order of its output classes, and one table per format maps them to the
+CelebAMask-HQ ids and regions of common/regions.py (FORMATS, TO_CELEBAMASK); nothing is guessed:
+    unet           9 regions (REGION_NAMES); input RGB in [-1, 1] at the size it was trained at
+    torchscript9   9 regions; input RGB in [-1, 1]
+    torchscript19  19 classes in CelebAMask-HQ order (CELEBAMASK_CLASSES); input RGB in [-1, 1]
+    bisenet        19 classes in BiSeNet's order (BISENET_CLASSES, mapped by BISENET_TO_CELEBAMASK);
+                   input RGB resized to 512 and normalised with the ImageNet mean and std, as upstream
+A TorchScript export of BiSeNet is read as CelebAMask-HQ-ordered, so give BiSeNet as its state dict.
+
+A Parser maps RGB images in [-1, 1] to scores over the 9 regions (`regions`), and its own input
+tensors to CelebAMask-HQ label maps (`labels`, what tools/parse_faces.py writes). Its role in
 calc_metrics.py: the semantic-consistency metric (parse a generated image, compare with the
 generator's own segmentation), and, when no Inception file is given, the features of FID/KID (the
 U-Net's pooled bottleneck).
 
-Saved parsers are checkpoint.save_checkpoint files holding tensors and plain values only:
+Files are read tensors-only (torch.load weights_only=True) and strictly: every key and shape. The
+project's parsers are checkpoint.save_checkpoint files holding tensors and plain values only:
     {"parser": state dict, "config": {"size": S, "widths": [...], "n_classes": 9, "regions": [names]},
      "held_out": {"miou": m, "iou": [per region], "images": count, "dataset": path}}
+A BiSeNet file is its bare state dict (191 entries, no `module.` prefix).
 """
 import math
 import os
@@ -19,14 +32,40 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 from common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from common.cli import UsageError
-from common.regions import CELEBA_TO_REGION, CELEBAMASK_CLASSES, NUM_REGIONS, REGION_NAMES, label19_to_regions
+from common.regions import (
+    BISENET_CLASSES,
+    BISENET_TO_CELEBAMASK,
+    CELEBA_TO_REGION,
+    CELEBAMASK_CLASSES,
+    NUM_REGIONS,
+    REGION_NAMES,
+    REGION_TO_CELEBAMASK,
+    label19_to_regions,
+)
 from evaluation import metrics
 
 DEFAULT_WIDTHS = (16, 32, 64, 128)
+BISENET_SIZE = 512  # the side upstream resizes every image to
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Each parser format: (how it is named in messages, the names of its output classes in logit order).
+FORMATS = {
+    "unet": ("U-Net", REGION_NAMES),
+    "torchscript9": ("TorchScript, 9 regions", REGION_NAMES),
+    "torchscript19": ("TorchScript, 19 CelebAMask-HQ classes", CELEBAMASK_CLASSES),
+    "bisenet": ("BiSeNet, 19 classes", BISENET_CLASSES),
+}
+# The 19-class formats: output index -> CelebAMask-HQ id. 9-class formats give regions directly.
+TO_CELEBAMASK = {
+    "torchscript19": np.arange(len(CELEBAMASK_CLASSES), dtype=np.int64),
+    "bisenet": BISENET_TO_CELEBAMASK,
+}
 
 
 class ParserError(UsageError):
@@ -95,6 +134,181 @@ class UNet(nn.Module):
         return self.encode(x)[-1].mean((2, 3))
 
 
+# ---------------------------------------------------------------------------------- BiSeNet network
+# zllrunning's face-parsing.PyTorch BiSeNet, rebuilt from its description so that its released state
+# dict (79999_iter.pth) loads strictly: the attribute names below are the file's key tree. Built from
+# scratch (no ImageNet ResNet-18 download, unlike upstream's constructor): the weights come from the file.
+
+
+class ConvBNReLU(nn.Module):
+    """Convolution (no bias), BatchNorm, ReLU; keys conv.weight, bn.*."""
+
+    def __init__(self, cin, cout, kernel=3, stride=1):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+class ResidualBlock(nn.Module):
+    """ResNet-18's basic block; a 1×1 projection (downsample.0 conv, downsample.1 BatchNorm) where the
+    shape changes."""
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if cin != cout or stride != 1:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        residual = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return F.relu(shortcut + residual)
+
+
+class ResNet18Trunk(nn.Module):
+    """ResNet-18 without its classifier; returns the features at 1/8, 1/16 and 1/32 of the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.layer1 = nn.Sequential(ResidualBlock(64, 64), ResidualBlock(64, 64))
+        self.layer2 = nn.Sequential(ResidualBlock(64, 128, 2), ResidualBlock(128, 128))
+        self.layer3 = nn.Sequential(ResidualBlock(128, 256, 2), ResidualBlock(256, 256))
+        self.layer4 = nn.Sequential(ResidualBlock(256, 512, 2), ResidualBlock(512, 512))
+
+    def forward(self, x):
+        x = self.layer1(self.maxpool(F.relu(self.bn1(self.conv1(x)))))
+        eighth = self.layer2(x)
+        sixteenth = self.layer3(eighth)
+        return eighth, sixteenth, self.layer4(sixteenth)
+
+
+class AttentionRefinement(nn.Module):
+    """A 3×3 ConvBNReLU whose channels are re-weighted by a sigmoid of their global average (1×1 conv,
+    BatchNorm)."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv = ConvBNReLU(cin, cout)
+        self.conv_atten = nn.Conv2d(cout, cout, 1, bias=False)
+        self.bn_atten = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        features = self.conv(x)
+        weights = torch.sigmoid(self.bn_atten(self.conv_atten(F.adaptive_avg_pool2d(features, 1))))
+        return features * weights
+
+
+class ContextPath(nn.Module):
+    """The ResNet-18 trunk with attention refinement at 1/16 and 1/32 and the global context added,
+    brought up to 1/8 and 1/16 by nearest-neighbour upsampling and 3×3 heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.resnet = ResNet18Trunk()
+        self.arm16 = AttentionRefinement(256, 128)
+        self.arm32 = AttentionRefinement(512, 128)
+        self.conv_head32 = ConvBNReLU(128, 128)
+        self.conv_head16 = ConvBNReLU(128, 128)
+        self.conv_avg = ConvBNReLU(512, 128, kernel=1)
+
+    def forward(self, x):
+        eighth, sixteenth, thirty_second = self.resnet(x)
+        context = self.conv_avg(F.adaptive_avg_pool2d(thirty_second, 1))
+        up32 = self.arm32(thirty_second) + context  # the 1×1 context broadcasts over 1/32 (nearest upsampling)
+        up32 = self.conv_head32(F.interpolate(up32, size=sixteenth.shape[-2:], mode="nearest"))
+        up16 = self.arm16(sixteenth) + up32
+        up16 = self.conv_head16(F.interpolate(up16, size=eighth.shape[-2:], mode="nearest"))
+        return eighth, up16, up32
+
+
+class FeatureFusion(nn.Module):
+    """Concatenated features through a 1×1 ConvBNReLU, plus themselves re-weighted by a squeeze-and-
+    excitation of their global average (1×1 convs to a quarter of the channels and back)."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.convblk = ConvBNReLU(cin, cout, kernel=1)
+        self.conv1 = nn.Conv2d(cout, cout // 4, 1, bias=False)
+        self.conv2 = nn.Conv2d(cout // 4, cout, 1, bias=False)
+
+    def forward(self, spatial, context):
+        features = self.convblk(torch.cat([spatial, context], 1))
+        weights = torch.sigmoid(self.conv2(F.relu(self.conv1(F.adaptive_avg_pool2d(features, 1)))))
+        return features * weights + features
+
+
+class SegmentationHead(nn.Module):
+    """A 3×3 ConvBNReLU, then the 1×1 classifier (no bias)."""
+
+    def __init__(self, cin, mid, n_classes):
+        super().__init__()
+        self.conv = ConvBNReLU(cin, mid)
+        self.conv_out = nn.Conv2d(mid, n_classes, 1, bias=False)
+
+    def forward(self, x):
+        return self.conv_out(self.conv(x))
+
+
+class BiSeNet(nn.Module):
+    """BiSeNet as zllrunning's face parser builds it: the context path, with ResNet-18's 1/8 features in
+    place of a spatial path, fused; three heads. `forward` gives the main head's logits at the input size
+    (bilinear, align_corners=True, as upstream): the one upstream takes the label from. The two auxiliary
+    heads (conv_out16, conv_out32; training-time supervision) are kept so the file loads strictly, and
+    `auxiliary` runs them."""
+
+    def __init__(self, n_classes=len(BISENET_CLASSES)):
+        super().__init__()
+        self.cp = ContextPath()
+        self.ffm = FeatureFusion(256, 256)
+        self.conv_out = SegmentationHead(256, 256, n_classes)
+        self.conv_out16 = SegmentationHead(128, 64, n_classes)
+        self.conv_out32 = SegmentationHead(128, 64, n_classes)
+
+    def forward(self, x):
+        eighth, context8, _ = self.cp(x)
+        logits = self.conv_out(self.ffm(eighth, context8))
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=True)
+
+    def auxiliary(self, x):
+        """The auxiliary heads' logits at the input size: (from the 1/8 context, from the 1/16 context)."""
+        _, context8, context16 = self.cp(x)
+        return tuple(F.interpolate(head(f), size=x.shape[-2:], mode="bilinear", align_corners=True)
+                     for head, f in ((self.conv_out16, context8), (self.conv_out32, context16)))
+
+
+def load_bisenet_state(module, state, path):
+    """Copy a BiSeNet state dict into `module` strictly: the same keys, the same shapes, or one ParserError
+    line naming the first mismatches."""
+    expected = module.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    wrong = [f"{key} {tuple(state[key].shape)} != {tuple(value.shape)}" for key, value in expected.items()
+             if key in state and tuple(state[key].shape) != tuple(value.shape)]
+    if missing or unexpected or wrong:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing (first: {', '.join(missing[:3])})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected (first: {', '.join(unexpected[:3])})")
+        if wrong:
+            problems.append(f"{len(wrong)} of another shape (first: {'; '.join(wrong[:3])})")
+        raise ParserError(f"{path}: a state dict of {len(state)} tensors, not zllrunning's BiSeNet face parser "
+                          f"({len(expected)} entries, the only state-dict parser this project reads): "
+                          f"{'; '.join(problems)}")
+    module.load_state_dict(state, strict=True)
+    return module
+
+
 # ------------------------------------------------------------------------------------------- loaded
 
 
@@ -104,43 +318,116 @@ def resize(images, size):
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
-def merge_to_regions(logits):
-    """19-class CelebAMask-HQ logits [B,19,H,W] → region probabilities [B,9,H,W] (class probabilities
-    summed per region)."""
+def merge_to_regions(logits, class_to_region=CELEBA_TO_REGION):
+    """19-class logits [B,19,H,W] → region probabilities [B,9,H,W]: class probabilities summed per region,
+    class k going to region class_to_region[k] (default: CelebAMask-HQ order)."""
     probs = logits.float().softmax(1)
-    index = torch.as_tensor(CELEBA_TO_REGION, device=probs.device)
+    index = torch.as_tensor(class_to_region, device=probs.device)
     out = probs.new_zeros(probs.shape[0], NUM_REGIONS, *probs.shape[2:])
     return out.index_add_(1, index, probs)
 
 
-class Parser:
-    """A loaded parser: `regions(images)` gives region scores [B,9,H,W] for images [B,3,H,W] in [-1,1]
-    (resized to the parser's input size and the scores back); `features(images)` the pooled bottleneck,
-    for the project's own U-Net only."""
+def regions_to_labels(regions):
+    """Region maps [B,H,W] (ids 0-8) → CelebAMask-HQ label maps [B,H,W] by REGION_TO_CELEBAMASK: one id per
+    region, the paired parts (eyes, brows, ears) split at the face's centre column (mean column of its
+    'face' pixels; the image's centre where there are none)."""
+    regions = regions.long()
+    width = regions.shape[-1]
+    columns = torch.arange(width, device=regions.device, dtype=torch.float64) + 0.5
+    face = (regions == REGION_NAMES.index("face")).double()
+    area = face.sum((1, 2))
+    centre = torch.where(area > 0, (face.sum(1) * columns).sum(1) / area.clamp(min=1), torch.full_like(area, width / 2))
+    right = columns.view(1, 1, -1) >= centre.view(-1, 1, 1)
+    left_ids = torch.as_tensor([left for left, _ in REGION_TO_CELEBAMASK], device=regions.device)
+    right_ids = torch.as_tensor([right for _, right in REGION_TO_CELEBAMASK], device=regions.device)
+    return torch.where(right, right_ids[regions], left_ids[regions])
 
-    def __init__(self, module, path, size=None, n_classes=NUM_REGIONS, own=False, held_out=None):
-        self.module, self.path, self.size, self.n_classes = module, str(path), size, int(n_classes)
-        self.own, self.held_out = own, held_out
+
+class Parser:
+    """A loaded parser of one of the FORMATS.
+
+    `regions(images)` gives region scores [B,9,H,W] for images [B,3,H,W] in [-1,1] (resized to the
+    parser's input size and the scores back); `input_from_pil(image)` prepares one PIL image the way its
+    format expects (resized on the PIL image at `size`), `labels(inputs)` turns a batch of those into
+    CelebAMask-HQ label maps; `features(images)` the pooled bottleneck, for the project's own U-Net only.
+    """
+
+    def __init__(self, module, path, size=None, n_classes=NUM_REGIONS, own=False, held_out=None, format=None):
+        if format is None:
+            format = "unet" if own else ("torchscript19" if int(n_classes) == len(CELEBAMASK_CLASSES) else "torchscript9")
+        if format not in FORMATS:
+            raise ValueError(f"unknown parser format {format!r}; known: {', '.join(FORMATS)}")
+        self.module, self.path, self.size, self.format = module, str(path), size, format
+        self.classes = FORMATS[format][1]
+        self.n_classes = len(self.classes)
+        self.own, self.held_out = format == "unet", held_out
 
     @property
     def label(self):
-        kind = "U-Net" if self.own else f"TorchScript, {self.n_classes} classes"
-        return f"{self.path} ({kind}{f', {self.size}px' if self.size else ''})"
+        return f"{self.path} ({FORMATS[self.format][0]}{f', {self.size}px' if self.size else ''})"
+
+    @property
+    def class_to_region(self):
+        """Output class → region index (one table per format)."""
+        if self.format in TO_CELEBAMASK:
+            return CELEBA_TO_REGION[TO_CELEBAMASK[self.format]]
+        return np.arange(NUM_REGIONS)
+
+    @property
+    def device(self):
+        tensor = next(iter(self.module.parameters()), None)
+        return tensor.device if tensor is not None else torch.device("cpu")
+
+    def normalise(self, images):
+        """RGB in [-1, 1] → what the module takes (ImageNet mean/std for BiSeNet, unchanged otherwise)."""
+        if self.format != "bisenet":
+            return images
+        mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+        return ((images + 1) / 2 - mean) / std
+
+    def input_size(self, size=None):
+        """The side the module parses at: a U-Net's own; else `size`, the size given at loading, or 512."""
+        if self.own:
+            return self.size
+        return int(size or self.size or BISENET_SIZE)
+
+    def input_from_pil(self, image, size=None):
+        """One PIL image → the module's input [3,S,S]: RGB resized on the PIL image (bilinear, as upstream
+        BiSeNet does; LANCZOS for the U-Net, as prepare_data.py made its training images), then scaled."""
+        side = self.input_size(size)
+        resample = Image.LANCZOS if self.own else Image.BILINEAR
+        rgb = np.asarray(image.convert("RGB").resize((side, side), resample), dtype=np.float32)
+        return self.normalise(torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None] / 127.5 - 1)[0]
+
+    @torch.no_grad()
+    def logits(self, inputs):
+        out = self.module(inputs)
+        if isinstance(out, (tuple, list)):  # BiSeNet-style parsers return (main, auxiliary...) logits
+            out = out[0]
+        return out.float()
+
+    @torch.no_grad()
+    def labels(self, inputs):
+        """Module inputs [B,3,S,S] → CelebAMask-HQ label maps [B,S,S] (uint8): the argmax class through the
+        format's table; a 9-region parser's regions through REGION_TO_CELEBAMASK."""
+        best = self.logits(inputs).argmax(1)
+        if self.format in TO_CELEBAMASK:
+            return torch.as_tensor(TO_CELEBAMASK[self.format], device=best.device)[best].to(torch.uint8)
+        return regions_to_labels(best).to(torch.uint8)
 
     @torch.no_grad()
     def regions(self, images):
-        size = self.size or images.shape[-1]
-        out = self.module(resize(images, size))
-        if isinstance(out, (tuple, list)):  # BiSeNet-style parsers return (main, auxiliary...) logits
-            out = out[0]
-        scores = merge_to_regions(out) if out.shape[1] == len(CELEBAMASK_CLASSES) else out.float()
+        size = self.size or (BISENET_SIZE if self.format == "bisenet" else images.shape[-1])
+        out = self.logits(self.normalise(resize(images, size)))
+        scores = merge_to_regions(out, self.class_to_region) if self.format in TO_CELEBAMASK else out
         return F.interpolate(scores, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
     @torch.no_grad()
     def features(self, images):
         if not self.own:
-            raise ParserError(f"parser {self.path} is a TorchScript file: it has no known feature layer for "
-                              f"FID/KID; pass --inception FILE or a parser trained by tools/train_parser.py")
+            raise ParserError(f"parser {self.label} has no known feature layer for FID/KID; pass --inception "
+                              f"FILE or a parser trained by tools/train_parser.py")
         return self.module.pooled_features(resize(images, self.size)).double()
 
 
@@ -161,10 +448,12 @@ def load_torchscript(path):
 
 
 def load_parser(path, device="cpu", size=None):
-    """A Parser from a tools/train_parser.py file or a TorchScript module (19 or 9 output classes).
+    """A Parser from a tools/train_parser.py file, a BiSeNet state dict or a TorchScript module (19 or 9
+    output classes); the format is read from the file.
 
-    `size` sets a TorchScript parser's input size (default: the images' own size); a U-Net always
-    parses at the size it was trained at. Raises ParserError with one line.
+    `size` sets the input size of a TorchScript parser (default: the images' own size) or a BiSeNet
+    (default 512, as upstream); a U-Net always parses at the size it was trained at. Raises ParserError
+    with one line.
     """
     path = str(path)
     if not os.path.isfile(path):
@@ -193,10 +482,14 @@ def load_parser(path, device="cpu", size=None):
         ckpt = load_checkpoint(path)
     except CheckpointError as error:
         raise ParserError(str(error)) from None
+    if "parser" not in ckpt and ckpt and all(torch.is_tensor(value) for value in ckpt.values()):
+        module = load_bisenet_state(BiSeNet(), ckpt, path)
+        return Parser(module.float().eval().to(device), path, size=int(size or BISENET_SIZE), format="bisenet")
     config = ckpt.get("config")
     if not isinstance(ckpt.get("parser"), dict) or not isinstance(config, dict):
         raise ParserError(f"{path}: not a parser file (expected the entries 'parser' and 'config' written by "
-                          f"tools/train_parser.py, or a TorchScript module; found {sorted(ckpt)[:6]})")
+                          f"tools/train_parser.py, a BiSeNet state dict, or a TorchScript module; found "
+                          f"{sorted(map(str, ckpt))[:6]})")
     n_classes = int(config.get("n_classes", -1))
     if n_classes != NUM_REGIONS:
         raise ParserError(f"{path}: parser has {n_classes} classes; expected {NUM_REGIONS} (the regions of common/regions.py)")

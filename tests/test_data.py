@@ -397,6 +397,25 @@ def test_nested_folders_sorted_order_and_formats(tmp_path):
     assert np.allclose(means, [90, 250, 10, 170], atol=3)
 
 
+def test_numeric_stems_are_indexed_in_numeric_order(tmp_path):
+    """CelebA-HQ names its images 0.jpg ... 29999.jpg: LMDB index k must be image k (not 0, 1, 10, 100, ...);
+    numeric folders likewise, zero-padded names keep their order, other names come after the numbers."""
+    src = tmp_path / "src"
+    names = ["0.png", "1.png", "2.jpg", "9.png", "10.png", "11.png", "100.png", "0200.png", "a.png", "b10.png",
+             "b9.png", "3/0.png", "20/0.png"]
+    for value, name in enumerate(names):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (value * 10, 0, 0)).save(src / name, quality=100)
+    order = ["0.png", "1.png", "2.jpg", "3/0.png", "9.png", "10.png", "11.png", "20/0.png", "100.png", "0200.png",
+             "a.png", "b10.png", "b9.png"]
+    assert prepare_data.list_files(str(src), prepare_data.IMAGE_EXTENSIONS) == [p.replace("/", os.sep) for p in order]
+    result = run_prepare("--out_path", tmp_path / "o_lmdb", "--n_worker", 1, "--size", 8, src)
+    assert result.returncode == 0, result.stderr
+    store = read_lmdb(tmp_path / "o_lmdb")
+    reds = [int(round(png_array(store[f"8-{i:05d}"])[..., 0].mean() / 10)) for i in range(len(order))]
+    assert reds == [names.index(name) for name in order]
+
+
 def test_overwrite_replaces_an_existing_lmdb(portraits, tmp_path):
     images_dir, masks_dir, _ = portraits
     out = tmp_path / "o_lmdb"

@@ -281,6 +281,25 @@ def test_parser_file_errors_are_one_line(tmp_path, lmdbs):
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
+def test_calc_metrics_accepts_a_bisenet_parser(lmdbs, tmp_path):
+    """--parser takes zllrunning's BiSeNet state dict (here random weights in its layout): the format is read
+    from the file; it has no feature layer for FID/KID, which is one line."""
+    bisenet = tmp_path / "79999_iter.pth"
+    torch.manual_seed(0)
+    torch.save(face_parser.BiSeNet().state_dict(), bisenet)
+    common = ["--trained_ckpt", lmdbs["model"], "--dataset_path", lmdbs["lmdb"], *RUN, "--n", 2, "--parser", bisenet,
+              "--parser_size", 32]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert run_main(*common, "--metrics", "miou", "--out", tmp_path / "a") is None
+        assert_one_line(run_main(*common, "--metrics", "fid", "--out", tmp_path / "b"), "BiSeNet", "FID/KID")
+    finally:
+        torch.set_num_threads(threads)
+    miou = read_report(tmp_path / "a")["results"]["miou"]
+    assert "BiSeNet" in miou["parser"] and "32px" in miou["parser"] and 0 <= miou["value"] <= 1
+
+
 # ------------------------------------------------------------------------------ calc_metrics.py
 
 

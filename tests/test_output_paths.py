@@ -56,6 +56,9 @@ COMMANDS = [
     ("prepare_data.py", FOLDER_OUTPUT, lambda out, p: ["--out_path", out, "--size", "16", str(p / "images")]),
     ("tools/track_checkpoints.py", FOLDER_OUTPUT, lambda out, p: [str(p / "folder"), "--out", out]),
     ("tools/synthetic_portraits.py", FOLDER_OUTPUT, lambda out, p: ["--out", out, "--n", "1"]),
+    ("tools/parse_faces.py", FOLDER_OUTPUT, lambda out, p: [str(p / "images"), out, "--parser", str(p / "missing.pt")]),
+    ("tools/celebamask_labels.py", FOLDER_OUTPUT, lambda out, p: [str(p / "folder"), out]),
+    ("tools/align_faces.py", FOLDER_OUTPUT, lambda out, p: [str(p / "images"), out, "--landmarks", str(p / "folder")]),
     ("tools/export_generator.py", FILE_OUTPUT, lambda out, p: [str(p / "missing.pt"), out]),
     ("tools/strip_optimizers.py", FILE_OUTPUT, lambda out, p: [str(p / "missing.pt"), out]),
     ("tools/plot_losses.py", FILE_OUTPUT, lambda out, p: [str(p / "losses.jsonl"), "--out", out]),
@@ -72,6 +75,7 @@ INSIDE_INPUTS = [
     ("train_CNeRF.py", lambda p: ["--dataset_path", str(p / "images"), "--checkpoints_dir", str(p / "images"),
                                   "--expname", "run", "--device", "cpu"]),
     ("tools/export_generator.py", lambda p: [str(p / "losses.jsonl"), str(p / "losses.jsonl")]),
+    ("tools/parse_faces.py", lambda p: [str(p / "images"), str(p / "images" / "labels"), "--parser", str(p / "x.pt")]),
     ("tools/plot_losses.py", lambda p: [str(p / "losses.jsonl"), "--out", str(p / "losses.jsonl")]),
     ("tools/track_checkpoints.py", lambda p: [str(p / "folder"), "--out", str(p / "folder" / "track")]),
 ]
