@@ -2,11 +2,11 @@
 """The numbers a researcher reports for a trained generator, in one command.
 
   python calc_metrics.py --trained_ckpt CKPT --dataset_path LMDB \\
-      --metrics fid,kid,miou,locality,consistency,inversion [--n 2000] [--out DIR] \\
+      --metrics fid,kid,miou,locality,consistency,inversion,diversity [--n 2000] [--out DIR] \\
       [--parser FILE] [--inception FILE] [model flags of the checkpoint: --size ... --style_dim ...]
 
 Writes DIR/metrics.json, DIR/metrics.md (the same numbers as tables) and pictures (samples.png,
-locality.png, consistency.png, inversions.png); default DIR is <results_dir>/metrics. Every identity,
+locality.png, consistency.png, inversions.png, diversity.png); default DIR is <results_dir>/metrics. Every identity,
 camera and subset comes from a fixed seed, so two runs give the same numbers. Images are rendered
 the published inference way at --inference_samples samples per ray, with truncation --psi (default 1:
 no truncation, as FID is conventionally measured).
@@ -39,6 +39,13 @@ Metrics:
                (pixel L2, --inversion_steps Adam steps, from the mean latent and a frontal camera; the
                label map is not used by the fit): PSNR and SSIM (scikit-image) of the reconstruction,
                and the IoU of the rendered seg's regions against the true label map.
+  diversity    --n_diversity identities rendered under cameras drawn like training cameras, and the
+               same number of dataset label maps (a fixed random subset): per region, the standard
+               deviation over images of its area fraction in the rendered seg (argmax) or label map, the
+               model's beside the data's and their ratio (`spread_ratio_min`: the least ratio over
+               background, face, hair and neck+cloth); and the pairwise difference, the mean fraction of
+               pixels whose region differs between two identities (disjoint pairs), for the model at
+               training cameras, the model frontally (all identities under one camera) and the data.
 
 The face parser: --parser FILE (tools/train_parser.py output; zllrunning's BiSeNet state dict, e.g. its
 79999_iter.pth, the parser of IDE-3D-style evaluation, run at 512 px or --parser_size; or a TorchScript
@@ -64,7 +71,9 @@ from options import check_ranges
 from rendering import loading as gen
 from rendering.latents import mean_latent
 
-METRICS = ("fid", "kid", "miou", "locality", "consistency", "inversion")
+METRICS = ("fid", "kid", "miou", "locality", "consistency", "inversion", "diversity")
+# Regions whose spread the diversity metric compares with the data's (the large ones every portrait has).
+DIVERSITY_REGIONS = ("background", "face", "hair", "neck+cloth")
 
 
 def add_arguments(group):
@@ -83,6 +92,7 @@ def add_arguments(group):
     group.add_argument("--parser_size", type=int, default=0,
                        help="input size of a TorchScript parser (default: the images' size) or a BiSeNet (default 512)")
     group.add_argument("--parser_epochs", type=int, default=10, help="epochs of a parser trained here")
+    group.add_argument("--n_diversity", type=int, default=64, help="identities (and dataset label maps) for diversity")
     group.add_argument("--n_pairs", type=int, default=20, help="identity pairs for locality")
     group.add_argument("--locality_attributes", type=str, default="texture,shape", help="swapped codes: texture, shape")
     group.add_argument("--min_area", type=float, default=0.01, help="smallest region area (fraction) locality counts")
@@ -104,7 +114,7 @@ def parse_metrics(spec):
 
 def check_settings(own, chosen):
     check_ranges({f"--{name}": (own[name], ">= 1") for name in ("n", "render_batch", "kid_subsets", "n_pairs",
-                                                                 "n_consistency", "n_inversions", "inversion_steps",
+                                                                 "n_consistency", "n_inversions", "inversion_steps", "n_diversity",
                                                                  "parser_epochs")})
     if ("fid" in chosen or "kid" in chosen) and own.n < 2:
         raise UsageError("--n must be at least 2 for fid/kid")
@@ -213,6 +223,15 @@ def markdown(report):
                      f"{fmt(e['psnr_max'], 2)}; {len(e['images'])} portraits, {e['steps']} steps |")
         lines.append(f"| inversion SSIM | {fmt(e['ssim'], 3)} | |")
         lines.append(f"| inversion seg mIoU | {fmt(e['miou'], 3)} | rendered seg vs true label map |")
+    if "diversity" in r:
+        e = r["diversity"]
+        pairs = e["pairwise_difference"]
+        lines.append(f"| diversity: least spread ratio (model/data, {', '.join(DIVERSITY_REGIONS)}) | "
+                     f"{fmt(e['spread_ratio_min'], 3)} | std of each region's area over {e['identities']} identities "
+                     f"at training cameras, over the same number of dataset label maps |")
+        lines.append(f"| diversity: pairwise difference | {fmt(pairs['model'], 3)} | fraction of pixels whose region "
+                     f"differs between two identities; frontal {fmt(pairs['model_frontal'], 3)}, data "
+                     f"{fmt(pairs['data'], 3)} |")
     columns, rows = ["region"], [[name] for name in REGION_NAMES]
     if "miou" in r:
         columns += ["miou IoU", "parser held-out IoU"]
@@ -225,6 +244,11 @@ def markdown(report):
             for row, name in zip(rows, REGION_NAMES):
                 p = e["per_region"][name]
                 row += [str(p["pairs"]), fmt(p["area"], 3), fmt(p["outside"]), fmt(p["inside"]), fmt(p["ratio"], 3)]
+    if "diversity" in r:
+        columns += ["area std: model", "data", "ratio"]
+        for row, name in zip(rows, REGION_NAMES):
+            s = r["diversity"]["spread"][name]
+            row += [fmt(s["model"], 4), fmt(s["data"], 4), fmt(s["ratio"], 2)]
     if "inversion" in r:
         columns.append("inversion IoU")
         for row, name in zip(rows, REGION_NAMES):
@@ -273,6 +297,12 @@ def main(argv=None):
         inversion_data = open_dataset(path, size, True, "inversion needs portraits with label maps")
         if len(inversion_data) < own.n_inversions:
             raise UsageError(f"{path}: --n_inversions {own.n_inversions} but the LMDB holds {len(inversion_data)}")
+    diversity_data = None
+    if "diversity" in chosen:
+        diversity_data = open_dataset(opt.dataset.dataset_path, size, True, "diversity needs label maps")
+        if own.n_diversity < 2 or len(diversity_data) < own.n_diversity:
+            raise UsageError(f"--n_diversity {own.n_diversity}: needs at least 2 and at most the "
+                             f"{len(diversity_data)} label maps of {opt.dataset.dataset_path}")
     parser = get_parser(own, opt.dataset.dataset_path, size, out_dir, device) if need_parser else None
     if extractor is None and ("fid" in chosen or "kid" in chosen):
         extractor = measures.ParserFeatures(parser)
@@ -372,6 +402,29 @@ def main(argv=None):
                 [imaging.seg_row_image(s[None]) for _, _, _, s in shown]]
         imaging.save_image(os.path.join(out_dir, "inversions.png"), imaging.image_grid(grid))
         seconds["inversion"] = time.time() - start
+
+    if "diversity" in chosen:
+        start = time.time()
+        training, frontal = measures.diversity_labels(generator, opt, mean, psi, own.n_diversity, own.render_batch)
+        indices = np.random.default_rng(seed).permutation(len(diversity_data))[:own.n_diversity]
+        _, data_labels = face_parser.load_images(diversity_data, indices.tolist())
+        summaries = {"model": measures.diversity_summary(training), "model_frontal": measures.diversity_summary(frontal),
+                     "data": measures.diversity_summary(data_labels)}
+        spread = {name: {"model": summaries["model"]["area_std"][k], "data": summaries["data"]["area_std"][k]}
+                  for k, name in enumerate(REGION_NAMES)}
+        for entry in spread.values():
+            entry["ratio"] = entry["model"] / entry["data"] if entry["data"] > 0 else None
+        results["diversity"] = {
+            "identities": own.n_diversity, "spread": spread,
+            "spread_ratio_min": min(spread[name]["ratio"] for name in DIVERSITY_REGIONS
+                                    if spread[name]["ratio"] is not None) if any(
+                spread[name]["ratio"] is not None for name in DIVERSITY_REGIONS) else None,
+            "pairwise_difference": {key: value["pairwise_difference"] for key, value in summaries.items()},
+            "area_mean": {key: per_region(value["area_mean"]) for key, value in summaries.items()}}
+        shown = slice(0, 8)
+        imaging.save_image(os.path.join(out_dir, "diversity.png"), imaging.image_grid(
+            [[measures.region_image(lab) for lab in labels[shown]] for labels in (frontal, training, data_labels)]))
+        seconds["diversity"] = time.time() - start
 
     report = clean({"checkpoint": opt.training.trained_ckpt,
                     "settings": {"metrics": chosen, "n": own.n, "psi": psi, "seed": seed,

@@ -22,7 +22,7 @@ from rendering.camera import cameras
 from rendering.inference import render_codes
 
 # Seed offsets, so that the identities of different metrics never coincide.
-SAMPLE_SEED, LOCALITY_SEED, CONSISTENCY_SEED = 0, 1_000_000, 2_000_000
+SAMPLE_SEED, LOCALITY_SEED, CONSISTENCY_SEED, DIVERSITY_SEED = 0, 1_000_000, 2_000_000, 3_000_000
 
 
 class EvaluationError(UsageError):
@@ -166,6 +166,29 @@ def sample_set(generator, opt, mean, psi, n, batch, extractor=None, parser=None,
                 kept["parsed"] += list(parsed[:keep].cpu())
     return {"features": np.concatenate(features) if features else None, "confusion": confusion,
             "kept": {k: v[:keep] for k, v in kept.items()}}
+
+
+def diversity_labels(generator, opt, mean, psi, n, batch, progress=True):
+    """Region labels (argmax of the output seg) of n identities (seed DIVERSITY_SEED + i): each under a camera
+    drawn like the training cameras, and all under the frontal camera. Returns (training [n,H,W],
+    frontal [n,H,W])."""
+    training, frontal = [], []
+    for start in tqdm(range(0, n, batch), desc="diversity", disable=not progress):
+        seeds = list(range(DIVERSITY_SEED + start, DIVERSITY_SEED + min(n, start + batch)))
+        codes, styles = manipulation.latents_from_seeds(generator, seeds, mean, psi)
+        locations = torch.cat([training_camera(opt.camera, s) for s in seeds])
+        training.append(render_batch(generator, codes, styles, locations, opt.camera, mean, psi)[1].argmax(1).cpu())
+        frontal.append(render_batch(generator, codes, styles, torch.zeros_like(locations), opt.camera, mean,
+                                    psi)[1].argmax(1).cpu())
+    return torch.cat(training), torch.cat(frontal)
+
+
+def diversity_summary(labels):
+    """What the diversity metric reports of label maps [N,H,W]: per region the mean and the standard
+    deviation (over images) of its area fraction, and the pairwise difference (metrics.pairwise_difference)."""
+    areas = metrics.area_fractions(labels, NUM_REGIONS)
+    return {"area_mean": areas.mean(0).tolist(), "area_std": areas.std(0, unbiased=False).tolist(),
+            "pairwise_difference": metrics.pairwise_difference(labels)}
 
 
 def dataset_features(dataset, indices, extractor, batch=64, progress=True, desc="dataset images"):

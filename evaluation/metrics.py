@@ -169,6 +169,27 @@ def reprojection(rgb_a, rgb_b, xyz_a, xyz_b, cam_a, cam_b, seg_a=None, seg_b=Non
     return result
 
 
+# --------------------------------------------------------------------------------------- diversity
+
+
+def area_fractions(labels, n_classes):
+    """Fraction of each image's pixels in each class: labels [N,H,W] (class indices) → [N, n_classes]."""
+    labels = torch.as_tensor(labels).long().flatten(1)
+    counts = torch.zeros(labels.shape[0], n_classes, dtype=torch.float64)
+    counts.scatter_add_(1, labels, torch.ones_like(labels, dtype=torch.float64))
+    return counts / labels.shape[1]
+
+
+def pairwise_difference(labels):
+    """Mean fraction of pixels whose class differs between two images, over the disjoint pairs (0, 1),
+    (2, 3), … of labels [N,H,W] (N >= 2; an odd last image is left out)."""
+    labels = torch.as_tensor(labels)
+    if labels.shape[0] < 2:
+        raise ValueError(f"pairwise_difference needs at least 2 label maps, got {labels.shape[0]}")
+    pairs = labels.shape[0] // 2 * 2
+    return (labels[0:pairs:2] != labels[1:pairs:2]).double().mean().item()
+
+
 # ---------------------------------------------------------------------------------------- locality
 
 

@@ -132,6 +132,22 @@ def test_kid_is_repeatable_with_a_seed():
 # ------------------------------------------------------------------------------------------- IoU
 
 
+def test_diversity_arithmetic_of_hand_made_maps():
+    a = torch.tensor([[0, 0], [1, 1]])  # background half, face half
+    b = torch.tensor([[0, 1], [1, 1]])  # one more face pixel
+    c = torch.tensor([[2, 2], [2, 2]])  # all eye
+    areas = metrics.area_fractions(torch.stack([a, b, c]), 3)
+    assert areas.tolist() == [[0.5, 0.5, 0.0], [0.25, 0.75, 0.0], [0.0, 0.0, 1.0]]
+    # pairs (a, b) and (c, a): 1 of 4 and 4 of 4 pixels differ; an odd last map is left out
+    assert metrics.pairwise_difference(torch.stack([a, b, c, a, b])) == pytest.approx((0.25 + 1.0) / 2)
+    assert metrics.pairwise_difference(torch.stack([a, a])) == 0
+    summary = measures.diversity_summary(torch.stack([a, b]))
+    assert summary["area_std"][0] == pytest.approx(0.125) and summary["area_std"][1] == pytest.approx(0.125)
+    assert summary["area_std"][2] == 0 and summary["pairwise_difference"] == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="at least 2"):
+        metrics.pairwise_difference(a[None])
+
+
 def test_iou_of_hand_made_maps():
     target = torch.tensor([[0, 0, 1, 1],
                            [0, 0, 1, 1],
@@ -311,12 +327,18 @@ def read_report(folder):
 def test_calc_metrics_end_to_end_is_repeatable(lmdbs, trained_parser, tmp_path, monkeypatch):
     _, parser = trained_parser
     common = ["--trained_ckpt", lmdbs["model"], "--dataset_path", lmdbs["lmdb"], *RUN, "--n", 12,
-              "--n_pairs", 2, "--n_consistency", 2, "--n_inversions", 2, "--inversion_steps", 4, "--kid_subsets", 10]
+              "--n_pairs", 2, "--n_consistency", 2, "--n_inversions", 2, "--inversion_steps", 4, "--kid_subsets", 10,
+              "--n_diversity", 12]
     # A 32 px parser on 16 px images: calc_metrics resizes the images to the parser's size.
     first = run_script("calc_metrics.py", *common, "--parser", parser, "--out", tmp_path / "a")
     assert first.returncode == 0, first.stderr
     report = read_report(tmp_path / "a")["results"]
-    assert set(report) == {"fid_parser", "kid_parser", "miou", "locality", "consistency", "inversion"}
+    assert set(report) == {"fid_parser", "kid_parser", "miou", "locality", "consistency", "inversion", "diversity"}
+    diversity = report["diversity"]
+    assert diversity["identities"] == 12 and set(diversity["pairwise_difference"]) == {"model", "model_frontal", "data"}
+    assert all(0 <= v <= 1 for v in diversity["pairwise_difference"].values())
+    assert all(sum(areas.values()) == pytest.approx(1) for areas in diversity["area_mean"].values())
+    assert diversity["spread"]["face"]["data"] > 0  # the synthetic portraits' faces differ in size
     assert report["fid_parser"]["value"] > 0 and report["fid_parser"]["data_vs_data"] >= 0
     assert report["fid_parser"]["images"] == 12
     assert report["miou"]["parser_ceiling"] is not None and 0 <= report["miou"]["value"] <= 1
@@ -324,7 +346,7 @@ def test_calc_metrics_end_to_end_is_repeatable(lmdbs, trained_parser, tmp_path, 
     inversion = report["inversion"]
     assert len(inversion["images"]) == 2 and [r["index"] for r in inversion["images"]] == [238, 239]
     assert math.isfinite(inversion["psnr"]) and -1 <= inversion["ssim"] <= 1 and 0 <= inversion["miou"] <= 1
-    for picture in ("samples.png", "locality.png", "consistency.png", "inversions.png", "metrics.md"):
+    for picture in ("samples.png", "locality.png", "consistency.png", "inversions.png", "diversity.png", "metrics.md"):
         assert (tmp_path / "a" / picture).is_file()
     assert "generated samples" in first.stderr  # progress bars
     # The same numbers again in this process, with the subprocess's thread settings (float32 results may
