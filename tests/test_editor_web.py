@@ -198,6 +198,39 @@ def test_cross_origin_form_and_rebinding_host_start_no_work(server):
     server.wait_job(lambda j: j["done"])
 
 
+def test_host_policy_names():
+    """Which Host names pass: localhost names always, --host, --allow_host; on all interfaces also IP
+    literals (which no rebinding page can use), never another name."""
+    from starlette.datastructures import Headers
+
+    from editing.editor_web import HostPolicy, Refused
+
+    def passes(policy, host, method="GET", **extra):
+        try:
+            policy.refusal(method, Headers({"host": host, **extra}))
+            return True
+        except Refused as refused:
+            assert refused.status == 403 and "\n" not in str(refused)
+            return False
+
+    local = HostPolicy("127.0.0.1")
+    assert all(passes(local, h) for h in ("localhost:7860", "127.0.0.1:7860", "[::1]:7860", "LOCALHOST", "localhost"))
+    assert not any(passes(local, h) for h in ("evil.example:7860", "192.168.1.5:7860", "localhost.evil.example",
+                                              "localhost:7860@evil", "", "[::1"))
+    named = HostPolicy("workstation.lan", allow_hosts=["editor.internal"])
+    assert passes(named, "workstation.lan:7860") and passes(named, "editor.internal")
+    assert not passes(named, "10.0.0.2:7860")
+    everywhere = HostPolicy("0.0.0.0")
+    assert passes(everywhere, "10.0.0.2:7860") and passes(everywhere, "[fe80::1]:7860")
+    assert not passes(everywhere, "evil.example:7860")
+    # Writes: the Origin must be the page's own.
+    assert passes(local, "localhost:8000", "POST", origin="http://localhost:8000")
+    assert not passes(local, "localhost:8000", "POST", origin="http://localhost:7860")
+    assert not passes(local, "localhost:8000", "POST", origin="null")
+    assert passes(local, "localhost:8000", "POST", **{"sec-fetch-site": "same-origin"})
+    assert not passes(local, "localhost:8000", "POST", **{"sec-fetch-site": "same-site"})
+
+
 # ------------------------------------------------------------------------------ no client markup
 
 

@@ -281,6 +281,10 @@ def test_editor_refuses_a_missing_or_foreign_checkpoint_with_one_line(tiny, tmp_
     message = editor_error(*other, "--trained_ckpt", path, "--port", port)
     assert str(path) in message and "does not fit the generator" in message
     assert "--port 70000" in editor_error(*TINY, "--trained_ckpt", path, "--port", 70000)
+    assert "--invert_steps must be in [1, 5000], got 6000" in editor_error(*TINY, "--trained_ckpt", path,
+                                                                           "--invert_steps", 6000)
+    assert "--max_request_mb must be at least 1, got 0" in editor_error(*TINY, "--trained_ckpt", path,
+                                                                        "--max_request_mb", 0)
 
 
 def test_port_check_takes_a_port_left_in_time_wait_and_refuses_one_in_use():
