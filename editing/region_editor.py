@@ -13,7 +13,8 @@ latent file, so "download latents" gives a file that `inference_Full.py --latent
 Renders are cached (least recently used): views by (codes, global style, camera, ψ, semantics);
 shapes by (shape codes, camera, ψ), since a texture edit leaves the geometry alone. One lock
 serialises every use of the model, so several browsers are served in turn; an inversion takes the
-lock step by step, so edits stay responsive while it runs.
+lock step by step, so edits stay responsive while it runs, can be cancelled between two steps, reports
+its elapsed time and an estimate of the time left, and gives its memory back to the system when it ends.
 """
 import collections
 import dataclasses
@@ -22,6 +23,7 @@ import io
 import itertools
 import math
 import os
+import re
 import tempfile
 import threading
 import time
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 
 from common import devices, imaging, perf_utils
+from common.cli import UsageError
 from common.regions import NUM_REGIONS, REGION_NAMES, color_segmap
 from editing import manipulation
 from evaluation import metrics
@@ -45,10 +48,47 @@ MAX_ASPECT = 1.02
 MAX_IDENTITIES = 64  # uploaded / inverted identities kept (oldest dropped first)
 MAX_LATENT_ENTRIES = 16  # entries of one uploaded latent file offered as identities
 MAX_SEED = 2 ** 31 - 1
+MAX_INVERT_STEPS = 5000
+MAX_NAME_CHARS = 255  # a file name's length limit on common file systems
+SEED_TEXT = re.compile(r"-?[0-9]{1,19}")  # ASCII digits only; longer can only be out of range
 
 
-class EditError(devices.UsageError):
+class EditError(UsageError):
     """Bad editor input (one line, shown in the page)."""
+
+
+class InversionCancelled(Exception):
+    """Raised between two steps of an inversion whose cancellation was asked for."""
+
+
+def shown(value, limit=60):
+    """repr of a client-sent value for a message, cut to `limit` characters (a message stays one short line
+    whatever was sent)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def file_label(name, what, default):
+    """The name of an uploaded file as the label it becomes (`default` when none is given).
+
+    Only a plain file name is accepted: no "/", not "." or "..", no control characters, at most
+    MAX_NAME_CHARS characters and valid Unicode. It is never used as a path, only shown (as text).
+    """
+    if name is None or name == "":
+        return default
+    if not isinstance(name, str):
+        raise EditError(f"{what}: expected a file name, got {shown(name)}")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise EditError(f"{what}: the name {shown(name)} is not valid Unicode") from None
+    if len(name) > MAX_NAME_CHARS:
+        raise EditError(f"{what}: the name is {len(name)} characters long (at most {MAX_NAME_CHARS})")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise EditError(f"{what}: the name {shown(name)} holds control characters")
+    if name.strip() in (".", "..") or "/" in name or not name.strip():
+        raise EditError(f"{what}: {shown(name)} is not a plain file name")
+    return name
 
 
 # --------------------------------------------------------------------------------------- the state
@@ -84,25 +124,41 @@ class EditState:
 
 def _identity_spec(value, what):
     if isinstance(value, bool):
-        raise EditError(f"{what}: expected a seed or an identity id, got {value!r}")
-    if isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit()):
-        seed = int(value)
-        if not 0 <= seed <= MAX_SEED:
-            raise EditError(f"{what}: seed {seed} out of range 0..{MAX_SEED}")
-        return seed
+        raise EditError(f"{what}: expected a seed or an identity id, got {shown(value)}")
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        if not SEED_TEXT.fullmatch(value.strip()):  # non-ASCII digits, or too many to be a seed
+            raise EditError(f"{what}: seed {shown(value)} out of range 0..{MAX_SEED}")
+        value = int(value)
+    if isinstance(value, int):
+        if not 0 <= value <= MAX_SEED:
+            raise EditError(f"{what}: seed {shown(value)} out of range 0..{MAX_SEED}")
+        return value
     if isinstance(value, str) and value.strip():
         return value.strip()
-    raise EditError(f"{what}: expected a seed or an identity id, got {value!r}")
+    raise EditError(f"{what}: expected a seed or an identity id, got {shown(value)}")
 
 
 def _number(value, what, low, high):
     try:
+        if isinstance(value, bool):
+            raise TypeError
         x = float(value)
-    except (TypeError, ValueError):
-        raise EditError(f"{what}: expected a number, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise EditError(f"{what}: expected a number, got {shown(value)}") from None
     if not math.isfinite(x) or not low <= x <= high:
-        raise EditError(f"{what}: {value!r} is not in [{low:g}, {high:g}]")
+        raise EditError(f"{what}: {shown(value)} is not in [{low:g}, {high:g}]")
     return x
+
+
+def whole_number(value, what, low, high):
+    """An integer in [low, high] from a JSON number (3 or 3.0; not 2.5, "3", true, NaN or Inf)."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise EditError(f"{what}: expected a whole number, got {shown(value)}")
+    if not low <= value <= high:
+        raise EditError(f"{what}: {shown(value)} is not in {low}..{high}")
+    return value
 
 
 def _per_region(values, what, n_regions, convert, default):
@@ -121,7 +177,7 @@ def _optional_seed(value, what):
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit())):
-        raise EditError(f"{what}: expected a seed, got {value!r}")
+        raise EditError(f"{what}: expected a seed, got {shown(value)}")
     return _identity_spec(value, what)
 
 
@@ -134,14 +190,11 @@ def parse_state(data, n_regions=NUM_REGIONS, camera_limits=(math.pi / 2, math.pi
     if semantics is not None:
         if not isinstance(semantics, (list, tuple)):
             raise EditError("semantics: expected a list of region indices")
-        try:
-            chosen = sorted({int(k) for k in semantics})
-        except (TypeError, ValueError):
-            raise EditError(f"semantics: expected region indices, got {semantics!r}") from None
+        if len(semantics) > n_regions:
+            raise EditError(f"semantics: {len(semantics)} entries given, there are {n_regions} regions")
+        chosen = sorted({whole_number(k, "semantics", 0, n_regions - 1) for k in semantics})
         if not chosen:
             raise EditError("semantics: choose at least one region whose features reach the decoder")
-        if chosen[0] < 0 or chosen[-1] >= n_regions:
-            raise EditError(f"semantics: region indices must be 0..{n_regions - 1}")
         semantics = None if len(chosen) == n_regions else tuple(chosen)
     return EditState(
         source=_identity_spec(data.get("source", 0), "source"),
@@ -270,6 +323,8 @@ class RegionEditor:
         self.views = LRUCache(cache_size)
         self.shapes = LRUCache(cache_size)
         self.job = None  # the current / last inversion (a dict the page polls)
+        self._job_lock = threading.Lock()
+        self.seconds_per_step = None  # of the last inversion that did a step (the page's estimate before one)
 
     def parse(self, data):
         """EditState of the page's JSON for this model (EditError, one line)."""
@@ -306,9 +361,11 @@ class RegionEditor:
 
     def add_latent_file(self, data, name):
         """Register every entry (up to MAX_LATENT_ENTRIES) of an uploaded latent file; returns their ids."""
-        name = os.path.basename(str(name or "latents.pt")) or "latents.pt"
+        name = file_label(name, "latent file", "latents.pt")
+        # The client's name is only a label: the bytes go to a fixed name in a private folder, and the
+        # messages name the upload, never that folder.
         with tempfile.TemporaryDirectory(prefix="cnerf_editor_") as folder:
-            path = os.path.join(folder, name)
+            path = os.path.join(folder, "upload.pt")
             with open(path, "wb") as handle:
                 handle.write(data)
             try:
@@ -431,26 +488,59 @@ class RegionEditor:
     def start_inversion(self, image, image_name, mask=None, mask_name=None, steps=None, psi=None):
         """Check the upload, then invert it in a background thread; returns the job (polled by the page).
 
-        Bad input raises EditError at once; only one inversion runs at a time.
+        Bad input raises EditError at once (steps must be 1..MAX_INVERT_STEPS: never replaced); only one
+        inversion runs at a time, and cancel_inversion stops it after its current step.
         """
-        steps = self.invert_steps if steps is None else int(steps)
-        if not 1 <= steps <= 5000:
-            raise EditError(f"inversion steps must be 1..5000, got {steps}")
+        steps = self.invert_steps if steps is None else whole_number(steps, "inversion steps", 1, MAX_INVERT_STEPS)
         psi = self.opt.inference.truncation_ratio if psi is None else float(psi)
-        if self.job is not None and not self.job["done"]:
-            raise EditError(f"an inversion is already running (step {self.job['step']}/{self.job['steps']}); "
-                            f"wait for it to finish")
+        image_name = file_label(image_name, "portrait", "upload")
+        mask_name = file_label(mask_name, "label map", "mask.png")
         try:
-            target = manipulation.load_image(bytes(image), self.size, name=image_name or "upload", max_aspect=MAX_ASPECT)
-            regions = manipulation.load_mask(bytes(mask), self.size, name=mask_name or "mask.png") if mask else None
+            target = manipulation.load_image(bytes(image), self.size, name=image_name, max_aspect=MAX_ASPECT)
+            regions = manipulation.load_mask(bytes(mask), self.size, name=mask_name) if mask else None
         except ValueError as error:
             raise EditError(str(error)) from None
-        job = {"id": f"job{next(self._ids)}", "step": 0, "steps": steps, "loss": None, "done": False,
-               "error": None, "identity": None, "label": f"inverted {image_name or 'upload'}"}
-        self.job = job
+        with self._job_lock:  # two requests at once must not both find no inversion running
+            running = self.job
+            if running is not None and not running["done"]:
+                raise EditError(f"an inversion is already running (step {running['step']}/{running['steps']}); "
+                                f"wait for it to finish or cancel it")
+            job = {"id": f"job{next(self._ids)}", "step": 0, "steps": steps, "loss": None, "done": False,
+                   "error": None, "identity": None, "label": f"inverted {image_name}", "cancelled": False,
+                   "cancel": threading.Event(), "started": time.monotonic(), "finished": None}
+            self.job = job
         thread = threading.Thread(target=self._invert, args=(job, target, regions, steps, psi), daemon=True)
         thread.start()
         return job
+
+    def cancel_inversion(self, job_id=None):
+        """Ask the running inversion (the one named `job_id`, when given) to stop after its current step;
+        returns the job. EditError when none runs."""
+        job = self.job
+        if job is None or job["done"]:
+            raise EditError("no inversion is running")
+        if job_id is not None and job_id != job["id"]:
+            raise EditError(f"inversion {shown(job_id)} is not the running one ({job['id']})")
+        job["cancel"].set()
+        return job
+
+    def job_view(self, job=None):
+        """The JSON the page polls: progress, elapsed seconds, an estimate of the seconds left (from the
+        steps done so far; None before the first), the result or the error."""
+        job = self.job if job is None else job
+        if job is None:
+            return {"id": None, "done": True, "seconds_per_step": self.seconds_per_step}
+        view = {key: job.get(key) for key in ("id", "step", "steps", "done", "error", "cancelled", "identity",
+                                              "label", "camera")}
+        for key in ("loss", "psnr"):  # a diverged loss or a perfect fit's PSNR is no JSON number
+            view[key] = job.get(key) if job.get(key) is not None and math.isfinite(job[key]) else None
+        elapsed = (job["finished"] or time.monotonic()) - job["started"]
+        view["elapsed"] = elapsed
+        view["cancelling"] = job["cancel"].is_set() and not job["done"]
+        view["remaining"] = (elapsed / job["step"] * (job["steps"] - job["step"])
+                             if job["step"] and not job["done"] else None)
+        view["seconds_per_step"] = self.seconds_per_step
+        return view
 
     def _invert(self, job, target, regions, steps, psi):
         dtype = self.mean[0].dtype
@@ -462,6 +552,8 @@ class RegionEditor:
 
         def step_done(step, total, loss):
             job["step"], job["loss"] = step, loss
+            if job["cancel"].is_set():
+                raise InversionCancelled
             # Let waiting edits render between two steps (the lock is not fair: yield a moment).
             self.lock.release()
             time.sleep(0.01)
@@ -476,7 +568,8 @@ class RegionEditor:
                     torch.set_num_threads(1)
                 try:
                     result = manipulation.invert(self.generator, target, self.mean, psi, self.opt.camera,
-                                            target_seg=target_seg, steps=steps, progress=False, callback=step_done)
+                                                 target_seg=target_seg, steps=steps, progress=False,
+                                                 callback=step_done)
                 finally:
                     torch.set_num_threads(threads)
             camera = tuple(float(v) for v in result["camera"][0].tolist())
@@ -484,11 +577,21 @@ class RegionEditor:
                                                           camera))
             job["camera"] = camera
             job["psnr"] = metrics.psnr(result["rgb"], target)
+            del result
+        except InversionCancelled:
+            job["cancelled"] = True
         except Exception as error:  # shown in the page; the server keeps serving
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            job["error"] = f"inversion failed: {first}"
+            job["error"] = f"inversion failed: {first[:200]}"
         finally:
+            job["finished"] = time.monotonic()
+            if job["step"]:
+                self.seconds_per_step = (job["finished"] - job["started"]) / job["step"]
             job["done"] = True
+            # The steps' autograd buffers went back to the heap, which configure_allocator() tells glibc
+            # never to trim (kept for reuse): with the shipped model the editor's anonymous memory stayed
+            # at 1.4-1.6 GB after 2-step inversions instead of its 0.4 GB. Give the free pages back.
+            perf_utils.release_free_memory()
 
 
 def load_editor(opt, inference_samples, surface_resolution, surface_samples, cache_size=64, invert_steps=200):
@@ -496,6 +599,10 @@ def load_editor(opt, inference_samples, surface_resolution, surface_samples, cac
     check_ranges({"--inference_samples": (inference_samples, ">= 2"), "--surface_samples": (surface_samples, ">= 2"),
                   "--surface_resolution": (surface_resolution, ">= 2")})
     device = devices.select_device(opt.experiment.device)
+    # The first optimizer a process builds makes torch.optim import torch._dynamo (sympy, triton with it):
+    # measured here, 80 MB of resident modules and 2.4 s. Done now, so that it is part of the editor's
+    # resident size from the start: an inversion then ends at the level it started from, the first too.
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     generator, surface_generator = gen.load_models(opt, device, surface=True, n_samples=inference_samples,
                                                    surface_resolution=surface_resolution,
                                                    surface_samples=surface_samples)

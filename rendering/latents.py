@@ -38,6 +38,9 @@ def load_latents(path, style_dim=None, n_regions=None):
         if not torch.is_tensor(data.get(key)):
             raise LatentFileError(f"{path}: not a latent file (no tensor {key!r})")
     codes, styles_global = data["codes"], data["styles_global"]
+    if not (codes.is_floating_point() and styles_global.is_floating_point()):
+        raise LatentFileError(f"{path}: latents must be floating point, got codes {codes.dtype}, "
+                              f"styles_global {styles_global.dtype}")
     if codes.ndim != 3 or codes.shape[1] % 2 or styles_global.ndim != 2 or styles_global.shape[0] != codes.shape[0]:
         raise LatentFileError(f"{path}: malformed latents: codes {tuple(codes.shape)}, "
                               f"styles_global {tuple(styles_global.shape)}")
@@ -46,6 +49,18 @@ def load_latents(path, style_dim=None, n_regions=None):
     if n_regions is not None and codes.shape[1] != 2 * n_regions:
         raise LatentFileError(f"{path}: latents have {codes.shape[1]} codes, the model expects {2 * n_regions} "
                               f"({n_regions} regions)")
+    if codes.shape[0] == 0:
+        raise LatentFileError(f"{path}: holds no latents (0 entries)")
+    camera = data.get("camera")
+    if camera is not None and (not torch.is_tensor(camera) or not camera.is_floating_point()
+                               or tuple(camera.shape) != (codes.shape[0], 2)):
+        shape = tuple(camera.shape) if torch.is_tensor(camera) else type(camera).__name__
+        raise LatentFileError(f"{path}: malformed camera {shape} (expected [{codes.shape[0]}, 2] floats: "
+                              f"azimuth, elevation)")
+    # NaN / Inf would render as noise or black without a word, and poison every blend made from them.
+    for key in ("codes", "styles_global", "camera"):
+        if data.get(key) is not None and not bool(torch.isfinite(data[key]).all()):
+            raise LatentFileError(f"{path}: {key} holds non-finite values (NaN or Inf)")
     data.setdefault("truncated", True)
     return data
 

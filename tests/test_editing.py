@@ -264,6 +264,36 @@ def test_latent_file_of_another_configuration_is_refused(tiny, tmp_path):
         load_latents(tmp_path / "k.pt", style_dim=32, n_regions=8)
 
 
+def test_latent_files_with_non_finite_or_malformed_values_are_refused(tiny, tmp_path):
+    """load_latents, which every command reading latents uses, refuses NaN / Inf and malformed entries
+    with one line naming the file; inference_Full.py stops on it before rendering."""
+    good = (torch.zeros(2, 18, 32), torch.zeros(2, 32))
+    cases = {
+        "nan_codes": (dict(codes=good[0].clone().index_fill_(2, torch.tensor([3]), float("nan"))),
+                      "codes holds non-finite values"),
+        "inf_styles": (dict(styles_global=torch.full((2, 32), float("inf"))), "styles_global holds non-finite"),
+        "inf_camera": (dict(camera=torch.tensor([[0.0, 0.0], [float("-inf"), 0.0]])), "camera holds non-finite"),
+        "bad_camera": (dict(camera=torch.zeros(2, 3)), "malformed camera (2, 3)"),
+        "int_codes": (dict(codes=torch.zeros(2, 18, 32, dtype=torch.int64)), "must be floating point"),
+        "empty": (dict(codes=torch.zeros(0, 18, 32), styles_global=torch.zeros(0, 32)), "holds no latents"),
+    }
+    for name, (changes, needle) in cases.items():
+        payload = {"codes": good[0], "styles_global": good[1], "style_dim": 32, "n_regions": 9, "truncated": True}
+        payload.update(changes)
+        path = tmp_path / f"{name}.pt"
+        save_checkpoint(payload, path)
+        with pytest.raises(LatentFileError) as caught:
+            load_latents(path, style_dim=32, n_regions=NUM_REGIONS)
+        message = str(caught.value)
+        assert message.startswith(f"{path}: ") and needle in message and "\n" not in message, (name, message)
+    save_checkpoint({"codes": good[0], "styles_global": good[1], "camera": torch.zeros(2, 2)}, tmp_path / "ok.pt")
+    assert load_latents(tmp_path / "ok.pt", style_dim=32, n_regions=NUM_REGIONS)["codes"].shape == (2, 18, 32)
+    result = run_script("inference_Full.py", "--trained_ckpt", tiny[0], *RUN, "--latents", tmp_path / "nan_codes.pt",
+                        "--results_dir", tmp_path / "out")
+    assert_one_line_error(result, "nan_codes.pt: codes holds non-finite values")
+    assert not (tmp_path / "out").exists()
+
+
 def test_invert_refuses_lpips_and_bad_masks(tiny, tmp_path):
     import invert
 

@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -149,19 +150,31 @@ def test_inversion_with_progress_becomes_the_source_and_latents_load_back(server
     eb.open_editor(browser, url)
     portrait = folder / "portrait.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(portrait)
+    eb.wait_idle(browser, move_slider_to_end(browser, "texture-7"))  # an edit of the old source
     before = src(browser)
     count = eb.render_count(browser)
     upload(browser, "portrait-file", portrait)
     browser.find_element("id", "invert-button").click()
     eb.wait_for(lambda: browser.find_element("id", "invert-status").text.startswith("done"), 60,
                 what="the inversion")
-    assert "PSNR" in browser.find_element("id", "invert-status").text
+    status = browser.find_element("id", "invert-status").text
+    assert "PSNR" in status and "region edits reset" in status
+    # The new source starts unedited.
+    assert browser.find_element("id", "texture-7").get_attribute("value") == "0"
     progress = browser.find_element("id", "invert-progress")
     assert progress.get_attribute("value") == progress.get_attribute("max") == "2"  # --invert_steps 2
     source = browser.find_element("id", "source-kind").get_attribute("value")
     assert source.startswith("id")
     eb.wait_idle(browser, count + 1)
     assert src(browser) != before and message(browser) == ""
+
+    # A failed upload replaces the old "done" with what went wrong.
+    notes = folder / "notes.txt"
+    notes.write_text("not a portrait\n")
+    upload(browser, "portrait-file", notes)
+    browser.find_element("id", "invert-button").click()
+    eb.wait_for(lambda: browser.find_element("id", "invert-status").text.startswith("not started: notes.txt"), 20,
+                what="the failed upload's status")
 
     # The current latents, downloaded through the API, load back as an identity that renders the same.
     state = browser.execute_script("return currentState()")
@@ -175,6 +188,50 @@ def test_inversion_with_progress_becomes_the_source_and_latents_load_back(server
     eb.wait_idle(browser, count + 1)
     assert browser.find_element("id", "source-kind").get_attribute("value") != source
     assert src(browser) == shown and message(browser) == ""
+    assert browser.find_element("id", "latent-status").text.startswith("loaded current.pt (1 identity)")
+
+
+def test_a_long_inversion_shows_its_estimate_and_can_be_cancelled(server, browser):
+    url, folder = server
+    eb.open_editor(browser, url)
+    portrait = folder / "long.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(portrait)
+    eb.set_control(browser, "invert-steps", 5000)
+    upload(browser, "portrait-file", portrait)
+    browser.find_element("id", "invert-button").click()
+    status = lambda: browser.find_element("id", "invert-status").text  # noqa: E731
+    eb.wait_for(lambda: " left" in status() and "about" in status(), 60, what="the estimate")
+    assert "step " in status() and "/5000" in status()
+    assert browser.find_element("id", "invert-button").get_attribute("disabled")
+    browser.find_element("id", "cancel-button").click()
+    eb.wait_for(lambda: status().startswith("cancelled at step"), 60, what="the cancellation")
+    assert not browser.find_element("id", "invert-button").get_attribute("disabled")
+    assert browser.find_element("id", "cancel-button").get_attribute("disabled")
+    assert "per step last time" in browser.find_element("id", "invert-estimate").text
+    with urllib.request.urlopen(url + "/api/job", timeout=30) as response:
+        job = json.load(response)
+    assert job["done"] and job["cancelled"] and job["step"] < 5000
+
+
+def test_hostile_identity_names_are_shown_as_text_and_the_page_still_works(server, browser):
+    """Latent files named like markup: the page still runs its script (pictures, sliders) and lists the
+    names as they are."""
+    url, folder = server
+    names = ["<!--<script>", "<img src=x onerror=\"document.title='owned'\">.pt", "<script>alert(1)<\\script>.pt"]
+    save_latents(folder / "plain.pt", torch.zeros(1, 18, 32), torch.zeros(1, 32))
+    data = (folder / "plain.pt").read_bytes()
+    for name in names:
+        request = urllib.request.Request(url + "/api/upload_latents?name=" + urllib.parse.quote(name, safe=""),
+                                         data=data, headers={"Content-Type": "application/octet-stream"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.status == 200
+    eb.open_editor(browser, url)
+    assert src(browser).startswith("data:image/png;base64,") and browser.title == "CNeRF region editor"
+    options = [o.text for o in browser.find_element("id", "source-kind").find_elements("tag name", "option")]
+    assert all(name in options for name in names), options
+    before = src(browser)
+    eb.wait_idle(browser, move_slider_to_end(browser, "texture-7"))
+    assert src(browser) != before and message(browser) == "" and browser.title == "CNeRF region editor"
 
 
 def test_resample_semantics_reset_and_download(server, browser, tmp_path):

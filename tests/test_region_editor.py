@@ -15,6 +15,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from common import imaging  # noqa: E402
+from common.cli import UsageError  # noqa: E402
 from editing import manipulation  # noqa: E402
 from editing import region_editor as re_  # noqa: E402
 from rendering.inference import render_views  # noqa: E402
@@ -274,3 +275,34 @@ def test_editor_refuses_a_missing_or_foreign_checkpoint_with_one_line(tiny, tmp_
     message = editor_error(*other, "--trained_ckpt", path, "--port", port)
     assert str(path) in message and "does not fit the generator" in message
     assert "--port 70000" in editor_error(*TINY, "--trained_ckpt", path, "--port", 70000)
+    assert "--invert_steps must be in [1, 5000], got 6000" in editor_error(*TINY, "--trained_ckpt", path,
+                                                                           "--invert_steps", 6000)
+    assert "--max_request_mb must be at least 1, got 0" in editor_error(*TINY, "--trained_ckpt", path,
+                                                                        "--max_request_mb", 0)
+
+
+def test_port_check_takes_a_port_left_in_time_wait_and_refuses_one_in_use():
+    """A restart on the same port works at once (as uvicorn binds, with SO_REUSEADDR), while a port
+    another program listens on is still refused with one line."""
+    import socket
+
+    import editor
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = listener.accept()
+    accepted.close()  # the server side closes first: its end of the connection stays in TIME_WAIT
+    client.close()
+    listener.close()
+    with socket.socket() as plain, pytest.raises(OSError):
+        plain.bind(("127.0.0.1", port))  # what the old check did: refused for about a minute
+    editor.check_port("127.0.0.1", port)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(UsageError, match=r"^--host 127\.0\.0\.1 --port \d+: cannot listen there"):
+            editor.check_port("127.0.0.1", busy.getsockname()[1])

@@ -16,7 +16,7 @@ import time
 import urllib.error
 import urllib.request
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository (this file is in tools/)
 BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome")
 DRIVER_NAMES = ("chromedriver",)
 # Headless, no GPU, no sandbox (containers run as root), and no traffic of the browser's own.
@@ -56,6 +56,13 @@ def editor_server(args, timeout=120, env=None):
 
     The server's output goes to a temporary log whose tail is in the error when it does not come up.
     """
+    with editor_process(args, timeout, env) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def editor_process(args, timeout=120, env=None):
+    """editor_server, yielding (base URL, the server's subprocess.Popen) (tests read its memory)."""
     port = free_port()
     log = tempfile.NamedTemporaryFile(prefix="cnerf_editor_", suffix=".log", delete=False)
     command = [sys.executable, os.path.join(ROOT, "editor.py"), *map(str, args), "--host", "127.0.0.1",
@@ -76,7 +83,7 @@ def editor_server(args, timeout=120, env=None):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the editor did not answer within {timeout} s: {tail(log.name)}")
             time.sleep(0.25)
-        yield url
+        yield url, process
     finally:
         process.terminate()
         try:
