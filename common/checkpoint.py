@@ -90,6 +90,25 @@ def generator_state(ckpt, path="checkpoint", entries=GENERATOR_ENTRIES):
                           f"found {sorted(ckpt)[:8]})")
 
 
+def state_mismatches(state, expected, prefix="", allow_unused=True):
+    """What keeps `state` from loading into a module whose state dict is `expected` (keys under `prefix` in
+    `state`): phrases naming the count and the first few missing keys, keys of another shape and (unless
+    allow_unused) keys the module does not have; empty when it fits."""
+    missing = [prefix + key for key in expected if prefix + key not in state]
+    wrong = [f"{prefix + key} {tuple(state[prefix + key].shape)} != {tuple(value.shape)}"
+             for key, value in expected.items() if prefix + key in state
+             and tuple(state[prefix + key].shape) != tuple(value.shape)]
+    unused = [] if allow_unused else [k for k in state if k.startswith(prefix) and k[len(prefix):] not in expected]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (first: {', '.join(missing[:3])})")
+    if wrong:
+        parts.append(f"{len(wrong)} shape mismatches (first: {'; '.join(wrong[:3])})")
+    if unused:
+        parts.append(f"{len(unused)} keys the model does not have (first: {', '.join(unused[:3])})")
+    return parts
+
+
 def load_state_strict(module, state, path="checkpoint", what="model", prefix="", allow_unused=True):
     """Copy `state` into `module`: every key the module needs must be there with its shape.
 
@@ -98,22 +117,8 @@ def load_state_strict(module, state, path="checkpoint", what="model", prefix="",
     larger --size whose decoder has more layers). `prefix` selects a sub-tree of `state`.
     """
     own = module.state_dict()
-    missing, wrong = [], []
-    unused = [] if allow_unused else [k for k in state if k.startswith(prefix) and k[len(prefix):] not in own]
-    for key, value in own.items():
-        source = state.get(prefix + key)
-        if source is None:
-            missing.append(prefix + key)
-        elif tuple(source.shape) != tuple(value.shape):
-            wrong.append(f"{prefix + key} {tuple(source.shape)} != {tuple(value.shape)}")
-    if missing or wrong or unused:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (first: {', '.join(missing[:3])})")
-        if wrong:
-            parts.append(f"{len(wrong)} shape mismatches (first: {'; '.join(wrong[:3])})")
-        if unused:
-            parts.append(f"{len(unused)} keys the model does not have (first: {', '.join(unused[:3])})")
+    parts = state_mismatches(state, own, prefix, allow_unused)
+    if parts:
         raise CheckpointError(f"{path}: does not fit the {what} at this configuration: {'; '.join(parts)}")
     module.load_state_dict({key: state[prefix + key] for key in own}, strict=True)
     return module

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from common.cli import UsageError
+from common.cli import UsageError, check_output
 
 MAX_LISTED = 10  # problems named on the final line before '... and N more'
 
@@ -20,6 +20,20 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def input_images(images, out, suffix=".png"):
+    """The checks every data tool makes before work: IMAGES is a folder with images, OUT a usable folder
+    outside it (common.cli.check_output). Returns {image relpath: OUT/<stem><suffix>}."""
+    import prepare_data  # its image listing is the one prepare_data.py packs: the tools' outputs pair with it
+
+    if not os.path.isdir(images):
+        raise UsageError(f"IMAGES {images}: not a folder")
+    check_output(out, "OUT", "folder", inputs=[images])
+    found = prepare_data.list_files(images, prepare_data.IMAGE_EXTENSIONS)
+    if not found:
+        raise UsageError(f"IMAGES {images}: no images ({', '.join(prepare_data.IMAGE_EXTENSIONS)})")
+    return output_paths(found, out, images, suffix)
 
 
 def output_paths(relpaths, out_dir, source, suffix=".png"):

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, state_mismatches
 from common.cli import UsageError
 from common.regions import (
     BISENET_CLASSES,
@@ -290,18 +290,8 @@ def load_bisenet_state(module, state, path):
     """Copy a BiSeNet state dict into `module` strictly: the same keys, the same shapes, or one ParserError
     line naming the first mismatches."""
     expected = module.state_dict()
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    wrong = [f"{key} {tuple(state[key].shape)} != {tuple(value.shape)}" for key, value in expected.items()
-             if key in state and tuple(state[key].shape) != tuple(value.shape)]
-    if missing or unexpected or wrong:
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing (first: {', '.join(missing[:3])})")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected (first: {', '.join(unexpected[:3])})")
-        if wrong:
-            problems.append(f"{len(wrong)} of another shape (first: {'; '.join(wrong[:3])})")
+    problems = state_mismatches(state, expected, allow_unused=False)
+    if problems:
         raise ParserError(f"{path}: a state dict of {len(state)} tensors, not zllrunning's BiSeNet face parser "
                           f"({len(expected)} entries, the only state-dict parser this project reads): "
                           f"{'; '.join(problems)}")

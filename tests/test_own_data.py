@@ -173,11 +173,11 @@ def test_bisenet_files_of_another_layout_are_one_line(tmp_path, bisenet_file):
     state = net.state_dict()
     cases = {
         "data_parallel.pth": ({f"module.{k}": v for k, v in state.items()},
-                              ["191 missing (first: cp.resnet.conv1.weight", "191 unexpected (first: module.cp."]),
+                              ["191 missing keys (first: cp.resnet.conv1.weight", "191 keys the model does not have (first: module.cp."]),
         "eleven.pth": (random_bisenet(1, n_classes=11).state_dict(),
-                       ["3 of another shape", "conv_out.conv_out.weight (11, 256, 1, 1) != (19, 256, 1, 1)"]),
+                       ["3 shape mismatches", "conv_out.conv_out.weight (11, 256, 1, 1) != (19, 256, 1, 1)"]),
         "no_counters.pth": ({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")},
-                            ["31 missing", "num_batches_tracked"]),
+                            ["31 missing keys", "num_batches_tracked"]),
     }
     for name, (content, needles) in cases.items():
         torch.save(content, tmp_path / name)

@@ -38,7 +38,7 @@ from tqdm import tqdm  # noqa: E402
 
 import prepare_data  # noqa: E402
 from common import image_jobs  # noqa: E402
-from common.cli import UsageError, check_output, command  # noqa: E402
+from common.cli import UsageError, command  # noqa: E402
 from common.files import atomic_write  # noqa: E402
 
 DEBIAN_DLIB_MODEL = "/usr/share/dlib/shape_predictor_68_face_landmarks.dat"
@@ -298,13 +298,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.size < 16:
         raise UsageError(f"--size {args.size}: must be at least 16")
-    if not os.path.isdir(args.images):
-        raise UsageError(f"IMAGES {args.images}: not a folder")
-    check_output(args.out, "OUT", "folder", inputs=[args.images])
-    images = prepare_data.list_files(args.images, prepare_data.IMAGE_EXTENSIONS)
-    if not images:
-        raise UsageError(f"IMAGES {args.images}: no images ({', '.join(prepare_data.IMAGE_EXTENSIONS)})")
-    outputs = image_jobs.output_paths(images, args.out, args.images)
+    outputs = image_jobs.input_images(args.images, args.out)
     source = landmark_source(args)
     todo, done = image_jobs.pending(outputs)
     os.makedirs(args.out, exist_ok=True)

@@ -30,9 +30,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import prepare_data  # noqa: E402
 from common import image_jobs  # noqa: E402
-from common.cli import UsageError, check_output, command  # noqa: E402
+from common.cli import UsageError, command  # noqa: E402
 from common.devices import select_device  # noqa: E402
 from common.files import atomic_write  # noqa: E402
 from evaluation import face_parser  # noqa: E402
@@ -99,20 +98,14 @@ def main(argv=None):
         raise UsageError(f"--batch {args.batch}: must be at least 1")
     if args.size and args.size < 32:
         raise UsageError(f"--size {args.size}: must be at least 32")
-    if not os.path.isdir(args.images):
-        raise UsageError(f"IMAGES {args.images}: not a folder")
-    check_output(args.out, "OUT", "folder", inputs=[args.images])
-    images = prepare_data.list_files(args.images, prepare_data.IMAGE_EXTENSIONS)
-    if not images:
-        raise UsageError(f"IMAGES {args.images}: no images ({', '.join(prepare_data.IMAGE_EXTENSIONS)})")
-    outputs = image_jobs.output_paths(images, args.out, args.images)
+    outputs = image_jobs.input_images(args.images, args.out)
     device = select_device(args.device)
     parser = face_parser.load_parser(args.parser, device, size=args.size or None)
     if parser.own and args.size and args.size != parser.size:
         raise UsageError(f"--size {args.size}: {args.parser} is the project's U-Net, which parses at the size it "
                          f"was trained at ({parser.size}); leave --size out")
     todo, done = image_jobs.pending(outputs)
-    print(f"parser {parser.label}: {len(todo)} of {len(images)} images to label at "
+    print(f"parser {parser.label}: {len(todo)} of {len(outputs)} images to label at "
           f"{parser.input_size(args.size or None)} px")
     os.makedirs(args.out, exist_ok=True)
     written, problems = parse_folder(parser, args.images, todo, outputs, args.size or None, args.batch)
