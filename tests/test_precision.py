@@ -298,3 +298,19 @@ def test_cuda_bf16_stage1_gradients_agree_with_fp32():
         assert grad.dtype == torch.float32
         if ref[name].abs().sum() > 0:
             assert F.cosine_similarity(grad.flatten(), ref[name].flatten(), 0) > 0.99, name
+
+
+@pytest.mark.skipif(not SHIPPED.is_file(), reason=f"{SHIPPED.name} is not shipped in this checkout")
+def test_every_script_loader_honours_the_flag(monkeypatch):
+    """load_models (inference, video, editing, inversion, the editor, calc_metrics) installs --precision: bf16
+    puts the generator and its surface copy under autocast; fp32 (the default) installs nothing."""
+    from rendering import loading as gen
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda path="/proc/cpuinfo": {"avx512_bf16"})
+    for flag, hooked in (([], False), (["--precision", "auto"], True), (["--precision", "bf16"], True)):
+        opt, _ = gen.parse_options(["--trained_ckpt", str(SHIPPED)] + flag)
+        generator, surface = gen.load_models(opt, torch.device("cpu"), surface=True, surface_resolution=16,
+                                             surface_samples=8)
+        for model in (generator, surface):
+            assert bool(model._forward_pre_hooks) == hooked
+            assert bool(model.style._forward_pre_hooks) == hooked  # the mapping's fp32 region
