@@ -392,8 +392,8 @@ def forward(renderer, cam_poses, focal, near, far, styles, return_eikonal=False,
             keep_mib = perf_utils.keep_mib_setting(2048) if on_cpu else 0
         # A kept chunk holds about 2 [K, C, P] activations per trunk layer (sin and cos, or the
         # pre-activation and sin without the eikonal term); +10 % for the heads' graph.
-        per_chunk = (2.2 * renderer.network[0].num_styles * renderer.n_render * renderer.width
-                     * (compute_dtype or z.dtype).itemsize
+        # (In the weights' dtype also under bf16: then as many chunks are kept, in half the memory.)
+        per_chunk = (2.2 * renderer.network[0].num_styles * renderer.n_render * renderer.width * z.element_size()
                      * grad_chunk * renderer.N_samples)
         spec.keep = int(keep_mib * 2 ** 20 // per_chunk)
         outs = FastRender.apply(renderer, spec, *tensors)
