@@ -47,6 +47,11 @@ class BaseOptions:
         experiment.add_argument("--seed", type=int, default=None, help="(new) random seed")
         experiment.add_argument("--device", type=str, default=None,
                                 help="(new) torch device, e.g. cpu or cuda:0 (default: CUDA if available, else CPU)")
+        experiment.add_argument("--precision", type=str.lower, default="fp32", choices=["fp32", "bf16", "auto"],
+                                help="(new) arithmetic of the convolutions and the renderer's matmuls: fp32 (the "
+                                     "published), bf16 (bfloat16 autocast, fp32 master weights, losses and volume "
+                                     "integration; see common/precision.py) or auto (bf16 where the device does it "
+                                     "natively: AVX-512 BF16 / AMX CPUs, CUDA compute capability 8.0+; else fp32)")
 
         training = p.add_argument_group("training")
         training.add_argument("--checkpoints_dir", type=str, default="./checkpoints", help="checkpoints directory")

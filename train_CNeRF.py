@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import distributed as dist_utils
-from common import perf_utils
+from common import perf_utils, precision
 from common.checkpoint import load_state_strict
 from common.draws import seed_everything
 from dataset import MultiResolutionDataset
@@ -74,6 +74,7 @@ def train(argv=None):
     g_optim, gd_optim, sd_optim = steps.stage1_optimizers(opt, g, gd, sd)
     m = Munch(g=g, g_module=g, gd=gd, sd=sd, g_optim=g_optim, gd_optim=gd_optim, sd_optim=sd_optim,
                  device=device, resolution=resolution)
+    precision.from_options(opt, device, g, g_ema, gd, sd)  # --precision; fp32 changes nothing
 
     start_iter = 0
     if ckpt is not None:

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import distributed as dist_utils
-from common import perf_utils
+from common import perf_utils, precision
 from common.checkpoint import generator_state, load_checkpoint, load_state_strict
 from common.draws import seed_everything
 from dataset import MultiResolutionDataset
@@ -98,6 +98,7 @@ def train(argv=None):
     if ckpt is None:
         load_renderer(g, stage1_path, device)
     g_optim, d_optim = steps.stage2_optimizers(opt, g, d)
+    precision.from_options(opt, device, g, g_ema, d)  # --precision; fp32 changes nothing
 
     start_iter = 0
     # Running path-length mean: starts at 0 (the published script used it before defining it).

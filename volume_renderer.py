@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common import precision
 from rendering import fast_render
 from rendering.camera import camera_rays, depths_along_rays, pixel_grid, sample_depths_t
 
@@ -206,11 +207,17 @@ class VolumeFeatureRenderer(nn.Module):
         if self.render_path not in ("fast", "reference"):
             raise ValueError(f"render_path must be 'fast' or 'reference', got {self.render_path!r}")
         camera_grad = any(t.requires_grad for t in (cam_poses, focal, near, far) if torch.is_tensor(t))
-        if self.render_path == "fast" and not (camera_grad and torch.is_grad_enabled()):
-            return fast_render.forward(self, cam_poses, focal, near, far, styles, return_eikonal, return_sdf,
-                                       return_xyz, semantics, ray_chunk)
-        return self._forward_reference(cam_poses, focal, near, far, styles, return_eikonal, return_sdf,
-                                       return_xyz, semantics, ray_chunk)
+        # Mixed precision (common/precision.py): under bf16 autocast the fast path casts by hand, what may
+        # be bf16 only; the rays, the first layer and the volume integration stay fp32, and so does the
+        # whole reference path. Autocast itself is off in here.
+        device_type = cam_poses.device.type
+        compute_dtype = precision.compute_dtype(device_type)
+        with torch.autocast(device_type, enabled=False) if compute_dtype is not None else contextlib.nullcontext():
+            if self.render_path == "fast" and not (camera_grad and torch.is_grad_enabled()):
+                return fast_render.forward(self, cam_poses, focal, near, far, styles, return_eikonal, return_sdf,
+                                           return_xyz, semantics, ray_chunk, compute_dtype=compute_dtype)
+            return self._forward_reference(cam_poses, focal, near, far, styles, return_eikonal, return_sdf,
+                                           return_xyz, semantics, ray_chunk)
 
     def _forward_reference(self, cam_poses, focal, near, far, styles, return_eikonal=False, return_sdf=None,
                            return_xyz=None, semantics=None, ray_chunk=None):

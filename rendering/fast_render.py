@@ -44,6 +44,10 @@ class SirenEikonal(torch.autograd.Function):
         n_layers = (len(params) - 1) // 2
         weights, biases, w_sdf = params[:n_layers], params[n_layers:2 * n_layers], params[-1]
         k, c = weights[0].shape[:2]
+        # Mixed precision (common/precision.py): the first layer is in xt's dtype, the hidden layers
+        # and w_sdf may come in bf16; then every [K, C, P] activation is kept in bf16. Same dtype:
+        # the .to() calls return their argument.
+        low = weights[-1].dtype
         a = torch.addmm(biases[0].reshape(k * c, 1), weights[0].reshape(k * c, 3), xt).view(k, c, -1)
         hs, cs = [], []
         for i in range(n_layers):
@@ -51,11 +55,11 @@ class SirenEikonal(torch.autograd.Function):
                 a = torch.baddbmm(biases[i].unsqueeze(-1), weights[i], hs[-1])
             # Inside an autograd.Function's forward: no graph, so perf_utils' faster sin/cos apply;
             # the pre-activation is not needed any more, so sin works in place.
-            cs.append(perf_utils.cos(a))
-            hs.append(perf_utils.sin_(a))
+            cs.append(perf_utils.cos(a).to(low))
+            hs.append(perf_utils.sin_(a).to(low))
         del a
         deltas, us = SirenEikonal._reverse(weights, w_sdf, cs)
-        grad_x = torch.mm(weights[0].reshape(k * c, 3).t(), deltas[0].reshape(k * c, -1))
+        grad_x = torch.mm(weights[0].reshape(k * c, 3).t(), deltas[0].reshape(k * c, -1).to(xt.dtype))
         ctx.n_layers, ctx.tap, ctx.lean = n_layers, tap, lean
         if lean:
             ctx.save_for_backward(xt, *params, *hs, *cs)
@@ -77,14 +81,15 @@ class SirenEikonal(torch.autograd.Function):
         else:
             deltas, us = rest[2 * n:3 * n], (None,) + tuple(rest[3 * n:])
         k, c, p = hs[0].shape
+        low, master = weights[-1].dtype, xt.dtype  # see forward
         g_w = [None] * n
         g_b = [None] * n
         g_wsdf = None
         g_cos = [None] * n
         if g_x is not None:
             # g = W_0ᵀ δ_0;  δ_i = u_{i+1} ⊙ cos_i;  u_{i+1} = W_{i+1}ᵀ δ_{i+1};  δ_{L-1} = w_sdf ⊙ cos_{L-1}
-            g_w[0] = torch.mm(deltas[0].reshape(k * c, p), g_x.t()).view(k, c, 3)
-            g_delta = torch.mm(weights[0].reshape(k * c, 3), g_x).view(k, c, p)
+            g_w[0] = torch.mm(deltas[0].reshape(k * c, p).to(master), g_x.t()).view(k, c, 3)
+            g_delta = torch.mm(weights[0].reshape(k * c, 3), g_x).view(k, c, p).to(low)
             for i in range(n - 1):
                 g_u = g_delta * cs[i]
                 g_cos[i] = g_delta * us[i + 1]
@@ -103,6 +108,7 @@ class SirenEikonal(torch.autograd.Function):
                 g_h = None
                 continue
             if i == 0:
+                g_a = g_a.to(master)
                 g_w0 = torch.mm(g_a.reshape(k * c, p), xt.t()).view(k, c, 3)
             else:
                 g_w0 = torch.bmm(g_a, hs[i - 1].transpose(1, 2))
@@ -215,14 +221,15 @@ def unpack(tensors):
 
 def trunk(weights, biases, xt, tap):
     """SIREN trunk on points xt [3, P]: returns (output after layer `tap`, final output),
-    activations [K, C, P]. (The eikonal path uses SirenEikonal, which also keeps the cosines.)"""
+    activations [K, C, P]. (The eikonal path uses SirenEikonal, which also keeps the cosines.)
+    Hidden layers given in bf16 (mixed precision) make every activation after the first layer's sine bf16."""
     k, c = weights[0].shape[:2]
     # Without a graph the pre-activation is dead after sin: overwrite it instead of allocating
     # another [K, C, P] buffer (less memory traffic on the CPU, same values).
     in_place = not (torch.is_grad_enabled() and (xt.requires_grad or any(w.requires_grad for w in weights)))
     act = perf_utils.sin_ if in_place else torch.sin
     a = torch.addmm(biases[0].reshape(k * c, 1), weights[0].reshape(k * c, 3), xt).view(k, c, -1)
-    h = act(a)
+    h = act(a).to(weights[-1].dtype)
     tapped = h if tap == 1 else None
     for l in range(1, len(weights)):
         h = act(torch.baddbmm(biases[l].unsqueeze(-1), weights[l], h))
@@ -249,28 +256,37 @@ def render_chunk(renderer, spec, tensors, b, sl, lean=False):
     x = pts * 2 / span if renderer.z_normalize else pts
     xt = x.reshape(n * s, 3).t()
     eikonal = "eikonal" in spec.keys
+    # Mixed precision (common/precision.py): the hidden layers and the heads' matmuls take bf16
+    # operands; the first layer, Δsdf and everything after the heads stay in the leaves' dtype.
+    low = (lambda t: t) if spec.dtype is None else (lambda t: t.to(spec.dtype))
     weights_b = [w[b] for w in p["w"]]
+    weights_b = weights_b[:1] + [low(w) for w in weights_b[1:]]
+    biases_b = [v[b] for v in p["b"]]
+    biases_b = biases_b[:1] + [low(v) for v in biases_b[1:]]
     if eikonal:
-        h_shape, h, grad_x = SirenEikonal.apply(xt, renderer.depth, lean, *weights_b, *[v[b] for v in p["b"]],
-                                                 p["sdf_w"])
+        h_shape, h, grad_x = SirenEikonal.apply(xt, renderer.depth, lean, *weights_b, *biases_b, low(p["sdf_w"]))
     else:
-        h_shape, h = trunk(weights_b, [v[b] for v in p["b"]], xt, renderer.depth)
+        h_shape, h = trunk(weights_b, biases_b, xt, renderer.depth)
     k, c = h.shape[:2]
+    master = xt.dtype
 
     if spec.sdf0 is not None:
         sdf0 = spec.sdf0[b, sl].reshape(1, n * s)
     else:
         with torch.no_grad():
             init_w, init_b, (init_sw, init_sb) = spec.init
-            _, h0 = trunk([w[b] for w in init_w], [v[b] for v in init_b], xt, 0)
-            sdf0 = torch.baddbmm(init_sb.unsqueeze(-1), init_sw, h0)[0]  # [1, P]
+            init_wb = [w[b] for w in init_w]
+            init_bb = [v[b] for v in init_b]
+            _, h0 = trunk(init_wb[:1] + [low(w) for w in init_wb[1:]], init_bb[:1] + [low(v) for v in init_bb[1:]],
+                          xt, 0)
+            sdf0 = torch.baddbmm(init_sb.unsqueeze(-1), init_sw, h0.to(master))[0]  # [1, P]
             del h0
 
     vt = viewdirs.t()  # [3, n]; the view-direction part of a head is constant along a ray
     mask_w, feat_w, feat_b, rgb_w = p["mask_w"], p["feat_w"], p["feat_b"], p["rgb_w"]
-    mask = torch.baddbmm(p["mask_b"].unsqueeze(-1), mask_w[:, :, :c], h_shape).view(k, n, s)
+    mask = torch.baddbmm(low(p["mask_b"]).unsqueeze(-1), low(mask_w[:, :, :c]), h_shape).view(k, n, s).to(master)
     mask = mask + torch.matmul(mask_w[:, :, c:], vt).view(k, n, 1)  # [K, n, S]
-    delta_sdf = torch.baddbmm(p["sdf_b"].unsqueeze(-1), p["sdf_w"], h).sum(0)  # [1, P]
+    delta_sdf = torch.baddbmm(p["sdf_b"].unsqueeze(-1), p["sdf_w"], h.to(master)).sum(0)  # [1, P]
     sdf = (sdf0 + delta_sdf).reshape(n, s, 1)
     noise = spec.noise[b, sl] if spec.noise is not None else None
     weights = renderer.volume_weights(sdf.unsqueeze(0), z.unsqueeze(0), rays_d.unsqueeze(0), noise=noise,
@@ -282,7 +298,7 @@ def render_chunk(renderer, spec, tensors, b, sl, lean=False):
     # Σ_i w_i Σ_k m_k,i f_k,i = Σ_k W_f (Σ_i w_i m_k,i [h_k,i; v]) + b_f Σ_i w_i m_k,i apply W_f
     # once per ray to the weighted sum of h instead of once per sample.
     view_term = torch.matmul(feat_w[:, :, c:], vt) + feat_b.unsqueeze(-1)  # [K, C, n]
-    rgb = torch.bmm(torch.bmm(rgb_w, feat_w[:, :, :c]), h).view(k, 3, n, s)
+    rgb = torch.bmm(low(torch.bmm(rgb_w, feat_w[:, :, :c])), h).view(k, 3, n, s).to(master)
     rgb = rgb + (torch.bmm(rgb_w, view_term) + p["rgb_b"].unsqueeze(-1)).unsqueeze(-1)  # [K, 3, n, S]
     color = (mask.unsqueeze(1) * rgb).sum(0)  # [3, n, S]
     weighted_mask = mask * weights.view(1, n, s)  # [K, n, S]
@@ -291,7 +307,7 @@ def render_chunk(renderer, spec, tensors, b, sl, lean=False):
            "seg": seg.t()}
     if "features" in spec.keys:
         chosen = slice(None) if spec.selected is None else spec.selected
-        pooled = (h.view(k, c, n, s)[chosen] * weighted_mask[chosen].unsqueeze(1)).sum(-1)  # [K', C, n]
+        pooled = (h.view(k, c, n, s)[chosen] * low(weighted_mask[chosen]).unsqueeze(1)).sum(-1).to(master)  # [K', C, n]
         features = torch.bmm(feat_w[chosen, :, :c], pooled) + view_term[chosen] * seg[chosen].unsqueeze(1)
         out["features"] = features.sum(0).t()
     if "sdf" in spec.keys:
@@ -340,7 +356,9 @@ def render_all(renderer, spec, tensors, keep_sdf0=False, chunk=None, keep=0):
     return (outs, kept) if keep else outs
 
 def forward(renderer, cam_poses, focal, near, far, styles, return_eikonal=False, return_sdf=None,
-                  return_xyz=None, semantics=None, ray_chunk=None):
+                  return_xyz=None, semantics=None, ray_chunk=None, compute_dtype=None):
+    """The fast render; `compute_dtype` (bf16, or None: the weights' dtype) is the dtype of the trunk's
+    hidden layers and heads (common/precision.py)."""
     return_sdf = renderer.return_sdf if return_sdf is None else return_sdf
     return_xyz = renderer.return_xyz if return_xyz is None else return_xyz
     batch = cam_poses.shape[0]
@@ -366,13 +384,15 @@ def forward(renderer, cam_poses, focal, near, far, styles, return_eikonal=False,
     selected = None if region_weights is None else torch.nonzero(region_weights).flatten().tolist()
     spec = FastSpec(rays_o=rays_o.detach(), rays_d=rays_d.detach(), viewdirs=viewdirs.detach(),
                      near=near_r.detach(), far=far_r.detach(), z=z, noise=noise, init=init,
-                     selected=selected, keys=keys, chunk=chunk, grad_chunk=grad_chunk, sdf0=None, keep=0)
+                     selected=selected, keys=keys, chunk=chunk, grad_chunk=grad_chunk, sdf0=None, keep=0,
+                     dtype=compute_dtype)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         keep_mib = renderer.fast_keep_mib
         if keep_mib is None:
             keep_mib = perf_utils.keep_mib_setting(2048) if on_cpu else 0
         # A kept chunk holds about 2 [K, C, P] activations per trunk layer (sin and cos, or the
         # pre-activation and sin without the eikonal term); +10 % for the heads' graph.
+        # (In the weights' dtype also under bf16: then as many chunks are kept, in half the memory.)
         per_chunk = (2.2 * renderer.network[0].num_styles * renderer.n_render * renderer.width * z.element_size()
                      * grad_chunk * renderer.N_samples)
         spec.keep = int(keep_mib * 2 ** 20 // per_chunk)

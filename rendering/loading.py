@@ -16,7 +16,7 @@ import os
 import torch
 from munch import Munch
 
-from common import devices, perf_utils
+from common import devices, perf_utils, precision
 from common.checkpoint import CheckpointError, apply_saved_config, load_generator, load_state_strict, saved_config
 from common.cli import UsageError, check_output
 from common.draws import seed_everything
@@ -128,7 +128,9 @@ def load_models(opt, device, surface=False, n_samples=INFERENCE_SAMPLES, surface
         # Same weights: the renderer-only model takes the mapping and renderer subset.
         load_state_strict(surface_generator, generator.state_dict(), path, what="surface renderer")
         surface_generator = surface_generator.to(device).eval()
-    return generator.to(device).eval(), surface_generator
+    generator = generator.to(device).eval()
+    precision.from_options(opt, device, generator, surface_generator)  # --precision; fp32 changes nothing
+    return generator, surface_generator
 
 
 def load_for_editing(opt, n_samples):

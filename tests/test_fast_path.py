@@ -283,7 +283,8 @@ def test_bench_tool_prints_one_line():
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("train64 median_s=")
     fields = dict(item.split("=") for item in lines[0].split()[1:])
-    assert set(fields) == {"median_s", "min_s", "peak_rss_mib", "threads"}
+    assert set(fields) == {"median_s", "min_s", "peak_rss_mib", "threads", "precision"}
+    assert fields["precision"] == "fp32"  # the default: the published arithmetic
     assert float(fields["min_s"]) <= float(fields["median_s"]) and float(fields["peak_rss_mib"]) > 0
 
 

@@ -34,6 +34,8 @@ stage1_small / stage2_small (issue 11): one full iteration of the REAL training 
   Their --d_channel_scale is the training flag (default 1 = published widths); --extra passes more
   training flags, e.g. --extra="--ray_chunk 64".
 
+--precision fp32|bf16|auto is the training / inference flag (common/precision.py); the line says which ran.
+
 One warm-up run, then --repeat timed runs; prints
   <workload> median_s=… min_s=… peak_rss_mib=… threads=… [peak_cuda_mib=…]
 peak_rss_mib is the process's high-water mark (ru_maxrss), so it includes model construction.
@@ -54,6 +56,7 @@ perf_utils.configure_allocator()
 
 import torch  # noqa: E402
 
+from common import precision  # noqa: E402
 from losses import eikonal_loss  # noqa: E402
 from model import Generator  # noqa: E402
 from options import default_options  # noqa: E402
@@ -148,7 +151,8 @@ def time_small_training(workload, args):
                                 "--expname", "bench", "--device", args.device, "--seed", str(args.seed),
                                 "--iter", str(n_iter), "--sample_every", "1000000", "--save_every", "1000000",
                                 "--val_n_sample", "1", "--truncation_mean", "16", "--num_workers", "0",
-                                "--d_channel_scale", str(args.d_channel_scale)] + args.extra.split()
+                                "--d_channel_scale", str(args.d_channel_scale),
+                                "--precision", args.precision] + args.extra.split()
         if workload == "stage1_small":
             import train_CNeRF as stage
             argv = common + ["--size", "32", "--no_sphere_init"]
@@ -212,6 +216,8 @@ def main(argv=None):
                         help="stage1_small/stage2_small: print torch.profiler's top ROWS ops of the first timed iteration")
     parser.add_argument("--extra", default="", help="stage1_small/stage2_small: more training flags")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", type=str.lower, choices=list(precision.MODES), default="fp32",
+                        help="fp32 | bf16 | auto, as the training and inference flag (common/precision.py)")
     args = parser.parse_args(argv)
     if args.repeat is None:
         args.repeat = 16 if args.workload == "stage2_small" else 3
@@ -237,11 +243,13 @@ def main(argv=None):
             if r1:
                 line += f" r1_path_s={statistics.median(r1) - median:.3f}"
         print(line + f" peak_rss_mib={rss:.0f} threads={torch.get_num_threads()} "
-              f"d_channel_scale={args.d_channel_scale:g}")
+              f"d_channel_scale={args.d_channel_scale:g} precision={args.precision}")
         return 0
 
     torch.manual_seed(args.seed)
     g, opt = build(args.workload, args.device, args.render_path, args.samples, args.res, args.ray_chunk)
+    mode = precision.resolve(args.precision, args.device)
+    precision.apply(mode, args.device, g)
     step = make_step(args.workload, g, opt, args.device, args.batch)
     step()  # warm-up: first-touch allocations, lazy kernels
     sync(args.device)
@@ -255,7 +263,7 @@ def main(argv=None):
         times.append(time.perf_counter() - start)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     line = (f"{args.workload} median_s={statistics.median(times):.3f} min_s={min(times):.3f} "
-            f"peak_rss_mib={rss:.0f} threads={torch.get_num_threads()}")
+            f"peak_rss_mib={rss:.0f} threads={torch.get_num_threads()} precision={mode}")
     if args.device.startswith("cuda"):
         line += f" peak_cuda_mib={torch.cuda.max_memory_allocated() / 2 ** 20:.0f}"
     print(line)
