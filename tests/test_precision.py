@@ -234,6 +234,7 @@ def shipped_pictures(device):
     from editing import manipulation
     from evaluation import measures
     from rendering import loading as gen
+    from rendering.inference import render_codes
     from rendering.latents import mean_latent
 
     opt, _ = gen.parse_options(["--trained_ckpt", str(SHIPPED), "--device", str(device)])
@@ -243,10 +244,14 @@ def shipped_pictures(device):
     codes, styles = manipulation.latents_from_seeds(g, seeds, mean, 0.7)
     locations = torch.cat([measures.training_camera(opt.camera, s) for s in seeds])
     cam = cameras(g.renderer.out_im_res, locations, opt.camera, device)
+    def pictures():  # (rgb, seg, renderer rgb, renderer seg)
+        (rgb, seg), rgb_low, seg_low = render_codes(g, codes, styles, cam, mean, 0.7)
+        return rgb, seg, rgb_low, seg_low
+
     with torch.no_grad():
-        fp32 = manipulation.render(g, codes, styles, cam, mean, 0.7)
+        fp32 = pictures()
         precision.apply("bf16", device, g)
-        bf16 = manipulation.render(g, codes, styles, cam, mean, 0.7)
+        bf16 = pictures()
     return fp32, bf16
 
 
