@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 import distributed as dist_utils
 from common import perf_utils, precision
-from common.checkpoint import load_state_strict
+from common.checkpoint import load_state_strict, save_checkpoint
 from common.draws import seed_everything
 from dataset import MultiResolutionDataset
 from options import BaseOptions
@@ -37,7 +37,7 @@ def sphere_init(m, opt, path, show):
         record = steps.sphere_init_step(m, opt, step)
         bar.set_postfix(l1=f"{record['loss'].item():.4f}")
     if dist_utils.is_main_process():
-        loop.save({"g": m.g_module.state_dict(), "iter": opt.training.sphere_init_iter}, path)
+        save_checkpoint({"g": m.g_module.state_dict(), "iter": opt.training.sphere_init_iter}, path)
 
 
 def write_samples(sampler, g_ema, path, psi=0.7):

@@ -40,7 +40,8 @@ def atomic_write(path, write, fsync=False):
         os.replace(tmp, path)
         tmp = None
     except OSError as error:
-        raise WriteError(f"could not write {path} ({error.strerror or error}); nothing was written") from None
+        raise WriteError(f"could not write {path} ({error.strerror or error}); nothing was written, an earlier "
+                         f"file there is intact") from None
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)

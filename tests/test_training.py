@@ -338,8 +338,9 @@ def test_failed_save_keeps_previous_checkpoint(data, stage1, tmp_path, monkeypat
     target = ckdir / "exp" / "volume_renderer" / "models_0000001.pt"
     before = target.read_bytes()
 
-    def broken_save(obj, handle, *a, **k):
-        handle.write(b"half a checkpoint")  # the disk fills up half-way through
+    def broken_save(obj, path, *a, **k):
+        with open(path, "wb") as handle:
+            handle.write(b"half a checkpoint")  # the disk fills up half-way through
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", broken_save)
@@ -347,7 +348,7 @@ def test_failed_save_keeps_previous_checkpoint(data, stage1, tmp_path, monkeypat
     with pytest.raises(SystemExit) as exit_info:
         train_CNeRF.main(args(data, ckdir, "exp", "--iter", 2, "--continue_training", "--ckpt", 0))
     message = str(exit_info.value.code)
-    assert "could not write checkpoint" in message and "models_0000001.pt" in message and "intact" in message
+    assert message.startswith("error: could not write") and "models_0000001.pt" in message and "intact" in message
     assert target.read_bytes() == before
     assert [p.name for p in target.parent.iterdir() if p.name.startswith(".")] == []
 

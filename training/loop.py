@@ -197,14 +197,6 @@ def restore_optimizers(opt, ckpt, resume_path, optimizers):
         raise CheckpointError(f"{resume_path}: optimiser state does not fit ({error})") from None
 
 
-def save(obj, path):
-    try:
-        save_checkpoint(obj, path)
-    except OSError as error:
-        raise TrainingError(f"could not write checkpoint {path} ({error}); the previous checkpoint is intact") \
-            from None
-
-
 def end_of_iteration(run, i, last, t, write_grid, checkpoint_state):
     """The shared end of a training iteration: the sample grid (main process, every --sample_every
     and at the last iteration; `write_grid(path)`) and the periodic checkpoint (every rank gives its
@@ -216,7 +208,7 @@ def end_of_iteration(run, i, last, t, write_grid, checkpoint_state):
     if should_save(i, last, t.save_every, t.sample_every):
         rng = gather_rng()
         if run.main:
-            save(checkpoint_state(rng), os.path.join(run.stage_dir, f"models_{i:07d}.pt"))
+            save_checkpoint(checkpoint_state(rng), os.path.join(run.stage_dir, f"models_{i:07d}.pt"))
 
 
 def finish_run(run, opt, g_ema, last_iter, name):
@@ -224,7 +216,7 @@ def finish_run(run, opt, g_ema, last_iter, name):
 
     It carries its architecture options ("config"), so `--trained_ckpt` alone rebuilds it."""
     if run.main:
-        save({"g_ema": g_ema.state_dict(), "iter": last_iter, "config": architecture_config(opt)},
+        save_checkpoint({"g_ema": g_ema.state_dict(), "iter": last_iter, "config": architecture_config(opt)},
              os.path.join(run.exp_dir, name))
     run.logger.finish()
     dist_utils.synchronize()
