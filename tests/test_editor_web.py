@@ -435,7 +435,8 @@ def test_inversion_reports_progress_and_can_be_cancelled(server):
 def test_memory_returns_after_an_inversion(server):
     """RssAnon after an inversion ends is within 10 % of its level before it. The inversion's autograd
     buffers are freed into a malloc arena that configure_allocator() tells glibc never to trim; the
-    editor gives them back at the end (without that, measured here: +40 % after a 6-step inversion)."""
+    editor gives them back at the end (without that, measured here: +40 % after a 6-step inversion),
+    before the job reports done (the other way round, a fresh clone's run measured +15 %)."""
     wait_idle(server)
     image = png_base64(seed=2)
     server.post("/api/render", {"source": 5, "reference": 6})
