@@ -7,8 +7,8 @@
 The vectors check rebuilds every module at the file's configuration with the reference weight
 recipe, runs every case in float64 (bound 1e-6 · max(1, max|b|)) and float32 (2e-2 · ...), prints
 one line per output and exits 0 only if all pass. --device runs the modules there (e.g. cuda: the CUDA
-ops and kernels); cameras are made on the CPU as recorded, and the outputs are compared on the CPU. The layout check builds the five modules at the
-file's configuration and compares every key and shape.
+ops and kernels); cameras are made on the CPU as recorded, and the outputs are compared on the CPU.
+The layout check builds the five modules at the file's configuration and compares every key and shape.
 """
 import argparse
 import json

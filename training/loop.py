@@ -77,6 +77,8 @@ class FiniteGuard:
     def check(self):
         """Raise NonFiniteLoss if any watched loss is NaN or infinite (on any rank); forget them all."""
         pending, self.pending = self.pending, []
+        if not pending:  # the same on every rank: they run the same steps
+            return
         tensors = [v.reshape(-1) for _, losses in pending for v in losses.values() if torch.is_tensor(v)]
         numbers_bad = any(not math.isfinite(v) for _, losses in pending for v in losses.values()
                           if not torch.is_tensor(v))
@@ -90,11 +92,12 @@ class FiniteGuard:
         for iteration, losses in pending:
             bad = _non_finite(losses)
             if bad:
-                values = ", ".join(f"{name}={float(losses[name].float().mean()) if torch.is_tensor(losses[name]) else losses[name]}"
-                                   for name in bad)
+                shown = {name: float(losses[name].float().mean()) if torch.is_tensor(losses[name]) else losses[name]
+                         for name in bad}
+                values = ", ".join(f"{name}={value}" for name, value in shown.items())
                 raise NonFiniteLoss(f"non-finite loss at iteration {iteration}: {values}; {STOPPED}")
-        span = f"iteration {pending[0][0]}" if pending and pending[0][0] == pending[-1][0] else \
-            f"iterations {pending[0][0]}-{pending[-1][0]}" if pending else "this iteration"
+        span = f"iteration {pending[0][0]}" if pending[0][0] == pending[-1][0] else \
+            f"iterations {pending[0][0]}-{pending[-1][0]}"
         raise NonFiniteLoss(f"non-finite loss at {span} on another rank; {STOPPED}")
 
 
