@@ -144,8 +144,74 @@ def average_gradients(parameters):
     if not is_distributed() or get_world_size() == 1:
         return
     world = get_world_size()
+    groups = {}
     for p in parameters:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-        p.grad.div_(world)
+        groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    # One all-reduce per device and dtype over the gradients flattened into one buffer, instead of one
+    # per parameter (hundreds of small collectives). Each element is summed over the ranks as before.
+    for grads in groups.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(world)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def collective_device():
+    """Where this process group's collectives run: this rank's CUDA device under NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device(torch.accelerator.current_accelerator().type, torch.accelerator.current_device_index())
+    return torch.device("cpu")
+
+
+def broadcast_training_state(module, optimizer):
+    """Copy rank 0's parameters, buffers and optimiser state (e.g. Adam's moments and step counts) to every
+    rank.
+
+    For state each rank computed on its own before DDP takes over (the sphere initialisation runs per
+    rank on its own draws): DDP's wrap broadcasts the parameters but never the optimiser, so the ranks'
+    Adam moments, and with them their parameters, would drift apart from the first GAN step on. The
+    ranks may even hold state for different parameters (Adam makes it at a parameter's first gradient,
+    which style mixing decides): rank 0's layout is sent first, and every rank takes it.
+    """
+    if not is_distributed() or get_world_size() == 1:
+        return
+    device = collective_device()
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    layout = [{key: ("tensor", tuple(value.shape), str(value.dtype).replace("torch.", ""),
+                     value.device == param.device) if torch.is_tensor(value) else ("value", value)
+               for key, value in optimizer.state.get(param, {}).items()} for param in params]
+    shared = [layout]
+    dist.broadcast_object_list(shared, 0)
+    # Parameters and persistent buffers (constant ones, such as expanded pixel grids, are the same everywhere).
+    tensors = list(module.state_dict(keep_vars=True).values())
+    for param, entries in zip(params, shared[0]):
+        if not entries:
+            optimizer.state.pop(param, None)
+            continue
+        own = optimizer.state.get(param, {})
+        state = {}
+        for key, entry in entries.items():
+            if entry[0] == "value":
+                state[key] = entry[1]
+                continue
+            _, shape, dtype, on_param_device = entry
+            where = param.device if on_param_device else torch.device("cpu")
+            value = own.get(key)
+            if not (torch.is_tensor(value) and tuple(value.shape) == shape and value.device == where
+                    and value.dtype == getattr(torch, dtype)):
+                value = torch.zeros(shape, dtype=getattr(torch, dtype), device=where)
+            state[key] = value
+            tensors.append(value)
+        optimizer.state[param] = state
+    with torch.no_grad():
+        for tensor in tensors:
+            carrier = tensor if tensor.device == device and tensor.is_contiguous() else \
+                tensor.to(device).contiguous()
+            dist.broadcast(carrier, 0)
+            if carrier is not tensor:
+                tensor.copy_(carrier)

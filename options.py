@@ -52,6 +52,10 @@ class BaseOptions:
                                      "published), bf16 (bfloat16 autocast, fp32 master weights, losses and volume "
                                      "integration; see common/precision.py) or auto (bf16 where the device does it "
                                      "natively: AVX-512 BF16 / AMX CPUs, CUDA compute capability 8.0+; else fp32)")
+        experiment.add_argument("--deterministic", action="store_true",
+                                help="(new) training: reproducible CUDA runs that resume exactly (deterministic "
+                                     "cuDNN/cuBLAS algorithms, no TF32, no cuDNN autotuning, data loaded in the "
+                                     "main process); slower on a GPU. CPU runs are deterministic without it")
 
         training = p.add_argument_group("training")
         training.add_argument("--checkpoints_dir", type=str, default="./checkpoints", help="checkpoints directory")
@@ -80,7 +84,14 @@ class BaseOptions:
         training.add_argument("--sphere_init_iter", type=int, default=10000, help="(new) sphere initialisation iterations")
         training.add_argument("--sample_every", type=int, default=1000, help="(new) iterations between sample grids")
         training.add_argument("--save_every", type=int, default=10000, help="(new) iterations between checkpoints")
-        training.add_argument("--num_workers", type=int, default=0, help="(new) data loader workers")
+        training.add_argument("--num_workers", type=int, default=None,
+                              help="(new) data loader workers (default: 0 on the CPU and with --deterministic, "
+                                   "where a resumed run continues exactly; else up to 4 per process)")
+        training.add_argument("--sync_every", type=int, default=1,
+                              help="(new) iterations between the non-finite loss check and the logged losses, "
+                                   "each one wait for the device (and an all-reduce under DDP): larger values let "
+                                   "a GPU run ahead; a non-finite loss stops training within this many "
+                                   "iterations, before any checkpoint or sample grid is written after it")
         training.add_argument("--vol_g_lr", type=finite_float, default=2e-5,
                               help="(new) stage-1 generator learning rate (published: 2e-5, hard-coded)")
         training.add_argument("--vol_d_lr", type=finite_float, default=2e-4,
@@ -137,6 +148,10 @@ class BaseOptions:
         rendering.add_argument("--render_path", type=str, default="fast", choices=["fast", "reference"],
                                help="(new) renderer implementation: fast (default) or the straightforward reference")
         rendering.add_argument("--ray_chunk", type=int, default=256, help="(new) rays per renderer chunk")
+        rendering.add_argument("--keep_graph_mib", type=int, default=None,
+                               help="(new) fast renderer, training: MiB of chunk graphs kept from the forward pass "
+                                    "for backward instead of rendering those chunks again there (default: 2048 on "
+                                    "the CPU, half the free memory of a CUDA device; 0: re-render every chunk)")
         self.initialized = True
 
     def parse(self, args=None):

@@ -31,11 +31,19 @@ STAGE = "volume_renderer"
 
 def sphere_init(m, opt, path, show):
     """Regress the initial SDF network onto a sphere (SPEC §7) with the GAN optimiser m.g_optim, whose
-    state carries into GAN training (published); writes `path` (rank 0)."""
+    state carries into GAN training (published); writes `path` (rank 0).
+
+    Under DDP every rank runs it on its own draws; rank 0's generator and optimiser state then go to
+    every rank, so that all start GAN training from the same Adam moments. The loss is checked (and
+    shown) every --sync_every steps and at the end, not at every step."""
+    last = opt.training.sphere_init_iter - 1
     bar = tqdm(range(opt.training.sphere_init_iter), desc="sphere init", disable=not show, dynamic_ncols=True)
     for step in bar:
         record = steps.sphere_init_step(m, opt, step)
-        bar.set_postfix(l1=f"{record['loss'].item():.4f}")
+        if (step + 1) % opt.training.sync_every == 0 or step == last:
+            m.guard.check()
+            bar.set_postfix(l1=f"{record['loss'].item():.4f}")
+    dist_utils.broadcast_training_state(m.g_module, m.g_optim)
     if dist_utils.is_main_process():
         save_checkpoint({"g": m.g_module.state_dict(), "iter": opt.training.sphere_init_iter}, path)
 
@@ -73,7 +81,7 @@ def train(argv=None):
     g, g_ema, gd, sd = steps.build_stage1(opt, device)
     g_optim, gd_optim, sd_optim = steps.stage1_optimizers(opt, g, gd, sd)
     m = Munch(g=g, g_module=g, gd=gd, sd=sd, g_optim=g_optim, gd_optim=gd_optim, sd_optim=sd_optim,
-                 device=device, resolution=resolution)
+              device=device, resolution=resolution, guard=loop.FiniteGuard())
     precision.from_options(opt, device, g, g_ema, gd, sd)  # --precision; fp32 changes nothing
 
     start_iter = 0
@@ -100,7 +108,8 @@ def train(argv=None):
     if start_iter == 0:  # the EMA starts as a copy of the (rank 0, after DDP's broadcast) generator
         g_ema.load_state_dict(g_module.state_dict())
 
-    loader = data_order.make_loader(dataset, t.batch, seed, start_iter, t.num_workers, device)
+    workers = data_order.loader_workers(t.num_workers, device, opt.experiment.deterministic)
+    loader = data_order.make_loader(dataset, t.batch, seed, start_iter, workers, device)
     data_iter = iter(loader)
     sampler = samples.Sampler(opt, device, seed, resolution) if main else None
     last = t.iter - 1
@@ -108,9 +117,14 @@ def train(argv=None):
                dynamic_ncols=True, smoothing=0.01)
     for i in bar:
         real_img, _, real_mask = next(data_iter)
-        records = steps.stage1_iteration(m, opt, real_img.to(device), real_mask.to(device), i)
+        # From pinned memory (CUDA), the copies overlap the work queued before them.
+        real_img, real_mask = real_img.to(device, non_blocking=True), real_mask.to(device, non_blocking=True)
+        records = steps.stage1_iteration(m, opt, real_img, real_mask, i)
         params.accumulate(g_ema, g_module, params.ema_decay(opt), prefixes=steps.STAGE1_EMA)
+        if not loop.sync_due(i, start_iter, last, t):
+            continue  # nothing read back from the device: it runs ahead until the next check
 
+        m.guard.check()
         d, sd_record, g_last = records[0][1], records[1][1], records[-1][1]
         shown = dist_utils.reduce_loss_dict({
             "d": d["d_loss"], "d_r1": d["r1_loss"], "d_view": d["d_view_loss"], "sd": sd_record["sd_loss"],

@@ -116,7 +116,8 @@ def train(argv=None):
     g.train()
     d.train()
     g_module, d_module = g, d
-    m = Munch(g=g, g_module=g, d=d, g_optim=g_optim, d_optim=d_optim, device=device, resolution=resolution)
+    m = Munch(g=g, g_module=g, d=d, g_optim=g_optim, d_optim=d_optim, device=device, resolution=resolution,
+              guard=loop.FiniteGuard())
     if distributed:
         ddp = dict(device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
                    find_unused_parameters=True)
@@ -124,7 +125,8 @@ def train(argv=None):
     if start_iter == 0:
         g_ema.load_state_dict(g_module.state_dict())  # also copies the decoder's fixed noise buffers
 
-    loader = data_order.make_loader(dataset, t.batch, seed, start_iter, t.num_workers, device)
+    workers = data_order.loader_workers(t.num_workers, device, opt.experiment.deterministic)
+    loader = data_order.make_loader(dataset, t.batch, seed, start_iter, workers, device)
     data_iter = iter(loader)
     sampler = samples.Sampler(opt, device, seed, resolution) if main else None
     last = t.iter - 1
@@ -133,8 +135,9 @@ def train(argv=None):
                dynamic_ncols=True, smoothing=0.01)
     for i in bar:
         real_img, _, real_mask = next(data_iter)
-        records, mean_path_length = steps.stage2_iteration(m, opt, real_img.to(device), real_mask.to(device),
-                                                           mean_path_length, i)
+        # From pinned memory (CUDA), the copies overlap the work queued before them.
+        real_img, real_mask = real_img.to(device, non_blocking=True), real_mask.to(device, non_blocking=True)
+        records, mean_path_length = steps.stage2_iteration(m, opt, real_img, real_mask, mean_path_length, i)
         params.accumulate(g_ema, g_module, params.ema_decay(opt), prefixes=steps.STAGE2_TRAINED)
 
         by_name = {}
@@ -145,6 +148,10 @@ def train(argv=None):
         if "weighted_path_loss" in by_name:
             path_record = by_name["weighted_path_loss"][0]
             shown_path, shown_lengths = path_record["path_loss"], path_record["path_lengths"].mean()
+        if not loop.sync_due(i, start_iter, last, t):
+            continue  # nothing read back from the device: it runs ahead until the next check
+
+        m.guard.check()
         shown = dist_utils.reduce_loss_dict({"d": by_name["d_loss"][-1]["d_gan_loss"], "r1": shown_r1,
                                              "g": by_name["g_loss"][-1]["g_loss"], "path": shown_path,
                                              "path_length": shown_lengths}, device=device)

@@ -153,9 +153,9 @@ class VolumeFeatureRenderer(nn.Module):
         self.fast_points = opt.get("fast_points", None)
         self.fast_grad_points = opt.get("fast_grad_points", None)
         # With gradients, chunk graphs are kept from the forward pass (instead of re-rendering the
-        # chunk in backward) up to this many MiB: by default 2048 on the CPU (CNERF_KEEP_MIB
-        # overrides), none on an accelerator (untested there). Set it to override.
-        self.fast_keep_mib = opt.get("fast_keep_mib", None)
+        # chunk in backward) up to this many MiB (--keep_graph_mib); None: perf_utils.default_keep_mib
+        # (2048 on the CPU, half the free memory of a CUDA device).
+        self.fast_keep_mib = opt.get("keep_graph_mib", None)
 
         # Constant buffers are float32 values (converted by .double() like the published modules),
         # not part of the state dict.

@@ -1,5 +1,7 @@
 """Device selection, in one place, without naming a backend: `--device` as given, else this process's
 accelerator when there is one, else the CPU."""
+import os
+
 import torch
 
 from common.cli import UsageError
@@ -31,3 +33,31 @@ def select_device(requested=None, local_rank=0):
     if device.index >= count:
         raise UsageError(f"--device {requested}: only {count} {device.type} device(s) present")
     return device
+
+
+def configure_backends(device, deterministic=False):
+    """Process-wide backend settings for a training run on `device` (the same tensor shapes every
+    iteration).
+
+    CUDA: cuDNN autotuning (cudnn.benchmark), since the one-off search for each convolution shape pays
+    back over thousands of iterations. With `deterministic` instead: deterministic algorithms (cuDNN,
+    cuBLAS with a fixed workspace), no autotuning and no TF32, so that two runs, or a run and its resumption,
+    give the same numbers; ops without a deterministic CUDA implementation warn (warn_only) rather than
+    stop. Slower on a GPU: convolutions lose their fastest algorithms and TF32. On the CPU nothing is set:
+    its kernels are deterministic already.
+    """
+    if torch.device(device).type == "cpu":
+        return
+    if deterministic:
+        # cuBLAS reads this when it first creates a handle, i.e. before the first matmul on the device.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        # This project writes every element of the tensors it leaves uninitialised: filling them with NaN
+        # first (the deterministic mode's default) would only cost time.
+        torch.utils.deterministic.fill_uninitialized_memory = False
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    else:
+        torch.backends.cudnn.benchmark = True

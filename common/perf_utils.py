@@ -84,10 +84,23 @@ def render_threads_setting(default):
     return _env_integer("CNERF_RENDER_THREADS", default, 1, "a positive integer")
 
 
-def keep_mib_setting(default):
-    """CNERF_KEEP_MIB from the environment (MiB, a non-negative integer), or `default` when unset:
-    the memory the fast renderer may spend keeping the forward pass's chunk graphs for backward."""
-    return _env_integer("CNERF_KEEP_MIB", default, 0, "a non-negative integer")
+def default_keep_mib(device):
+    """The memory (MiB) the fast renderer may spend by default keeping the forward pass's chunk graphs
+    for backward, instead of rendering those chunks a second time there (--keep_graph_mib sets it).
+
+    CPU: 2048. CUDA: half of what the device has free now (what the driver reports free plus what
+    PyTorch's caching allocator holds unused), leaving the other half to the rest of the step (the
+    discriminators, R1's double backward, the chunks re-rendered in backward). Other accelerators: 0,
+    since their free memory cannot be asked.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        return 2048
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        unused_cache = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int((free + unused_cache) / 2 / 2 ** 20)
+    return 0
 
 
 def map_in_threads(fn, items, device):

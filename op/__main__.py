@@ -1,4 +1,6 @@
-"""`python -m op`: compile check of the CUDA sources (see op/build.py)."""
+"""`python -m op`: build the CUDA ops now, e.g. before torchrun (see op/build.py)."""
+import sys
+
 from .build import main
 
-main()
+sys.exit(main())

@@ -62,7 +62,7 @@ def fused_leaky_relu(input, bias=None, negative_slope=0.2, scale=2 ** 0.5):
     """leaky_relu(input + bias broadcast on dim 1, negative_slope) * scale; bias may be None."""
     # The CUDA backward reads the sign of input + bias off the output: valid for slope >= 0, scale > 0.
     if build.use_cuda(input) and negative_slope >= 0 and scale > 0:
-        if build.get_extension("fused_bias_act") is not None:
+        if build.get_extension("fused_bias_act", input.device) is not None:
             if bias is not None:
                 dtype = torch.result_type(input, bias)  # same promotion as the reference
                 input, bias = input.to(dtype), bias.to(dtype)

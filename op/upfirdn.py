@@ -78,7 +78,7 @@ def upfirdn2d(input, kernel, up=1, down=1, pad=(0, 0)):
     pad = _parse_pad(pad)
     # The CUDA path does not differentiate w.r.t. the filter; a trainable filter uses the reference.
     if build.use_cuda(input) and not kernel.requires_grad:
-        if build.get_extension("upfirdn2d") is not None:
+        if build.get_extension("upfirdn2d", input.device) is not None:
             kernel = kernel.to(device=input.device, dtype=input.dtype).contiguous()
             return _UpFirDn2d.apply(input, kernel, int(up), int(down), pad)
     return upfirdn2d_ref(input, kernel, up, down, pad)

@@ -131,7 +131,7 @@ class FastRender(torch.autograd.Function):
 
     The first `spec.keep` chunks instead keep their graph from the forward pass (lean: sines and
     cosines only, see SirenEikonal), so backward does not render them a second time; spec.keep is
-    set by a memory budget (VolumeFeatureRenderer.fast_keep_mib). Backward goes through the chunks
+    set by a memory budget (--keep_graph_mib, perf_utils.default_keep_mib). Backward goes through the chunks
     on the CPU's worker threads (perf_utils.imap_in_threads) and adds their gradients in chunk
     order, so the sums are those of a serial loop, bit for bit.
     """
@@ -236,6 +236,14 @@ def trunk(weights, biases, xt, tap):
         if l + 1 == tap:
             tapped = h
     return tapped, h
+
+def balanced_chunk(n_rays, chunk):
+    """The chunk size that splits `n_rays` into as many chunks as `chunk` does, but evenly: no last
+    chunk that is a sliver (4096 rays in chunks of 682: six of 586 and one of 580, not six of 682 and
+    one of 4, whose launches would cost as much as a full chunk's)."""
+    count = -(-n_rays // chunk)
+    return -(-n_rays // count)
+
 
 def chunks(spec, chunk=None):
     n_rays = spec.rays_o.shape[1]
@@ -370,6 +378,12 @@ def forward(renderer, cam_poses, focal, near, far, styles, return_eikonal=False,
     grad_points = renderer.fast_grad_points or (1536 if on_cpu else 16384)
     chunk = ray_chunk if ray_chunk else max(1, points // renderer.N_samples)
     grad_chunk = ray_chunk if ray_chunk else max(1, grad_points // renderer.N_samples)
+    if not on_cpu:
+        # Even chunks on an accelerator, where a sliver costs a full chunk's kernel launches. The CPU
+        # keeps the plain split: the gradients are summed over chunks, so another split would change
+        # the last bits of pinned float32/float64 results (the conformance checks, the tests).
+        n_rays = rays_o.shape[1]
+        chunk, grad_chunk = balanced_chunk(n_rays, chunk), balanced_chunk(n_rays, grad_chunk)
     # Depths (and raw noise) for the whole image at once, so that re-rendering a chunk for the
     # gradients sees exactly the samples of the forward pass.
     t_vals = renderer.t_vals.to(rays_o.dtype)
@@ -389,7 +403,7 @@ def forward(renderer, cam_poses, focal, near, far, styles, return_eikonal=False,
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         keep_mib = renderer.fast_keep_mib
         if keep_mib is None:
-            keep_mib = perf_utils.keep_mib_setting(2048) if on_cpu else 0
+            keep_mib = perf_utils.default_keep_mib(rays_o.device)
         # A kept chunk holds about 2 [K, C, P] activations per trunk layer (sin and cos, or the
         # pre-activation and sin without the eikonal term); +10 % for the heads' graph.
         # (In the weights' dtype also under bf16: then as many chunks are kept, in half the memory.)

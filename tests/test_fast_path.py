@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from common import perf_utils
 from losses import eikonal_loss
 from model import Generator
 from options import default_options, sync_region_count
@@ -154,13 +155,35 @@ def test_kept_chunk_count_follows_the_memory_budget(monkeypatch):
         g.renderer.fast_keep_mib = keep_mib
         g([z], *cam, return_sdf=True, return_eikonal=True)
         assert min(seen[-1], 7) == expected
-    g.renderer.fast_keep_mib = None
-    monkeypatch.setenv("CNERF_KEEP_MIB", "0")
-    g([z], *cam, return_sdf=True, return_eikonal=True)
-    assert seen[-1] == 0
-    monkeypatch.setenv("CNERF_KEEP_MIB", "lots")
-    with pytest.raises(SystemExit, match="CNERF_KEEP_MIB='lots' is not a non-negative integer"):
-        g([z], *cam, return_sdf=True, return_eikonal=True)
+    # The budget is an option (flag or config key keep_graph_mib) read by the renderer; unset, the device's
+    # default (2048 MiB on the CPU).
+    assert perf_utils.default_keep_mib("cpu") == 2048 and perf_utils.default_keep_mib("meta") == 0
+    for flags, expected in (([], None), (["--keep_graph_mib", "0"], 0), (["--keep_graph_mib", "300"], 300)):
+        opt = default_options(TINY + flags)
+        assert Generator(opt.model, opt.rendering, full_pipeline=False).renderer.fast_keep_mib == expected
+
+
+def test_chunking_is_pinned(monkeypatch):
+    """Issue 29: on an accelerator a chunk split is even (no sliver of a last chunk); on the CPU it stays the
+    plain one, whose per-chunk gradient sums the conformance checks and tests pin."""
+    assert fast_render.balanced_chunk(4096, 682) == 586  # 6 × 586 + 580, not 6 × 682 + 4
+    assert fast_render.balanced_chunk(4096, 64) == 64 and fast_render.balanced_chunk(4096, 42) == 42
+    assert fast_render.balanced_chunk(256, 192) == 128 and fast_render.balanced_chunk(64, 10) == 10
+    for n_rays, chunk in ((4096, 682), (4096, 2730), (256, 192), (1000, 999), (7, 3), (64, 64)):
+        size = fast_render.balanced_chunk(n_rays, chunk)
+        sizes = [min(size, n_rays - start) for start in range(0, n_rays, size)]
+        assert len(sizes) == -(-n_rays // chunk) and max(sizes) <= chunk  # as many chunks, none larger
+        assert min(sizes) >= max(sizes) - len(sizes)  # and none a sliver
+    seen = []
+    original = fast_render.render_all
+    monkeypatch.setattr(fast_render, "render_all", lambda renderer, spec, *a, **k: (
+        seen.append((spec.chunk, spec.grad_chunk)), original(renderer, spec, *a, **k))[1])
+    g, _, opt = _pair(False, False)
+    g.renderer.render_path = "fast"
+    g.renderer.fast_points, g.renderer.fast_grad_points = 6 * 10, 6 * 7
+    with torch.no_grad():
+        g([torch.randn(1, opt.model.style_dim, dtype=torch.float64)], *_camera(1))
+    assert seen == [(10, 7)]  # CPU: 64 rays in chunks of 10 (last 4) and 7 (last 1), as before
 
 
 def test_stage1_randomness_is_reused_when_re_rendering():
@@ -357,3 +380,35 @@ def test_fused_leaky_relu_without_graph_is_in_place_on_a_fresh_tensor_only():
         assert torch.equal(fast, graph.detach())
         expected = torch.nn.functional.leaky_relu(x + (0 if b is None else b.view(1, -1, 1, 1)), 0.2) * 2 ** 0.5
         assert torch.equal(fast, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fast_path_on_cuda_matches_the_cpu():
+    """The fast renderer on a GPU (even chunks, graphs kept by the free-memory budget or re-rendered) gives
+    the CPU's outputs and parameter gradients, in float64."""
+    g_cpu, _, opt = _pair(False, True, perturb=0.0)
+    g_cpu.renderer.render_path = "fast"
+    cam = _camera(2)
+    z = torch.randn(2, opt.model.style_dim, dtype=torch.float64)
+
+    def step(g, device):
+        g.zero_grad(set_to_none=True)
+        _, thumb, sdf, eikonal, seg = g([z.to(device)], *[t.to(device) for t in cam], return_sdf=True,
+                                        return_eikonal=True)
+        eik, min_surf = eikonal_loss(eikonal, sdf, beta=100)
+        loss = (torch.linspace(0.5, 1.5, thumb.numel(), dtype=thumb.dtype, device=device).view_as(thumb) * thumb
+                ).mean() + 0.1 * eik + 0.01 * min_surf + (seg ** 2).mean()
+        loss.backward()
+        return [t.detach().cpu() for t in (thumb, sdf, eikonal, seg)], {
+            n: p.grad.cpu() for n, p in g.named_parameters() if p.grad is not None}
+
+    outs_cpu, grads_cpu = step(g_cpu, "cpu")
+    g_gpu = copy.deepcopy(g_cpu).cuda()
+    for keep_mib in (None, 0):
+        g_gpu.renderer.fast_keep_mib = keep_mib
+        outs, grads = step(g_gpu, "cuda")
+        for name, a, b in zip(("thumb", "sdf", "eikonal", "seg"), outs, outs_cpu):
+            _close(a, b, name)
+        assert set(grads) == set(grads_cpu)
+        for name, grad in grads_cpu.items():
+            _close(grads[name], grad, f"grad {name}")

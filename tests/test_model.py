@@ -54,6 +54,30 @@ def test_conformance_vectors_pass_in_float64_and_float32():
     assert all(line.split()[-1] == "pass" for line in lines)
 
 
+@needs_reference
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_conformance_vectors_pass_on_cuda_in_float64_and_float32():
+    result = subprocess.run([sys.executable, "tools/check_conformance.py", str(SHARED / "conformance_vectors.pt"),
+                             "--device", "cuda"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = [l for l in result.stdout.splitlines() if l.startswith("cuda")]
+    vectors = torch.load(SHARED / "conformance_vectors.pt", weights_only=True)
+    assert len(lines) == 2 * sum(len(v) for v in vectors["outputs"].values())
+    assert all(line.split()[-1] == "pass" for line in lines)
+
+
+def test_conformance_device_flag_refuses_a_missing_device(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    result = subprocess.run([sys.executable, "tools/check_conformance.py", str(tmp_path / "v.pt"), "--device",
+                             "cuda"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr == "error: --device cuda: no cuda device is available on this machine (use --device cpu)\n"
+    result = subprocess.run([sys.executable, "tools/check_training_conformance.py", str(tmp_path / "v.pt"),
+                             "--device", "cuda"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.startswith("error: --device cuda: no cuda device")
+
+
 def test_compare_flags_outputs_beyond_the_bound():
     reference = {"case": {"a": torch.tensor([1.0, 2.0], dtype=torch.float64), "b": torch.zeros(3, dtype=torch.float64)}}
     actual = {"case": {"a": torch.tensor([1.0, 2.0 + 3e-6], dtype=torch.float64), "b": torch.zeros(2)}}

@@ -247,6 +247,129 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
     assert "nvcc exploded" in str(caught[0].message)
 
 
+class CannotLaunch(FakeExtensions):
+    """A build for other GPU architectures: it loads, and its first kernel launch fails."""
+
+    def fused_lrelu(self, *args):
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device\nmore")
+
+    upfirdn2d = fused_lrelu
+
+
+class WrongNumbers(FakeExtensions):
+    def upfirdn2d(self, x, kernel, *args):
+        return super().upfirdn2d(x, kernel, *args) + 1
+
+
+@pytest.mark.parametrize("extension,fragment", [(CannotLaunch, "no kernel image is available"),
+                                                (WrongNumbers, "differ from the reference")])
+def test_kernels_that_fail_their_first_launch_fall_back_with_one_warning(monkeypatch, extension, fragment):
+    """A wrong TORCH_CUDA_ARCH_LIST builds fine and fails at the first kernel launch: the first use tries
+    the kernels once on the device, and a failure (or wrong numbers) means the reference, with one warning
+    per extension, instead of a crash in the middle of a run."""
+    built = []
+    monkeypatch.setattr(build, "compile_extension", lambda name, verbose=False: built.append(name) or extension())
+    monkeypatch.setattr(build, "_loaded", {})
+    monkeypatch.setattr(build, "use_cuda", lambda x: True)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "5.0")
+    x, b, k = rand(2, 3, 4, 4), rand(3), rand(2, 2, seed=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            torch.testing.assert_close(fused_leaky_relu(x, b), fused_leaky_relu_ref(x, b))
+            torch.testing.assert_close(upfirdn2d(x, k, 2, 1, (1, 1)), upfirdn2d_ref(x, k, 2, 1, (1, 1)))
+    messages = [str(w.message) for w in caught]
+    assert built == ["fused_bias_act", "upfirdn2d"] and build._loaded["upfirdn2d"] is None
+    assert (build._loaded["fused_bias_act"] is None) == (extension is CannotLaunch)
+    failing = [m for m in messages if fragment in m]
+    assert len(failing) == len(messages) == (2 if extension is CannotLaunch else 1)
+    assert all("TORCH_CUDA_ARCH_LIST=5.0" in m and "using the PyTorch reference" in m for m in failing)
+
+
+def test_working_kernels_are_used_after_their_first_launch(monkeypatch):
+    fake = FakeExtensions()
+    monkeypatch.setattr(build, "compile_extension", lambda name, verbose=False: fake)
+    monkeypatch.setattr(build, "_loaded", {})
+    monkeypatch.setattr(build, "use_cuda", lambda x: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused_leaky_relu(rand(2, 3), rand(3))
+    assert build._loaded["fused_bias_act"] is fake and fake.calls == 3  # 2 on the trial, 1 for the call
+
+
+def fake_toolkit(root, name, version):
+    home = root / name
+    (home / "lib64").mkdir(parents=True)
+    (home / "lib64" / "libcudart.so").write_text("")
+    (home / "include").mkdir()
+    major, minor = version.split(".")
+    (home / "include" / "cuda_runtime_api.h").write_text(
+        f"#define CUDART_VERSION  {int(major) * 1000 + int(minor) * 10}\n")
+    return str(home)
+
+
+def test_the_toolkit_matching_torchs_cuda_version_is_preferred(tmp_path, monkeypatch):
+    for name in ("CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(build.shutil, "which", lambda name: None)
+    old, newer, same = (fake_toolkit(tmp_path, n, v) for n, v in (("cuda-12.4", "12.4"), ("cuda-13.1", "13.1"),
+                                                                  ("cuda-13.0", "13.0")))
+    search = [str(tmp_path / "missing"), old, newer, same]
+    assert build.toolkit_version(same) == "13.0" and build.toolkit_version(str(tmp_path)) is None
+    assert build.find_cuda_home("13.0", search) == same  # the exact version, though listed last
+    assert build.find_cuda_home("13.2", search) == newer  # else the same major version
+    assert build.find_cuda_home("11.8", search) == old  # else the first toolkit found
+    assert build.find_cuda_home("13.0", [str(tmp_path / "missing")]) is None
+    monkeypatch.setenv("CUDA_HOME", old)  # an explicit choice is kept
+    assert build.find_cuda_home("13.0", search) == old
+    monkeypatch.setattr(build, "_torch_cuda_version", lambda: "13.0")
+    assert build.toolkit_line(same) == f"op: CUDA toolkit {same} (CUDA 13.0; matches torch's)"
+    assert "torch was built with CUDA 13.0" in build.toolkit_line(old) and "12.4" in build.toolkit_line(old)
+
+
+@pytest.mark.skipif(build.fcntl is None, reason="no flock on this system")
+def test_a_build_removes_the_lock_of_a_killed_build_and_holds_its_own(tmp_path, monkeypatch):
+    """torch's build baton is a plain file: a rank killed mid-build leaves it, and the next run waits for it
+    forever. Builds here hold a kernel lock (gone with its process), inside which such a file is stale."""
+    from torch.utils import cpp_extension
+
+    folder = tmp_path / "cnerf_fused_bias_act"
+    folder.mkdir()
+    (folder / "lock").write_text("")
+    seen = []
+
+    def fake_load(name, sources, extra_cuda_cflags, verbose):
+        seen.append(not (folder / "lock").exists())
+        with open(folder / "cnerf_build.flock", "a") as other:  # another process's attempt
+            with pytest.raises(BlockingIOError):
+                build.fcntl.flock(other, build.fcntl.LOCK_EX | build.fcntl.LOCK_NB)
+        return "module"
+
+    monkeypatch.setattr(build, "prepare_build_env", lambda: None)
+    monkeypatch.setattr(build, "build_directory", lambda name: str(tmp_path / f"cnerf_{name}"))
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    assert build.compile_extension("fused_bias_act") == "module" and seen == [True]
+    with open(folder / "cnerf_build.flock", "a") as other:  # released afterwards
+        build.fcntl.flock(other, build.fcntl.LOCK_EX | build.fcntl.LOCK_NB)
+
+
+def test_python_m_op_builds_ahead_or_says_why_not(monkeypatch, capsys):
+    monkeypatch.setattr(build, "build_directory", lambda name: f"/cache/cnerf_{name}")
+    monkeypatch.setattr(build, "compile_extension", lambda name, verbose=False: FakeExtensions())
+    assert build.main([]) == 0
+    out = capsys.readouterr().out
+    assert "fused_bias_act: built in" in out and "/cache/cnerf_upfirdn2d" in out and out.rstrip().splitlines()[-1]\
+        .startswith("ready: processes with the same TORCH_EXTENSIONS_DIR")
+
+    def broken(name, verbose=False):
+        raise RuntimeError("Error building extension 'cnerf_fused_bias_act'\nlong log")
+
+    monkeypatch.setattr(build, "compile_extension", broken)
+    assert build.main([]) == 1
+    assert capsys.readouterr().err == "error: op 'fused_bias_act': RuntimeError: Error building extension " \
+                                      "'cnerf_fused_bias_act'\n"
+
+
 # ----------------------------------------------------------------------------- CUDA
 
 @pytest.mark.cuda_build

@@ -108,3 +108,65 @@ def test_export_of_a_training_checkpoint_takes_its_options(tmp_path):
     with pytest.raises(Exception, match="nor the 'opt' of a training checkpoint"):
         export_generator.export(str(tmp_path / "broken.pt"), str(tmp_path / "never.pt"))
     assert not (tmp_path / "never.pt").exists()
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# Stands in for the GPU machine's Python: records each call (and CNERF_OPS), fails the op build.
+echo "ops=${CNERF_OPS:-cuda} $*" >> "$FAKE_LOG"
+if [ "$1" = -m ] && [ "$2" = op ]; then echo "error: op 'fused_bias_act': nvcc exploded" >&2; exit 1; fi
+echo "fake result of $1 $2"
+"""
+GPU_STEPS = ["env", "build_ops", "gpu_tests", "conformance", "training_conformance", "data", "stage1", "stage2",
+             "stage1_default", "bench_infer512", "bench_infer512_ref", "bench_train64", "bench_train64_ref"]
+
+
+def run_gpu_check(tmp_path, *extra):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    vectors = tmp_path / "vectors"
+    vectors.mkdir(exist_ok=True)
+    (vectors / "conformance_vectors.pt").write_text("")  # no training vectors: that step is skipped
+    out = tmp_path / "out"
+    env = {"PATH": "/usr/bin:/bin", "FAKE_LOG": str(tmp_path / "calls.log"), "HOME": str(tmp_path)}
+    result = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), "--python", str(fake), "--out", str(out),
+                             "--vectors", str(vectors), *extra], env=env, capture_output=True, text=True, timeout=120)
+    lines = (out / "summary.txt").read_text().splitlines()
+    steps = {line.split()[0]: line.split(None, 3)[1:] for line in lines if not line.startswith("#")}
+    return result, lines, steps
+
+
+def test_gpu_check_runs_every_step_and_writes_one_summary(tmp_path):
+    """tools/gpu_check.sh with a stand-in Python (no GPU here): every step runs in order under its time
+    limit, each gives one summary line, a failing step (the op build) is reported and fails the run
+    without stopping the others, and the commands carry the device and the resume checks."""
+    result, lines, steps = run_gpu_check(tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert lines[0].startswith("# tools/gpu_check.sh ") and "device cuda" in lines[1]
+    assert list(steps) == GPU_STEPS
+    assert steps["build_ops"][0] == "FAIL(exit" and "nvcc exploded" in steps["build_ops"][-1]
+    assert steps["training_conformance"][0] == "skipped" and "training_vectors.pt" in steps["training_conformance"][-1]
+    assert all(steps[name][0] == "pass" for name in GPU_STEPS if name not in ("build_ops", "training_conformance"))
+    assert "fake result of tools/bench.py infer512" in steps["bench_infer512"][-1]  # the step's last line
+    assert (tmp_path / "out" / "logs" / "build_ops.log").read_text().startswith("error: op 'fused_bias_act'")
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert any(c.endswith("conformance_vectors.pt --device cuda --dtype both") for c in calls)
+    resumed = [c for c in calls if "train_Full.py" in c and "--continue_training --ckpt 1" in c]
+    assert len(resumed) == 1 and "--deterministic" in resumed[0] and "--expname b --iter 3" in resumed[0]
+    assert sum("train_CNeRF.py" in c for c in calls) == 4  # a, b, b resumed, and one default-mode run
+    benches = [c for c in calls if "tools/bench.py" in c]
+    assert [c.split()[0] for c in benches] == ["ops=cuda", "ops=ref", "ops=cuda", "ops=ref"]
+
+
+def test_gpu_check_selects_steps_and_refuses_bad_arguments(tmp_path):
+    result, _, steps = run_gpu_check(tmp_path, "--only", "conformance,bench_train64", "--dry-run")
+    assert result.returncode == 0 and not (tmp_path / "calls.log").exists()  # a dry run runs nothing
+    assert steps["conformance"][0] == "dry-run" and "--device cuda" in steps["conformance"][-1]
+    assert steps["bench_train64"][0] == "dry-run"
+    assert {name for name, (status, *_) in steps.items() if status == "skipped"} == set(GPU_STEPS) - {
+        "conformance", "bench_train64"}
+    bad = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), "--out"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr == "error: --out needs a value\n"
+    bad = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), "--python", str(tmp_path / "none")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "not an executable" in bad.stderr

@@ -259,6 +259,29 @@ def test_stage1_resume_is_exact(data, tmp_path):
         assert tensors_equal(a[key], b[key]), key
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_resume_on_cuda_with_deterministic_is_exact(data, tmp_path):
+    """On a GPU, --deterministic: 3 stage-1 iterations in one go == 2, then resume and 1 more (the RNG state
+    restored from the CPU, cuDNN/cuBLAS deterministic); stage 2 the same."""
+    cuda = ["--device", "cuda", "--deterministic"]
+    train_CNeRF.train(args(data, tmp_path / "a", "exp", "--iter", 3, *cuda))
+    train_CNeRF.train(args(data, tmp_path / "b", "exp", "--iter", 2, *cuda))
+    train_CNeRF.train(args(data, tmp_path / "b", "exp", "--iter", 3, "--continue_training", "--ckpt", 1, *cuda))
+    a = load_checkpoint(tmp_path / "a" / "exp" / "volume_renderer" / "models_0000002.pt")
+    b = load_checkpoint(tmp_path / "b" / "exp" / "volume_renderer" / "models_0000002.pt")
+    for key in ("g", "gd", "sd", "g_ema", "g_optim", "gd_optim", "sd_optim", "iter", "rng"):
+        assert tensors_equal(a[key], b[key]), key
+    stage2 = ("--size", 16, "--d_reg_every", 1, "--g_reg_every", 1, *cuda,
+              "--pretrain_render_path", tmp_path / "a" / "exp" / "exp_vol_renderer.pt")
+    train_Full.train(args(data, tmp_path / "c", "exp", "--iter", 2, *stage2))
+    train_Full.train(args(data, tmp_path / "d", "exp", "--iter", 1, *stage2))
+    train_Full.train(args(data, tmp_path / "d", "exp", "--iter", 2, "--continue_training", "--ckpt", 0, *stage2))
+    c = load_checkpoint(tmp_path / "c" / "exp" / "full_pipeline" / "models_0000001.pt")
+    d = load_checkpoint(tmp_path / "d" / "exp" / "full_pipeline" / "models_0000001.pt")
+    for key in ("g", "d", "g_ema", "g_optim", "d_optim", "mean_path_length", "rng"):
+        assert tensors_equal(c[key], d[key]), key
+
+
 def test_resume_from_a_checkpoint_stripped_of_its_optimisers(data, tmp_path):
     """tools/strip_optimizers.py keeps all a run needs but the Adam moments: with --fresh_optimizers the
     run continues from it exactly as from the full checkpoint with its optimiser states ignored; without
@@ -330,6 +353,147 @@ def test_stage2_resume_is_exact(data, stage1, tmp_path):
     b = load_checkpoint(tmp_path / "b" / "exp" / "full_pipeline" / "models_0000001.pt")
     for key in ("g", "d", "g_ema", "g_optim", "d_optim", "iter", "mean_path_length", "rng"):
         assert tensors_equal(a[key], b[key]), key
+
+
+def test_resume_checkpoint_keeps_the_rng_state_on_the_cpu_whatever_the_device(stage1):
+    """Issue 29: a resume checkpoint read onto another device (a GPU in practice; `meta` here) keeps its RNG
+    states on the CPU, and restoring them continues exactly the streams of one read onto the CPU. Read the
+    old way (everything onto the device) the restore fails."""
+    path = stage1 / "exp" / "volume_renderer" / "models_0000001.pt"
+    on_meta = loop.load_resume_checkpoint(path, "meta")
+    on_cpu = loop.load_resume_checkpoint(path)
+    assert next(iter(on_meta["g"].values())).device.type == "meta"  # the states went where asked
+    assert next(iter(on_meta["g_optim"]["state"].values()))["exp_avg"].device.type == "meta"
+    assert tensors_equal(on_meta["rng"], on_cpu["rng"])  # the RNG states did not
+    draws = []
+    for ckpt in (on_meta, on_cpu):
+        randomness.restore_rng(ckpt, seed=3, start_iter=2)
+        draws.append((random.random(), np.random.rand(), torch.rand(3)))
+    assert draws[0][:2] == draws[1][:2] and torch.equal(draws[0][2], draws[1][2])
+    everything_on_meta = load_checkpoint(path, map_location="meta")
+    with pytest.raises((NotImplementedError, RuntimeError, TypeError)):
+        randomness.restore_rng(everything_on_meta, seed=3, start_iter=2)
+
+
+def test_a_non_finite_loss_found_by_a_later_check_names_its_iteration(data, stage1, tmp_path, monkeypatch):
+    """--sync_every 3: the losses are checked at the end of iterations 4 and 5 only; a NaN from iteration 2
+    on stops training at the check of iteration 4 with a message naming iteration 2, and nothing is
+    written after it (no checkpoint, no sample grid)."""
+    ckdir = tmp_path / "ck"
+    shutil.copytree(stage1 / "exp", ckdir / "exp")
+    stage = ckdir / "exp" / "volume_renderer"
+    before = {p.name: p.read_bytes() for p in stage.glob("*.pt")}
+    r1_image_and_mask = training_steps.r1_image_and_mask
+    seen = []
+
+    def nan_r1(*inputs, **options):
+        r1, *rest = r1_image_and_mask(*inputs, **options)
+        return (r1 * float("nan"), *rest)
+
+    original_check = loop.FiniteGuard.check
+
+    def counting_check(self):
+        seen.append([iteration for iteration, _ in self.pending])
+        return original_check(self)
+
+    monkeypatch.setattr(training_steps, "r1_image_and_mask", nan_r1)
+    monkeypatch.setattr(loop.FiniteGuard, "check", counting_check)
+    with pytest.raises(SystemExit) as exit_info:
+        train_CNeRF.main(args(data, ckdir, "exp", "--iter", 8, "--continue_training", "--ckpt", 1,
+                              "--sync_every", 3))
+    message = str(exit_info.value.code)
+    assert message.startswith("error: non-finite loss at iteration 2: ") and "d_r1=nan" in message
+    assert len(seen) == 1 and sorted(set(seen[0])) == [2, 3, 4]  # one check, over three iterations
+    assert {p.name: p.read_bytes() for p in stage.glob("*.pt")} == before
+    assert not any((stage / "samples" / f"{i:07d}.png").exists() for i in range(2, 8))
+
+
+def test_finite_guard_checks_all_watched_losses_at_once():
+    guard = loop.FiniteGuard()
+    guard.watch({"d": torch.tensor(1.0), "r1": torch.tensor([0.5, 2.0])}, 4)
+    guard.watch({"g": torch.tensor(3.0, dtype=torch.float64), "eik": 0.0}, 4)
+    guard.check()  # all finite: no error, and the watched values are forgotten
+    assert guard.pending == []
+    guard.watch({"d": torch.tensor(1.0)}, 5)
+    guard.watch({"g": torch.tensor(2.0), "path": torch.tensor([1.0, float("nan")])}, 6)
+    guard.watch({"d": torch.tensor(float("inf"))}, 7)
+    with pytest.raises(loop.NonFiniteLoss, match=r"^non-finite loss at iteration 6: path=nan; training stopped"):
+        guard.check()
+    guard.watch({"x": float("-inf")}, 9)  # a plain number is checked too
+    with pytest.raises(loop.NonFiniteLoss, match="iteration 9: x=-inf"):
+        guard.check()
+    t = default_options(["--sync_every", "4", "--sample_every", "10", "--save_every", "100"]).training
+    due = [i for i in range(3, 30) if loop.sync_due(i, 3, 29, t)]
+    assert due == [6, 10, 14, 18, 20, 22, 26, 29]  # every 4th from the start, the sample grids, the last
+
+
+@pytest.mark.parametrize("fused", [True, False, None])
+def test_ema_update_is_bit_identical_to_the_per_parameter_loop(fused):
+    """params.accumulate with two multi-tensor ops (fused, the default on accelerators) or per parameter (the
+    CPU's default) gives the very bits of the published per-parameter update ema.mul_(decay).add_(param,
+    alpha=1 - decay), in float32 and float64, and leaves the parameters outside the prefixes untouched."""
+    opt = default_options(MODEL + ["--size", "16"])
+    model_opt, renderer_opt = model_options(opt)
+    for dtype in (torch.float32, torch.float64):
+        torch.manual_seed(0)
+        model = Generator(model_opt, renderer_opt, full_pipeline=True).to(dtype)
+        ema = Generator(model_opt, renderer_opt, ema=True, full_pipeline=True).to(dtype)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        expected = {k: v.detach().clone() for k, v in ema.named_parameters()}
+        decay = params.EMA_DECAY
+        trained = dict(model.named_parameters())
+        for name, value in expected.items():
+            if name.startswith(training_steps.STAGE2_TRAINED):
+                value.mul_(decay).add_(trained[name].detach(), alpha=1 - decay)
+        params.accumulate(ema, model, decay, prefixes=training_steps.STAGE2_TRAINED, fused=fused)
+        got = dict(ema.named_parameters())
+        assert any(not torch.equal(got[k], v) for k, v in model.named_parameters())  # it did move
+        for name, value in expected.items():
+            assert torch.equal(got[name], value), name
+
+
+def test_backend_settings(monkeypatch):
+    """cuDNN autotuning on a CUDA device; with --deterministic deterministic algorithms and no TF32 instead;
+    nothing at all on the CPU (its kernels are deterministic)."""
+    import torch.utils.deterministic
+
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32,
+             torch.backends.cuda.matmul.allow_tf32, torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.utils.deterministic.fill_uninitialized_memory)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    accelerator = torch.device("cuda", 0)
+    try:
+        torch.backends.cudnn.benchmark = False
+        devices.configure_backends(torch.device("cpu"), deterministic=True)
+        assert not torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+        devices.configure_backends(accelerator)
+        assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+        devices.configure_backends(accelerator, deterministic=True)
+        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert not torch.utils.deterministic.fill_uninitialized_memory
+    finally:
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32,
+         torch.backends.cuda.matmul.allow_tf32) = saved[:4]
+        torch.use_deterministic_algorithms(saved[4], warn_only=saved[5])
+        torch.utils.deterministic.fill_uninitialized_memory = saved[6]
+
+
+def test_loader_workers_default(monkeypatch):
+    cpu, accelerator = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert data_order.loader_workers(None, cpu) == 0  # exact resume, and no cores taken from the step
+    assert data_order.loader_workers(None, accelerator) == 4
+    assert data_order.loader_workers(None, accelerator, deterministic=True) == 0
+    assert data_order.loader_workers(2, cpu) == 2  # --num_workers as given
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert data_order.loader_workers(None, accelerator) == 1  # 16 cores shared by 8 ranks
 
 
 def test_failed_save_keeps_previous_checkpoint(data, stage1, tmp_path, monkeypatch):
@@ -496,3 +660,82 @@ def test_two_ranks_on_cpu_gloo_both_stages(data, tmp_path):
     load_generator(Generator(model_opt, renderer_opt, ema=True, full_pipeline=True), exp / "ddp_full_pipeline.pt")
     # Only rank 0 writes: one sample grid per sampled iteration, no stray files.
     assert sorted(p.name for p in (exp / "full_pipeline" / "samples").iterdir()) == ["0000000.png", "0000001.png"]
+
+
+DDP_CHILD = r"""
+import os, sys
+sys.path.insert(0, os.environ["CNERF_ROOT"])
+import torch
+from munch import Munch
+import distributed as dist_utils
+import train_CNeRF
+from common.draws import seed_everything
+from model import Generator
+from options import default_options, model_options
+from training import loop
+
+out, argv = sys.argv[1], sys.argv[2:]
+opt = default_options(argv)
+dist_utils.setup(torch.device("cpu"))
+rank = dist_utils.get_rank()
+torch.manual_seed(0)  # the same initial weights on every rank
+g = Generator(*model_options(opt), full_pipeline=False)
+g_optim = torch.optim.Adam(g.parameters(), lr=opt.training.vol_g_lr, betas=(0.0, 0.9))
+seed_everything(3, rank)  # as in training: each rank draws its own sphere-initialisation batches
+before = {}
+broadcast = dist_utils.broadcast_training_state
+def spy(module, optimizer):
+    before.update(optimizer.state_dict())
+    before["optim"] = {k: {n: v.clone() for n, v in s.items()} for k, s in optimizer.state_dict()["state"].items()}
+    return broadcast(module, optimizer)
+dist_utils.broadcast_training_state = spy
+m = Munch(g=g, g_module=g, g_optim=g_optim, device=torch.device("cpu"),
+          resolution=opt.model.renderer_spatial_output_dim, guard=loop.FiniteGuard())
+train_CNeRF.sphere_init(m, opt, os.path.join(out, "sdf_init.pt"), False)
+# Gradient averaging (stage 2's path-length step): each rank its own gradients, one missing on rank 1.
+chosen = list(g.parameters())[:6]
+own = [torch.randn(p.shape) for p in chosen]
+for p, grad in zip(chosen, own):
+    p.grad = grad.clone()
+if rank == 1:
+    chosen[1].grad = None  # no gradient on this rank: counts as zero
+dist_utils.average_gradients(chosen)
+expected = []  # the per-parameter all-reduce it replaces
+for k, grad in enumerate(own):
+    grad = torch.zeros_like(grad) if k == 1 and rank == 1 else grad.clone()
+    torch.distributed.all_reduce(grad)
+    expected.append(grad.div_(2))
+torch.save({"before": before["optim"], "optim": g_optim.state_dict(), "g": g.state_dict(), "own": own,
+            "averaged": [p.grad for p in chosen], "expected": expected}, os.path.join(out, f"rank{rank}.pt"))
+dist_utils.cleanup()
+"""
+
+
+def test_ddp_ranks_start_gan_training_from_one_optimiser_state(tmp_path):
+    """Two gloo ranks: after the sphere initialisation (each rank on its own draws) both hold rank 0's
+    generator and Adam state; the flat gradient average equals the per-parameter all-reduce bit for bit."""
+    script = tmp_path / "child.py"
+    script.write_text(DDP_CHILD)
+    port = str(free_port())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CNERF_ROOT": str(ROOT), "WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "PYTHONWARNINGS": "ignore"}
+    argv = [str(a) for a in MODEL + ["--batch", 2, "--sphere_init_iter", 2]]
+    ranks = [subprocess.Popen([sys.executable, str(script), str(tmp_path), *argv], env={**env, "RANK": str(r),
+                                                                                          "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        results = [rank.communicate(timeout=200) for rank in ranks]
+    finally:
+        for rank in ranks:
+            if rank.poll() is None:
+                rank.kill()
+    assert all(rank.returncode == 0 for rank in ranks), "\n".join(err[-2000:] for _, err in results)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    some = next(iter(r0["before"]))
+    assert not torch.equal(r0["before"][some]["exp_avg"], r1["before"][some]["exp_avg"])  # drifted apart
+    assert tensors_equal(r0["optim"], r1["optim"]) and tensors_equal(r0["g"], r1["g"])  # rank 0's, everywhere
+    assert tensors_equal(r0["optim"]["state"], {k: v for k, v in r0["before"].items()})
+    assert not torch.equal(r0["own"][0], r1["own"][0])
+    for averaged in (r0["averaged"], r1["averaged"]):
+        assert all(torch.equal(a, b) for a, b in zip(averaged, r0["expected"]))
+    assert torch.equal(r0["averaged"][1], r0["expected"][1]) and r0["averaged"][1].abs().sum() > 0

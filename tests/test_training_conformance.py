@@ -83,3 +83,14 @@ def test_training_step_matches_the_published_run_everywhere(capsys):
     status = check.main([str(VECTORS), "--render_path", "both"])
     cases = list(torch.load(VECTORS, weights_only=True)["cases"])
     check_output(capsys, status, [f"{case} [{path}]" for case in cases for path in ("fast", "reference")])
+
+
+@needs_vectors
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_step_matches_the_published_run_on_cuda(capsys):
+    """The recorded steps replayed on the GPU in float64: the CUDA kernels in R1's and path-length's double
+    backward, the fast renderer's chunks and Adam, compared with the recorded run on the CPU."""
+    check = load_check()
+    status = check.main([str(VECTORS), "--device", "cuda", "--render_path", "fast",
+                         "--cases", "stage1_sphere_init,stage2_chunk1"])
+    check_output(capsys, status, ["stage1_sphere_init [fast, cuda", "stage2_chunk1 [fast, cuda"])

@@ -6,8 +6,9 @@
 
 The vectors check rebuilds every module at the file's configuration with the reference weight
 recipe, runs every case in float64 (bound 1e-6 · max(1, max|b|)) and float32 (2e-2 · ...), prints
-one line per output and exits 0 only if all pass. The layout check builds the five modules at the
-file's configuration and compares every key and shape.
+one line per output and exits 0 only if all pass. --device runs the modules there (e.g. cuda: the CUDA
+ops and kernels); cameras are made on the CPU as recorded, and the outputs are compared on the CPU.
+The layout check builds the five modules at the file's configuration and compares every key and shape.
 """
 import argparse
 import json
@@ -18,6 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from common.cli import UsageError  # noqa: E402
+from common.devices import select_device  # noqa: E402
 from losses import eikonal_loss  # noqa: E402
 from model import ComponentDualBranchDiscriminator, Discriminator, Generator, VolumeRenderDiscriminator  # noqa: E402
 from options import default_options, sync_region_count  # noqa: E402
@@ -54,15 +57,15 @@ def build_modules(config, eval_rendering=None, train_rendering=None):
     }
 
 
-def run_cases(vectors, dtype):
+def run_cases(vectors, dtype, device="cpu"):
     config = vectors["config"]
     inputs = vectors["inputs"]
     modules = build_modules(config, eval_rendering={"static_viewdirs": True, "perturb": 0.0},
                             train_rendering={"perturb": 0.0})
     for name, module in modules.items():
         fill_recipe(module, vectors["weight_stats"][name], vectors["weight_seed"], name)
-        module.to(dtype)
-    cast = lambda t: t.to(dtype)
+        module.to(device=device, dtype=dtype)
+    cast = lambda t: t.to(device=device, dtype=dtype)
     results = {}
 
     locations = inputs["locations"].float()
@@ -114,19 +117,20 @@ def compare(expected, actual, dtype):
                 shape = None if value is None else tuple(value.shape)
                 rows.append((case, name, float("inf"), bound, False, f"shape {shape} != {tuple(reference.shape)}"))
                 continue
-            error = (value.detach().double() - reference).abs().max().item()
+            error = (value.detach().cpu().double() - reference).abs().max().item()
             rows.append((case, name, error, bound, error <= bound, ""))
     return rows
 
 
-def check_vectors(path, dtypes):
+def check_vectors(path, dtypes, device="cpu"):
     vectors = torch.load(path, weights_only=True)
     ok = True
+    where = "" if torch.device(device).type == "cpu" else f"{device} "
     for dtype in dtypes:
         torch.manual_seed(0)
-        rows = compare(vectors["outputs"], run_cases(vectors, dtype), dtype)
+        rows = compare(vectors["outputs"], run_cases(vectors, dtype, device), dtype)
         for case, name, error, bound, passed, note in rows:
-            print(f"{str(dtype).replace('torch.', ''):8s} {case:28s} {name:22s} worst={error:.3e} "
+            print(f"{where}{str(dtype).replace('torch.', ''):8s} {case:28s} {name:22s} worst={error:.3e} "
                   f"bound={bound:.3e} {'pass' if passed else 'FAIL'} {note}".rstrip())
             ok &= passed
     return ok
@@ -158,9 +162,15 @@ def main(argv=None):
     parser.add_argument("vectors", nargs="?", help="conformance_vectors.pt")
     parser.add_argument("--layout", help="state_dict_layout.json to compare key and shapes with")
     parser.add_argument("--dtype", choices=["float64", "float32", "both"], default="both")
+    parser.add_argument("--device", default="cpu", help="where the modules run (default cpu), e.g. cuda")
     args = parser.parse_args(argv)
     if not args.vectors and not args.layout:
         parser.error("give a vectors file and/or --layout FILE")
+    try:
+        device = select_device(args.device)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     for path in filter(None, [args.vectors, args.layout]):
         if not os.path.isfile(path):
             print(f"error: {path}: no such file", file=sys.stderr)
@@ -171,7 +181,7 @@ def main(argv=None):
     if args.vectors:
         dtypes = {"float64": [torch.float64], "float32": [torch.float32],
                   "both": [torch.float64, torch.float32]}[args.dtype]
-        ok &= check_vectors(args.vectors, dtypes)
+        ok &= check_vectors(args.vectors, dtypes, device)
     print("all outputs pass" if ok else "conformance FAILED")
     return 0 if ok else 1
 

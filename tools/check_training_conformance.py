@@ -11,7 +11,9 @@ in through `draws.using` (latents, cameras, labels, style-mixing choices, crosso
 jitter, decoder noise, path noise) and compares every loss term and prediction, the activation
 fingerprints, every gradient fingerprint before each optimiser step (and which parameters had no
 gradient), every parameter fingerprint after it, the optimiser hyper-parameters and the EMA. One
-line per compared group; exit status 0 only if every group passes. Tolerances (the file's README):
+line per compared group; exit status 0 only if every group passes. --device runs the models and the
+step there (e.g. cuda: R1's and path-length's double backward through the CUDA kernels, still in float64);
+the recorded draws are moved there and everything is compared on the CPU. Tolerances (the file's README):
 stage 1 1e-9 (losses relative to max(1,|b|), fingerprints relative to |fp0| + sqrt(fp1) + fp1),
 stage 2 1e-6 for losses and 1e-4 for fingerprints.
 """
@@ -28,6 +30,8 @@ import torch  # noqa: E402
 from munch import Munch  # noqa: E402
 
 from common import draws  # noqa: E402
+from common.cli import UsageError  # noqa: E402
+from common.devices import select_device  # noqa: E402
 from options import BaseOptions  # noqa: E402
 from tools.reference_weights import fill_recipe  # noqa: E402
 from training import steps  # noqa: E402
@@ -45,7 +49,7 @@ class ReplayError(Exception):
 
 
 def fingerprint(tensor, key):
-    t = tensor.detach().to(torch.float64).flatten()
+    t = tensor.detach().to(device="cpu", dtype=torch.float64).flatten()
     v = torch.randn(t.numel(), generator=torch.Generator().manual_seed(zlib.crc32(key.encode())), dtype=torch.float64)
     return [float(t.sum()), float((t * t).sum()), float((t * v).sum())]
 
@@ -59,7 +63,7 @@ def fingerprint_error(ours, recorded):
 
 def value_error(ours, recorded):
     b = torch.as_tensor(recorded).to(torch.float64)
-    a = torch.as_tensor(ours).detach().to(torch.float64)
+    a = torch.as_tensor(ours).detach().to(device="cpu", dtype=torch.float64)
     if a.shape != b.shape:
         raise ReplayError(f"shape {tuple(a.shape)} instead of {tuple(b.shape)}")
     if not b.is_floating_point() or b.numel() == 0:
@@ -99,11 +103,12 @@ class Replay(draws.Draws):
         if recorded_flags != {k: bool(v) for k, v in flags.items() if v}:
             self.problems.append(f"generator call {self.n_calls}: flags {flags} instead of {recorded_flags}")
         z = self.call["z"]
-        if len(z) != len(styles) or any(a.shape != b.shape or not torch.equal(a.to(torch.float64), b.to(torch.float64))
+        if len(z) != len(styles) or any(a.shape != b.shape or not torch.equal(a.cpu().to(torch.float64),
+                                                                              b.to(torch.float64))
                                         for a, b in zip(styles, z)):
             self.problems.append(f"generator call {self.n_calls}: latents differ from the published call's")
         for key, ours in zip(("extrinsics", "focal", "near", "far"), camera):
-            if not torch.equal(torch.as_tensor(ours, dtype=torch.float64),
+            if not torch.equal(torch.as_tensor(ours).cpu().to(torch.float64),
                                self.call["camera"][key].to(torch.float64)):
                 self.problems.append(f"generator call {self.n_calls}: camera {key} differs from the published call's")
 
@@ -118,32 +123,33 @@ class Replay(draws.Draws):
         z = self._take("z")
         if z[0].shape != (batch, latent_dim):
             raise ReplayError(f"latents [{batch}, {latent_dim}] asked, published drew {list(z[0].shape)}")
-        return [t.to(torch.float64).clone() for t in z]
+        return [t.to(device=device, dtype=torch.float64).clone() for t in z]
 
     def camera(self, camera_opt, batch, device, resolution):
         c = self._take("camera")
         if c["extrinsics"].shape[0] != batch:
             raise ReplayError(f"{batch} cameras asked, published drew {c['extrinsics'].shape[0]}")
-        return tuple(c[k].to(torch.float64) for k in ("extrinsics", "focal", "near", "far", "viewpoint"))
+        return tuple(c[k].to(device=device, dtype=torch.float64) for k in ("extrinsics", "focal", "near", "far",
+                                                                          "viewpoint"))
 
     def labels(self, n_regions, batch, device):
         labels = self._take("labels")
         if labels.shape != (batch,):
             raise ReplayError(f"{batch} labels asked, published drew {list(labels.shape)}")
-        return labels.clone()
+        return labels.to(device).clone()
 
     def path_noise(self, image):
         noise = self._take("path_noise")
         if noise.shape != image.shape:
             raise ReplayError(f"path noise {list(image.shape)} asked, published drew {list(noise.shape)}")
-        return noise.to(image.dtype)
+        return noise.to(image)
 
     def region_mix(self, batch, n_regions, device):
         mix = self.call.get("mix")
         if mix is None or mix.shape != (n_regions, batch):
             raise ReplayError(f"style-mixing choices [{n_regions}, {batch}] asked, published call had "
                               f"{None if mix is None else list(mix.shape)}")
-        return mix.t().contiguous()
+        return mix.t().contiguous().to(device)
 
     def inject_index(self, n_latent):
         if self.call.get("inject_index") is None:
@@ -162,7 +168,7 @@ class Replay(draws.Draws):
             raise ReplayError(f"renderer jitter {list(shape)} asked beyond the published {list(source.shape)}")
         piece = source[:, self.jitter_used:self.jitter_used + rays]
         self.jitter_used += rays
-        return piece.to(dtype).reshape(shape)
+        return piece.to(device=device, dtype=dtype).reshape(shape)
 
     def decoder_noise(self, image):
         noises = self.call.get("noise") or []
@@ -173,13 +179,13 @@ class Replay(draws.Draws):
         batch, _, height, width = image.shape
         if tuple(noise.shape) != (batch, 1, height, width):
             raise ReplayError(f"decoder noise [{batch}, 1, {height}, {width}] asked, published {list(noise.shape)}")
-        return noise.to(image.dtype)
+        return noise.to(image)
 
 
 # ------------------------------------------------------------------------------------------ the models
 
 
-def options_for(case, render_path):
+def options_for(case, render_path, device="cpu"):
     argv, skip = [], False
     for token in case["argv"]:
         if skip:
@@ -189,12 +195,12 @@ def options_for(case, render_path):
             skip = True
             continue
         argv.append(token)
-    return BaseOptions().parse(argv + ["--device", "cpu", "--render_path", render_path])
+    return BaseOptions().parse(argv + ["--device", str(device), "--render_path", render_path])
 
 
-def build_case(case, opt, stage):
+def build_case(case, opt, stage, device="cpu"):
     """Models, optimisers (as the training scripts build them) and name maps for one case, in float64."""
-    device = torch.device("cpu")
+    device = torch.device(device)
     stats, seed = case["weight_stats"], case["weight_seed"]
     if stage == 1:
         g, g_ema, gd, sd = steps.build_stage1(opt, device)
@@ -376,16 +382,17 @@ def hyper_equal(ours, recorded):
 # -------------------------------------------------------------------------------------------- replay
 
 
-def run_case(report, case_name, case, render_path):
+def run_case(report, case_name, case, render_path, device="cpu"):
     stage = 1 if "CNeRF" in case["script"] else 2
     tol_loss, tol_fp = TOLERANCE[stage]
-    opt = options_for(case, render_path)
+    opt = options_for(case, render_path, device)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)  # construction and recipe in float32, as published
     try:
-        m, g_ema, modules, optimizers = build_case(case, opt, stage)
+        m, g_ema, modules, optimizers = build_case(case, opt, stage, device)
         torch.set_default_dtype(torch.float64)  # the published run's own buffers (torch.zeros, ...)
-        tag = f"{case_name} [{render_path}]"
+        where = "" if torch.device(device).type == "cpu" else f", {device}"
+        tag = f"{case_name} [{render_path}{where}]"
         for name, module in modules.items():
             params = {k: fingerprint(p, k) for k, p in module.named_parameters()}
             errors, problems = compare_fingerprints(params, case["initial_param"][name], tol_fp)
@@ -405,8 +412,8 @@ def run_case(report, case_name, case, render_path):
                     if [p["name"] for p in phases] == ["loss"]:  # sphere initialisation
                         records = [("loss", steps.sphere_init_step(m, opt, i))]
                     else:
-                        real_img = phases[0]["draws"]["real_imgs"][0].to(torch.float64)
-                        real_mask = phases[0]["draws"]["real_masks"][0].to(torch.float64)
+                        real_img = phases[0]["draws"]["real_imgs"][0].to(device=device, dtype=torch.float64)
+                        real_mask = phases[0]["draws"]["real_masks"][0].to(device=device, dtype=torch.float64)
                         if stage == 1:
                             records = steps.stage1_iteration(m, opt, real_img, real_mask, i)
                         else:
@@ -448,7 +455,12 @@ def main(argv=None):
     parser.add_argument("vectors", help="training_vectors.pt")
     parser.add_argument("--render_path", choices=["fast", "reference", "both"], default="both")
     parser.add_argument("--cases", default="", help="comma-separated case names (default: all)")
+    parser.add_argument("--device", default="cpu", help="where the models and the step run (default cpu), e.g. cuda")
     args = parser.parse_args(argv)
+    try:
+        device = select_device(args.device)
+    except UsageError as error:
+        sys.exit(f"error: {error}")
     if not os.path.isfile(args.vectors):
         sys.exit(f"error: {args.vectors}: no such file")
     try:
@@ -465,7 +477,7 @@ def main(argv=None):
     for path in paths:
         for name in names:
             start, cpu = time.perf_counter(), time.process_time()
-            run_case(report, name, cases[name], path)
+            run_case(report, name, cases[name], path, device)
             print(f"{name} [{path}]: {time.perf_counter() - start:.1f} s ({time.process_time() - cpu:.1f} s CPU)",
                   flush=True)
     print(f"{report.passed} groups passed, {report.failed} failed, {report.skipped} items skipped")

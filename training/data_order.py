@@ -1,5 +1,7 @@
 """The order training images are drawn in: an endless shuffled stream that a resumed run continues exactly,
 under one process or DDP."""
+import os
+
 import torch
 from torch.utils import data
 
@@ -40,6 +42,22 @@ class ResumableSampler(data.Sampler):
 
     def __len__(self):  # endless; DataLoader only needs this for its own bookkeeping
         return 2 ** 62
+
+
+def loader_workers(requested, device, deterministic=False):
+    """--num_workers, or by default: 0 on the CPU and with --deterministic (the flips then come from the
+    main process's Python RNG, which checkpoints carry, so a resumed run continues exactly; on a CPU the
+    workers would also take cores from the training step), else up to 4 per process on this machine's
+    cores, so that decoding the next batch overlaps the device's work."""
+    if requested is not None:
+        return int(requested)
+    if torch.device(device).type == "cpu" or deterministic:
+        return 0
+    try:  # processes on this machine (torchrun sets it)
+        per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        per_node = 1
+    return max(1, min(4, (os.cpu_count() or 1) // per_node - 1))
 
 
 def make_loader(dataset, batch, seed, start_iteration, num_workers, device):

@@ -39,29 +39,80 @@ def validate(opt):
         checks["--ema_decay"] = (t.ema_decay, "[0, 1)")
     checks["--d_channel_scale"] = (opt.model.d_channel_scale, "> 0")
     checks.update({f"--{name}": (t[name], ">= 1") for name in ("batch", "chunk", "sample_every", "save_every",
-                                                                 "val_n_sample")})
-    checks.update({f"--{name}": (t[name], ">= 0") for name in ("iter", "sphere_init_iter", "num_workers")})
+                                                                 "val_n_sample", "sync_every")})
+    checks.update({f"--{name}": (t[name], ">= 0") for name in ("iter", "sphere_init_iter")})
+    if t.num_workers is not None:
+        checks["--num_workers"] = (t.num_workers, ">= 0")
+    if opt.rendering.keep_graph_mib is not None:
+        checks["--keep_graph_mib"] = (opt.rendering.keep_graph_mib, ">= 0")
     check_ranges(checks, TrainingError)
 
 
-def check_finite(losses, iteration):
-    """Stop with a message naming the loss and the iteration when any loss is NaN or infinite.
+def _non_finite(losses):
+    """The names of the NaN or infinite entries of {name: tensor or number}."""
+    return [name for name, value in losses.items()
+            if torch.is_tensor(value) and not bool(torch.isfinite(value).all())
+            or not torch.is_tensor(value) and not math.isfinite(float(value))]
 
-    Collective under DDP: all ranks stop together (a rank leaving alone would hang the others).
+
+class FiniteGuard:
+    """The non-finite loss check, with one wait for the device per check instead of one per loss.
+
+    The training steps hand each group of losses to watch(), which keeps them (detached) without looking
+    at their values; check() tests everything watched since the last check with one fused isfinite
+    over one concatenated tensor: one host synchronisation, and under DDP one all-reduce (every rank
+    stops together; a rank leaving alone would hang the others). Only when something is wrong are the
+    groups looked at one by one, for the message naming the first bad group's losses and iteration.
     """
-    bad = [name for name, value in losses.items()
-           if torch.is_tensor(value) and not bool(torch.isfinite(value.detach()).all())
-           or not torch.is_tensor(value) and not math.isfinite(float(value))]
-    flag = torch.tensor([1.0 if bad else 0.0])
-    if dist_utils.is_distributed() and dist_utils.get_world_size() > 1:
-        device = next((v.device for v in losses.values() if torch.is_tensor(v)), torch.device("cpu"))
-        flag = dist_utils.reduce_max(flag.to(device)).cpu()
-    if float(flag) > 0:
-        if bad:
-            values = ", ".join(f"{name}={float(losses[name].detach().float().mean()) if torch.is_tensor(losses[name]) else float(losses[name])}"
-                               for name in bad)
-            raise NonFiniteLoss(f"non-finite loss at iteration {iteration}: {values}; {STOPPED}")
-        raise NonFiniteLoss(f"non-finite loss at iteration {iteration} on another rank; {STOPPED}")
+
+    def __init__(self):
+        self.pending = []  # (iteration, {name: detached tensor or float})
+
+    def watch(self, losses, iteration):
+        self.pending.append((iteration, {name: value.detach() if torch.is_tensor(value) else float(value)
+                                         for name, value in losses.items()}))
+
+    def check(self):
+        """Raise NonFiniteLoss if any watched loss is NaN or infinite (on any rank); forget them all."""
+        pending, self.pending = self.pending, []
+        if not pending:  # the same on every rank: they run the same steps
+            return
+        tensors = [v.reshape(-1) for _, losses in pending for v in losses.values() if torch.is_tensor(v)]
+        numbers_bad = any(not math.isfinite(v) for _, losses in pending for v in losses.values()
+                          if not torch.is_tensor(v))
+        device = tensors[0].device if tensors else torch.device("cpu")
+        flag = (~torch.isfinite(torch.cat(tensors))).any() if tensors else torch.zeros((), dtype=torch.bool)
+        flag = (flag | numbers_bad).to(torch.float32).reshape(1)
+        if dist_utils.is_distributed() and dist_utils.get_world_size() > 1:
+            flag = dist_utils.reduce_max(flag.to(device))
+        if float(flag) == 0:  # the one synchronisation
+            return
+        for iteration, losses in pending:
+            bad = _non_finite(losses)
+            if bad:
+                shown = {name: float(losses[name].float().mean()) if torch.is_tensor(losses[name]) else losses[name]
+                         for name in bad}
+                values = ", ".join(f"{name}={value}" for name, value in shown.items())
+                raise NonFiniteLoss(f"non-finite loss at iteration {iteration}: {values}; {STOPPED}")
+        span = f"iteration {pending[0][0]}" if pending[0][0] == pending[-1][0] else \
+            f"iterations {pending[0][0]}-{pending[-1][0]}"
+        raise NonFiniteLoss(f"non-finite loss at {span} on another rank; {STOPPED}")
+
+
+def check_finite(losses, iteration):
+    """Stop at once with a message naming the loss and the iteration when any loss is NaN or infinite
+    (one synchronisation; collective under DDP). The training loops batch these checks: FiniteGuard."""
+    guard = FiniteGuard()
+    guard.watch(losses, iteration)
+    guard.check()
+
+
+def sync_due(i, start, last, t):
+    """Whether iteration i ends with the loss check and the logged losses (one host synchronisation):
+    every --sync_every iterations, at the last one, and whenever a sample grid or a checkpoint is written
+    (a non-finite state is never saved)."""
+    return (i + 1 - start) % t.sync_every == 0 or i == last or i % t.sample_every == 0 or \
+        should_save(i, last, t.save_every, t.sample_every)
 
 
 class WandbLogger:
@@ -147,6 +198,7 @@ def start_run(opt, stage, number, required_keys):
     exp_dir = os.path.join(t.checkpoints_dir, opt.experiment.expname)
     check_output(exp_dir, "--checkpoints_dir/--expname", "folder", inputs=(opt.dataset.dataset_path,))
     device = devices.select_device(opt.experiment.device, dist_utils.local_rank_from(t.local_rank))
+    devices.configure_backends(device, opt.experiment.deterministic)
     run = Munch(device=device, distributed=dist_utils.setup(device), rank=dist_utils.get_rank(),
                 main=dist_utils.is_main_process(), ckpt=None, resume_path=None)
     run.exp_dir = exp_dir
@@ -157,7 +209,7 @@ def start_run(opt, stage, number, required_keys):
                              os.path.join(run.exp_dir, "wandb"), loss_log=os.path.join(run.stage_dir, "losses.jsonl"))
     if opt.experiment.continue_training:
         run.resume_path = resolve_resume_path(opt.experiment.ckpt, run.stage_dir)
-        run.ckpt = load_checkpoint(run.resume_path, map_location=device)
+        run.ckpt = load_resume_checkpoint(run.resume_path)
         if opt.experiment.fresh_optimizers:  # the optimiser states are not read, so they need not be there
             required_keys = [key for key in required_keys if not key.endswith("_optim")]
         for key in required_keys:
@@ -170,6 +222,27 @@ def start_run(opt, stage, number, required_keys):
             parser.initialize()
             apply_saved_config(opt, run.ckpt["opt"], parser.parser.get_default, run.resume_path)
     return run
+
+
+def load_resume_checkpoint(path, map_location="cpu"):
+    """A resume checkpoint with its model and optimiser states on `map_location` and its RNG states always
+    on the CPU: they are host data (Python's, NumPy's and torch's CPU generator), and read onto a GPU with
+    the rest they made every resume there fail. The loops read onto the CPU: load_state_dict copies the
+    weights onto the device, and the optimisers keep Adam's step counts on the host as torch expects."""
+    ckpt = load_checkpoint(path, map_location="cpu")
+    if torch.device(map_location).type == "cpu":
+        return ckpt
+    return {key: value if key == "rng" else _to_device(value, map_location) for key, value in ckpt.items()}
+
+
+def _to_device(value, device):
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
 
 
 def choose_seed(opt):

@@ -35,10 +35,12 @@ def rng_state():
 
 
 def set_rng_state(state):
-    """Restore what rng_state() captured."""
-    random.setstate((int(state["python_version"]), tuple(int(v) for v in state["python_state"].tolist()),
-                     state["python_gauss"]))
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(state["numpy_pos"]),
+    """Restore what rng_state() captured. The states are host data: tensors that were loaded onto an
+    accelerator are read back from it first (a resume checkpoint read with map_location=<GPU> used to
+    stop here)."""
+    random.setstate((int(state["python_version"]),
+                     tuple(int(v) for v in state["python_state"].cpu().tolist()), state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy_keys"].cpu().numpy().astype(np.uint32), int(state["numpy_pos"]),
                          int(state["numpy_has_gauss"]), float(state["numpy_gauss"])))
     torch.set_rng_state(state["torch"].cpu().to(torch.uint8))
     if "cuda" in state and torch.cuda.is_available():

@@ -78,6 +78,16 @@ def stage2_optimizers(opt, g, d):
             torch.optim.Adam(d.parameters(), lr=t.lr * d_ratio, betas=(0.0, 0.99 ** d_ratio)))
 
 
+def _check_finite(m, losses, i):
+    """The non-finite loss check of a phase: handed to the loop's FiniteGuard (m.guard, checked once per
+    iteration or every --sync_every) when there is one, else at once (the conformance check, tests)."""
+    guard = m.get("guard")
+    if guard is not None:
+        guard.watch(losses, i)
+    else:
+        loop.check_finite(losses, i)
+
+
 def _record(**values):
     return {k: v.detach() if torch.is_tensor(v) else v for k, v in values.items()}
 
@@ -124,7 +134,7 @@ def sphere_init_step(m, opt, step):
     cam, focal, near, far, _ = rand.camera(opt.camera, t.batch, m.device, m.resolution)
     sdf, target = m.g_module.init_forward(noise, cam, focal, near, far)
     loss = F.l1_loss(sdf, target)
-    loop.check_finite({"sphere_init_l1": loss}, step)
+    _check_finite(m, {"sphere_init_l1": loss}, step)
     loss.backward()
     m.g_optim.step()
     m.g_optim.zero_grad(set_to_none=True)  # no stale gradient may reach the first GAN step
@@ -158,7 +168,7 @@ def global_d_phase(m, opt, real_img, real_mask, i):
     d_gan = d_logistic_loss(real_pred, fake_pred)
     r1, penalty_img, penalty_seg = r1_image_and_mask(real_pred, img_r, seg_r, t.r1_img, t.r1_seg)
     d_loss = d_gan + r1 + d_view
-    loop.check_finite({"d_gan": d_gan, "d_r1": r1, "d_view": d_view}, i)
+    _check_finite(m, {"d_gan": d_gan, "d_r1": r1, "d_view": d_view}, i)
     d_loss.backward()
     m.gd_optim.step()
     return _record(d_gan_loss=d_gan, grad_penalty_img=penalty_img, grad_penalty_seg=penalty_seg, r1_loss=r1,
@@ -183,7 +193,7 @@ def semantic_d_phase(m, opt, real_img, real_mask, gen_imgs, gen_segs, i):
     gan_loss = d_logistic_loss(real_part, fake_part)
     r1, penalty_img, penalty_seg = r1_image_and_mask(real_part, img_r, mask_r, t.r1_img, t.r1_seg)
     sd_loss = (class_loss + gan_loss + r1) * t.Semantic_D_lambda
-    loop.check_finite({"sd_gan": gan_loss, "sd_cls": class_loss, "sd_r1": r1, "sd": sd_loss}, i)
+    _check_finite(m, {"sd_gan": gan_loss, "sd_cls": class_loss, "sd_r1": r1, "sd": sd_loss}, i)
     sd_loss.backward()
     m.sd_optim.step()
     return _record(s_d_class_loss=class_loss, s_d_gan_loss=gan_loss, s_r1_img_loss=penalty_img,
@@ -220,7 +230,7 @@ def stage1_g_phase(m, opt, i):
         g_class = classification_loss(class_pred, labels)
         g_gan_semantic = g_nonsaturating_loss(part_pred)
         g_loss = g_gan + g_view + g_eikonal + g_min_surf + (g_class + g_gan_semantic) * t.Semantic_D_lambda
-        loop.check_finite({"g_gan": g_gan, "g_view": g_view, "g_eikonal": g_eikonal, "g_min_surf": g_min_surf,
+        _check_finite(m, {"g_gan": g_gan, "g_view": g_view, "g_eikonal": g_eikonal, "g_min_surf": g_min_surf,
                          "g_semantic": g_class + g_gan_semantic}, i)
         g_loss.backward()
         records.append(_record(g_gan_loss=g_gan, g_view_loss=g_view, g_eikonal=g_eikonal,
@@ -288,7 +298,7 @@ def stage2_d_phase(m, opt, real_img, real_mask, i):
         else:
             r1 = torch.zeros((), device=m.device)
         d_loss = d_gan + r1
-        loop.check_finite({"d": d_gan, "r1": r1}, i)
+        _check_finite(m, {"d": d_gan, "r1": r1}, i)
         d_loss.backward()
         records.append(_record(d_gan_loss=d_gan, r1_loss=r1, d_loss=d_loss, real_pred=real_pred,
                                fake_pred=fake_pred, gen_imgs=gen_imgs, gen_segs=gen_segs, **values))
@@ -310,7 +320,7 @@ def stage2_g_phase(m, opt, i):
         (fake_img, fake_seg), _, _ = m.g(noise, cam, focal, near, far)
         fake_pred = m.d(fake_img, fake_seg)
         g_loss = g_nonsaturating_loss(fake_pred)
-        loop.check_finite({"g": g_loss}, i)
+        _check_finite(m, {"g": g_loss}, i)
         g_loss.backward()
         records.append(_record(g_gan_loss=g_loss, g_loss=g_loss, fake_pred=fake_pred, fake_img=fake_img,
                                fake_seg=fake_seg))
@@ -340,7 +350,7 @@ def stage2_path_phase(m, opt, mean_path_length, i):
         fake_img, fake_seg, latents = m.g_module(noise, cam, focal, near, far, return_latents=True)
         path_loss, mean_path, path_lengths = g_path_regularize(fake_img, latents, mean_path)
         weighted = t.path_regularize * t.g_reg_every * path_loss
-        loop.check_finite({"path_length": path_loss}, i)
+        _check_finite(m, {"path_length": path_loss}, i)
         # The zero terms keep both outputs in the graph, so that every decoder parameter gets a (zero)
         # gradient and Adam counts it, as published.
         (weighted + 0 * fake_img[0, 0, 0, 0] + 0 * fake_seg[0, 0, 0, 0]).backward()
