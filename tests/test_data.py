@@ -1,5 +1,4 @@
 """Data side (SPEC §14): masks, dilation, the dataset, prepare_data.py and the synthetic portraits."""
-import importlib.util
 import io
 import os
 import random
@@ -22,13 +21,11 @@ if str(ROOT) not in sys.path:
 import dataset as ds  # noqa: E402
 import prepare_data  # noqa: E402
 from common.regions import REGION_COLORS, color_segmap, label19_to_regions  # noqa: E402
+from helpers import load_script  # noqa: E402
 
 REFERENCE = SHARED / "reference" / "data_vectors.pt"
 
-# tools/ is not a package and must not shadow other modules on sys.path: load the script by path.
-_spec = importlib.util.spec_from_file_location("synthetic_portraits", ROOT / "tools" / "synthetic_portraits.py")
-sp = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sp)
+sp = load_script("tools/synthetic_portraits.py")
 
 
 # -- helpers --------------------------------------------------------------------------------------

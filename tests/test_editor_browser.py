@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from helpers import save_random_generator  # noqa: E402
 from rendering.latents import save_latents  # noqa: E402
-from tiny_models import save_random_generator  # noqa: E402
 from tools import editor_browser as eb  # noqa: E402
 
 TINY = ["--size", "16", "--renderer_spatial_output_dim", "8", "--style_dim", "32", "--width", "32",

@@ -30,10 +30,10 @@ from evaluation import (
     measures,  # noqa: E402
     metrics,  # noqa: E402
 )
+from helpers import save_random_generator  # noqa: E402
 from rendering import loading as gen  # noqa: E402
 from rendering.camera import cameras  # noqa: E402
 from rendering.latents import mean_latent  # noqa: E402
-from tiny_models import save_random_generator  # noqa: E402
 
 TINY = ["--size", "16", "--renderer_spatial_output_dim", "8", "--style_dim", "32", "--width", "32",
         "--N_samples", "8", "--channel_multiplier", "1", "--truncation_mean", "200"]

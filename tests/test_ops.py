@@ -32,14 +32,7 @@ CONFIGS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests run thousands of tiny ops: with intra-op threads on a busy 2-core machine they
-    spend most of their time waiting for each other (20x slower), so use one thread here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def upfirdn2d_numpy(x, k, up, down, pad):

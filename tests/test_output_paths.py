@@ -5,7 +5,6 @@ existing folder where a file is written, (b) a place under a regular file (which
 path inside (or equal to) one of its own inputs. The checkpoint each command would load does not exist: an
 error about the output path therefore shows the check ran first, before anything was read or written.
 """
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -15,13 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-
-def _load(relpath):
-    name = "cmd_" + relpath.replace("/", "_").removesuffix(".py")
-    spec = importlib.util.spec_from_file_location(name, ROOT / relpath)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_script  # noqa: E402
 
 
 @pytest.fixture()
@@ -84,7 +77,7 @@ INSIDE_INPUTS = [
 def run_refused(relpath, argv, *words):
     """Run a command's main in-process; it must stop with one 'error: ' line naming `words`."""
     with pytest.raises(SystemExit) as stop:
-        _load(relpath).main(argv)
+        load_script(relpath).main(argv)
     message = str(stop.value.code)
     assert message.startswith("error: ") and "\n" not in message, (relpath, message)
     assert all(w in message for w in words), (relpath, message, words)

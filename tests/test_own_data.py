@@ -5,7 +5,6 @@ project's synthetic portraits.
 Nothing is downloaded: the BiSeNet files are random weights saved here in the released file's layout,
 the CelebAMask-HQ tree is built by hand, the landmarks are synthetic, dlib is absent or a stand-in.
 """
-import importlib.util
 import json
 import socket
 import subprocess
@@ -32,29 +31,17 @@ from common.regions import (  # noqa: E402
 )
 from dataset import MultiResolutionDataset, label_to_mask  # noqa: E402
 from evaluation import face_parser  # noqa: E402
+from helpers import load_script  # noqa: E402
 
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-parse_faces = load_tool("parse_faces")
-celebamask_labels = load_tool("celebamask_labels")
-align_faces = load_tool("align_faces")
-synthetic_portraits = load_tool("synthetic_portraits")
+parse_faces = load_script("tools/parse_faces.py")
+celebamask_labels = load_script("tools/celebamask_labels.py")
+align_faces = load_script("tools/align_faces.py")
+synthetic_portraits = load_script("tools/synthetic_portraits.py")
 
 SHIPPED_PARSER = ROOT / "checkpoints" / "synthetic_parser.pt"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_tool(script, *args):

@@ -29,6 +29,7 @@ from common import devices  # noqa: E402
 from common.checkpoint import CheckpointError, load_checkpoint, load_generator  # noqa: E402
 from common.cli import UsageError  # noqa: E402
 from common.regions import REGION_NAMES  # noqa: E402
+from helpers import load_script  # noqa: E402
 from model import Generator  # noqa: E402
 from options import default_options, model_options  # noqa: E402
 from training import data_order, loop, params, randomness  # noqa: E402
@@ -42,28 +43,14 @@ STAGE1_KEYS = {"g", "gd", "sd", "g_ema", "g_optim", "gd_optim", "sd_optim", "ite
 STAGE2_KEYS = {"g", "d", "g_ema", "g_optim", "d_optim", "iter", "mean_path_length"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on the shared 2-core machine, OpenMP threads spinning against other
-    processes made these tiny runs over ten times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _load_script(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """Six synthetic portraits packed at 8 (stage 1) and 16 (stage 2) pixels."""
     root = tmp_path_factory.mktemp("portraits")
-    portraits = _load_script("synthetic_portraits", ROOT / "tools" / "synthetic_portraits.py")
+    portraits = load_script("tools/synthetic_portraits.py")
     portraits.make_portraits(str(root / "raw"), 6, 64, 0)
     result = subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "--out_path", str(root / "lmdb"),
                              "--size", "8,16", "--n_worker", "1", "--mask_path", str(root / "raw" / "masks"),
@@ -196,7 +183,7 @@ def test_track_checkpoints_measures_each_checkpoint_once(stage2, tmp_path, monke
     """tools/track_checkpoints.py: the shipped-model check on every stage-2 checkpoint (output and renderer),
     written as JSON, a plot and a picture per checkpoint; a rerun measures only what is new; a stage-1
     folder gets the renderer's part alone."""
-    track = _load_script("track_checkpoints", ROOT / "tools" / "track_checkpoints.py")
+    track = load_script("tools/track_checkpoints.py")
     folder = stage2 / "exp" / "full_pipeline"
     records = track.track(str(folder), str(tmp_path), n=2, every=1, mean_samples=64, progress=False)
     assert [r["iter"] for r in records] == [0, 1]
@@ -286,7 +273,7 @@ def test_resume_from_a_checkpoint_stripped_of_its_optimisers(data, tmp_path):
     """tools/strip_optimizers.py keeps all a run needs but the Adam moments: with --fresh_optimizers the
     run continues from it exactly as from the full checkpoint with its optimiser states ignored; without
     the flag it stops with one line; the moments restart (Adam's step count is the new iterations')."""
-    strip = _load_script("strip_optimizers", ROOT / "tools" / "strip_optimizers.py")
+    strip = load_script("tools/strip_optimizers.py")
     train_CNeRF.train(args(data, tmp_path / "a", "exp", "--iter", 2))
     full = tmp_path / "a" / "exp" / "volume_renderer" / "models_0000001.pt"
     for name in ("b", "c", "d"):

@@ -9,12 +9,13 @@ paths (10 case runs, about 4.5 minutes of CPU on one thread here) runs when
 CNERF_FULL_TRAINING_CONFORMANCE=1.
 """
 import copy
-import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 VECTORS = ROOT.parent / "shared" / "reference" / "training_vectors.pt"
@@ -22,19 +23,10 @@ needs_vectors = pytest.mark.skipif(not VECTORS.is_file(), reason=f"{VECTORS} is 
 
 
 def load_check():
-    spec = importlib.util.spec_from_file_location("check_training_conformance",
-                                                  ROOT / "tools" / "check_training_conformance.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/check_training_conformance.py")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def check_output(capsys, status, expected_cases):

@@ -20,13 +20,12 @@ TINY = ["--renderer_spatial_output_dim", "8", "--style_dim", "32", "--width", "3
         "--device", "cpu", "--d_channel_scale", "0.25"]
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def seeded():
     torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
 
 
 def stage1(*extra):

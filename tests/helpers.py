@@ -1,4 +1,5 @@
-"""Random-weight generators the tests save and load: one helper instead of a copy per test file."""
+"""What several test files need: random-weight generators saved as checkpoints, and scripts loaded by path."""
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -22,3 +23,13 @@ def save_random_generator(path, argv, seed=0):
     save_checkpoint({"g_ema": Generator(model_options(opt)[0], opt.rendering, ema=True).state_dict()}, path)
     opt.training.trained_ckpt = str(path)
     return opt
+
+
+def load_script(relpath):
+    """A script of the repository (e.g. "tools/track_checkpoints.py") as a module, loaded by its path:
+    tools/ is not a package and must not shadow other modules on sys.path."""
+    name = "script_" + str(relpath).replace("/", "_").removesuffix(".py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / relpath)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
