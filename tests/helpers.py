@@ -14,6 +14,10 @@ from model import Generator  # noqa: E402
 from options import model_options  # noqa: E402
 from rendering import loading as gen  # noqa: E402
 
+# The smallest full pipeline (renderer 8×8, decoder to 16 px), on the CPU: the editing and editor tests' model.
+TINY_FULL = ["--size", "16", "--renderer_spatial_output_dim", "8", "--style_dim", "32", "--width", "32",
+             "--N_samples", "8", "--channel_multiplier", "1", "--truncation_mean", "500", "--device", "cpu"]
+
 
 def save_random_generator(path, argv, seed=0):
     """Save a {"g_ema": ...} checkpoint of a random full generator built from the model flags `argv`;

@@ -17,15 +17,14 @@ from common.checkpoint import save_checkpoint  # noqa: E402
 from common.regions import NUM_REGIONS  # noqa: E402
 from editing import manipulation  # noqa: E402
 from evaluation import metrics  # noqa: E402
-from helpers import save_random_generator  # noqa: E402
+from helpers import TINY_FULL, save_random_generator  # noqa: E402
 from rendering import loading as gen  # noqa: E402
 from rendering.camera import cameras  # noqa: E402
 from rendering.inference import render_codes, render_views  # noqa: E402
 from rendering.latents import LatentFileError, load_latents, mean_latent, save_latents  # noqa: E402
 
 # Decoder 8 → 16: the smallest configuration the full pipeline supports, so the file stays fast.
-TINY = ["--size", "16", "--renderer_spatial_output_dim", "8", "--style_dim", "32", "--width", "32",
-        "--N_samples", "8", "--channel_multiplier", "1", "--truncation_mean", "500"]
+TINY = TINY_FULL
 # The scripts render with 64 samples per ray by default (the published inference); 8 keeps this fast.
 SAMPLES = 8
 RUN = [*TINY, "--inference_samples", str(SAMPLES)]

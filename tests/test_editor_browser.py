@@ -22,12 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from helpers import save_random_generator  # noqa: E402
+from helpers import TINY_FULL, save_random_generator  # noqa: E402
 from rendering.latents import save_latents  # noqa: E402
 from tools import editor_browser as eb  # noqa: E402
 
-TINY = ["--size", "16", "--renderer_spatial_output_dim", "8", "--style_dim", "32", "--width", "32",
-        "--N_samples", "8", "--channel_multiplier", "1", "--truncation_mean", "500", "--device", "cpu"]
+TINY = TINY_FULL
 
 
 def browser_or_skip():

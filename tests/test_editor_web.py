@@ -30,14 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common.checkpoint import save_checkpoint  # noqa: E402
-from model import Generator  # noqa: E402
-from options import model_options  # noqa: E402
-from rendering import loading as gen  # noqa: E402
+from helpers import TINY_FULL, save_random_generator  # noqa: E402
 from tools import editor_browser as eb  # noqa: E402
 
-TINY = ["--size", "16", "--renderer_spatial_output_dim", "8", "--style_dim", "32", "--width", "32",
-        "--N_samples", "8", "--channel_multiplier", "1", "--truncation_mean", "500", "--device", "cpu"]
+TINY = TINY_FULL
 K = 9
 REQUEST_MB = 4  # the server's --max_request_mb here
 UPLOAD_MB = 1  # and --max_upload_mb
@@ -101,10 +97,7 @@ class Server:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("editor_web")
-    opt, _ = gen.parse_options(TINY)
-    torch.manual_seed(0)
-    save_checkpoint({"g_ema": Generator(model_options(opt)[0], opt.rendering, ema=True).state_dict()},
-                    folder / "tiny.pt")
+    save_random_generator(folder / "tiny.pt", TINY)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with eb.editor_process(["--trained_ckpt", folder / "tiny.pt", *TINY, "--invert_steps", "2", "--max_request_mb",
                             REQUEST_MB, "--max_upload_mb", UPLOAD_MB], env=env) as (url, process):

@@ -18,12 +18,11 @@ from common import imaging  # noqa: E402
 from common.cli import UsageError  # noqa: E402
 from editing import manipulation  # noqa: E402
 from editing import region_editor as re_  # noqa: E402
-from helpers import save_random_generator  # noqa: E402
+from helpers import TINY_FULL, save_random_generator  # noqa: E402
 from rendering.inference import render_views  # noqa: E402
 from rendering.latents import load_latents, save_latents  # noqa: E402
 
-TINY = ["--size", "16", "--renderer_spatial_output_dim", "8", "--style_dim", "32", "--width", "32",
-        "--N_samples", "8", "--channel_multiplier", "1", "--truncation_mean", "500", "--device", "cpu"]
+TINY = TINY_FULL
 SAMPLES = 8
 K = 9
 
