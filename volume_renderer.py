@@ -155,7 +155,7 @@ class VolumeFeatureRenderer(nn.Module):
         # With gradients, chunk graphs are kept from the forward pass (instead of re-rendering the
         # chunk in backward) up to this many MiB (--keep_graph_mib); None: perf_utils.default_keep_mib
         # (2048 on the CPU, half the free memory of a CUDA device).
-        self.fast_keep_mib = opt.get("keep_graph_mib", None)
+        self.fast_keep_mib = opt.keep_graph_mib
 
         # Constant buffers are float32 values (converted by .double() like the published modules),
         # not part of the state dict.
