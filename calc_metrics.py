@@ -114,8 +114,8 @@ def parse_metrics(spec):
 
 def check_settings(own, chosen):
     check_ranges({f"--{name}": (own[name], ">= 1") for name in ("n", "render_batch", "kid_subsets", "n_pairs",
-                                                                 "n_consistency", "n_inversions", "inversion_steps", "n_diversity",
-                                                                 "parser_epochs")})
+                                                                "n_consistency", "n_inversions", "inversion_steps", "n_diversity",
+                                                                "parser_epochs")})
     if ("fid" in chosen or "kid" in chosen) and own.n < 2:
         raise UsageError("--n must be at least 2 for fid/kid")
     check_ranges({"--psi": (own.psi, "(0, 1]"), "--min_area": (own.min_area, "[0, 1)"),
@@ -321,8 +321,8 @@ def main(argv=None):
         if want_features:
             m = min(own.n, len(data) // 2)
         samples = measures.sample_set(generator, opt, mean, psi, count, own.render_batch,
-                                        extractor if want_features else None,
-                                        parser if "miou" in chosen else None)
+                                      extractor if want_features else None,
+                                      parser if "miou" in chosen else None)
         seconds["generated samples"] = time.time() - start
         if want_features:
             start = time.time()
@@ -358,7 +358,7 @@ def main(argv=None):
     if "locality" in chosen:
         start = time.time()
         summary, example = measures.locality(generator, opt, mean, psi, own.n_pairs, attributes, own.min_area,
-                                               own.render_batch)
+                                             own.render_batch)
         results["locality"] = {}
         for attribute in attributes:
             ratios = [e["ratio"] for e in summary[attribute] if e["ratio"] is not None]
@@ -376,7 +376,7 @@ def main(argv=None):
     if "consistency" in chosen:
         start = time.time()
         values, (rgb, seg) = measures.consistency(generator, opt, mean, psi, own.n_consistency,
-                                                    own.consistency_azim)
+                                                  own.consistency_azim)
         results["consistency"] = {k: float(np.nanmean(v)) if not all(map(math.isnan, v)) else None
                                   for k, v in values.items()}
         results["consistency"].update(identities=own.n_consistency, azimuth=own.consistency_azim)
@@ -388,7 +388,7 @@ def main(argv=None):
         start = time.time()
         indices = list(range(len(inversion_data) - own.n_inversions, len(inversion_data)))
         rows, confusion, pictures = measures.inversion(generator, opt, mean, psi, inversion_data, indices,
-                                                         own.inversion_steps, own.invert_lr)
+                                                       own.inversion_steps, own.invert_lr)
         ious = metrics.iou_per_class(confusion)
         psnrs = [r["psnr"] for r in rows]
         results["inversion"] = {"psnr": float(np.mean(psnrs)), "psnr_min": float(np.min(psnrs)),

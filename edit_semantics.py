@@ -129,7 +129,7 @@ def main(argv=None):
 
     if own.resample:
         fresh = manipulation.resample_codes(generator, source, regions, own.attribute, own.resample, mean, psi,
-                                       seed=own.resample_seed)
+                                            seed=own.resample_seed)
         series("resample", fresh, f"{own.resample} resampled")
 
     for kind, path, payload in outputs:

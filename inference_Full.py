@@ -94,7 +94,7 @@ def run(opt, own, semantics, device, generator, surface_generator, latents):
         locations = view_locations(opt, session.rng, device)
         bar.set_postfix_str(f"{i}: {locations.shape[0]} views")
         rgb, seg = render_views(generator, codes, styles_global, locations, opt, mean, semantics=semantics,
-                                    psi=psi)
+                                psi=psi)
         imaging.save_row(os.path.join(out_dir, f"{i}_img.png"), rgb)
         imaging.save_seg_row(os.path.join(out_dir, f"{i}_seg.png"), seg)
         if surface_generator is not None:

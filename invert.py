@@ -94,12 +94,12 @@ def main(argv=None):
     if regions is not None:
         target_seg = manipulation.one_hot_regions(regions, generator.n_render).to(device=device, dtype=dtype)
     result = manipulation.invert(generator, target, mean, psi, opt.camera, target_seg=target_seg, steps=own.steps,
-                            lr=own.invert_lr, camera_lr=own.camera_lr, pixel_loss=own.pixel_loss,
-                            mask_weight=own.mask_weight, perceptual=perceptual,
-                            perceptual_weight=own.perceptual_weight)
+                                 lr=own.invert_lr, camera_lr=own.camera_lr, pixel_loss=own.pixel_loss,
+                                 mask_weight=own.mask_weight, perceptual=perceptual,
+                                 perceptual_weight=own.perceptual_weight)
     locations = manipulation.edit_locations(opt, own.n_views, device)
     views, view_segs = render_views(generator, result["codes"], result["styles_global"], locations, opt, mean,
-                                        psi=psi)
+                                    psi=psi)
 
     target_seg_image = (color_segmap(target_seg[0]) if target_seg is not None
                         else np.zeros((size, size, 3), dtype=np.uint8))

@@ -53,7 +53,7 @@ def check_arguments(opt, own):
     if opt.model.project_noise:
         # The published --project_noise needs a mesh file that its script never writes (SPEC §17).
         raise UsageError("--project_noise is not supported: the decoder uses its fixed stored noise "
-                             "instead (texture still stays put across frames); run without --project_noise")
+                         "instead (texture still stays put across frames); run without --project_noise")
     check_ranges({"--identities": (opt.inference.identities, ">= 1"),
                   **{f"--{name}": (own[name], ">= 1") for name in ("frames", "fps", "frame_batch")},
                   **{f"--{name}": (own[name], ">= 2") for name in ("inference_samples", "surface_resolution",
@@ -87,7 +87,7 @@ def identity_frames(i, opt, own, semantics, generator, surface_generator, codes,
     for start in tqdm(range(0, len(path), own.frame_batch), desc=f"identity {i}", unit="batch", leave=False):
         locations = path[start:start + own.frame_batch]
         rgb, seg = render_views(generator, codes, styles_global, locations, opt, mean, semantics=semantics,
-                                    batch=own.frame_batch)
+                                batch=own.frame_batch)
         rgb_u8, seg_u8 = imaging.to_uint8(rgb), color_segmap(seg)
         for j in range(locations.shape[0]):
             panels = [rgb_u8[j], seg_u8[j]]

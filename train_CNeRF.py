@@ -136,11 +136,11 @@ def train(argv=None):
                             view=f"{shown['g_view']:.3f}", eik=f"{shown['eikonal']:.3f}")
             logger.log(shown, step=i)
         loop.end_of_iteration(run, i, last, t, lambda path: write_samples(sampler, g_ema, path),
-                            lambda rng: {"g": g_module.state_dict(), "gd": gd_module.state_dict(),
-                                         "sd": sd_module.state_dict(), "g_ema": g_ema.state_dict(),
-                                         "g_optim": g_optim.state_dict(), "gd_optim": gd_optim.state_dict(),
-                                         "sd_optim": sd_optim.state_dict(), "iter": i, "seed": seed, "rng": rng,
-                                         "opt": loop.plain(opt)})
+                              lambda rng: {"g": g_module.state_dict(), "gd": gd_module.state_dict(),
+                                           "sd": sd_module.state_dict(), "g_ema": g_ema.state_dict(),
+                                           "g_optim": g_optim.state_dict(), "gd_optim": gd_optim.state_dict(),
+                                           "sd_optim": sd_optim.state_dict(), "iter": i, "seed": seed, "rng": rng,
+                                           "opt": loop.plain(opt)})
     bar.close()
     return loop.finish_run(run, opt, g_ema, max(start_iter, t.iter) - 1, f"{opt.experiment.expname}_vol_renderer.pt")
 

@@ -39,7 +39,7 @@ def renderer_path(opt):
     path = os.path.join(opt.training.checkpoints_dir, opt.experiment.expname, f"{opt.experiment.expname}_vol_renderer.pt")
     if not os.path.isfile(path):
         raise loop.TrainingError(f"no stage-1 renderer at {path}: train stage 1 first (train_CNeRF.py --expname "
-                               f"{opt.experiment.expname}) or pass --pretrain_render_path")
+                                 f"{opt.experiment.expname}) or pass --pretrain_render_path")
     return path
 
 
@@ -59,7 +59,7 @@ def write_samples(sampler, g_ema, path, psi=0.7):
         for k in range(sampler.z.shape[0]):
             z, (cam, focal, near, far) = sampler.identity_inputs(k)
             (high, seg_high), low, seg_low = g_ema([z], cam, focal, near, far, truncation=psi,
-                                                    truncation_latent=mean, randomize_noise=False)
+                                                   truncation_latent=mean, randomize_noise=False)
             size = size or max(high.shape[-1], 64)
             row = []
             for hi_tile, lo_tile in zip(samples.image_seg_tiles(high, seg_high, size), samples.image_seg_tiles(low, seg_low, size)):
@@ -74,7 +74,7 @@ def train(argv=None):
     t = opt.training
     if opt.model.size <= opt.model.renderer_spatial_output_dim:
         raise loop.TrainingError(f"--size {opt.model.size} must be larger than --renderer_spatial_output_dim "
-                               f"{opt.model.renderer_spatial_output_dim} (the decoder upsamples)")
+                                 f"{opt.model.renderer_spatial_output_dim} (the decoder upsamples)")
     check_ranges({f"--{name}": (t[name], ">= 1") for name in ("d_reg_every", "g_reg_every", "path_batch_shrink")},
                  loop.TrainingError)
     run = loop.start_run(opt, STAGE, 2, ("g", "d", "g_ema", "g_optim", "d_optim", "iter"))
@@ -160,11 +160,11 @@ def train(argv=None):
                             path=f"{shown['path']:.3f}", mean_path=f"{mean_path_length:.3f}")
             logger.log({**shown, "mean_path_length": mean_path_length}, step=i)
         loop.end_of_iteration(run, i, last, t, lambda path: write_samples(sampler, g_ema, path),
-                            lambda rng: {"g": g_module.state_dict(), "d": d_module.state_dict(),
-                                         "g_ema": g_ema.state_dict(), "g_optim": g_optim.state_dict(),
-                                         "d_optim": d_optim.state_dict(), "iter": i,
-                                         "mean_path_length": mean_path_length, "seed": seed, "rng": rng,
-                                         "opt": loop.plain(opt)})
+                              lambda rng: {"g": g_module.state_dict(), "d": d_module.state_dict(),
+                                           "g_ema": g_ema.state_dict(), "g_optim": g_optim.state_dict(),
+                                           "d_optim": d_optim.state_dict(), "iter": i,
+                                           "mean_path_length": mean_path_length, "seed": seed, "rng": rng,
+                                           "opt": loop.plain(opt)})
     bar.close()
     return loop.finish_run(run, opt, g_ema, max(start_iter, t.iter) - 1, f"{opt.experiment.expname}_full_pipeline.pt")
 

@@ -363,7 +363,7 @@ def create_app(editor, host="127.0.0.1", allow_hosts=(), max_request_bytes=DEFAU
 
     async def http_error(request, exc):  # unknown path, wrong method: one line too
         reason = {404: "no such page", 405: f"{request.method} is not allowed here"}.get(exc.status_code,
-                                                                                        str(exc.detail))
+                                                                                         str(exc.detail))
         return error(f"{request.url.path}: {reason}", exc.status_code)
 
     routes = [

@@ -125,7 +125,7 @@ def render_identities(generator, codes, styles_global, locations, opt, mean_late
     """Every identity of codes [N,2K,D] from every location [V,2], by rendering.render_views:
     (rgb [N,V,3,H,W], seg [N,V,K,H,W])."""
     pairs = [render_views(generator, codes[i:i + 1], styles_global[i:i + 1], locations, opt, mean_latent,
-                              semantics=semantics, psi=psi) for i in range(codes.shape[0])]
+                          semantics=semantics, psi=psi) for i in range(codes.shape[0])]
     return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 

@@ -351,7 +351,7 @@ class RegionEditor:
             cached = self.seed_codes.get((spec, psi))
             if cached is None:
                 cached = self.seed_codes.put((spec, psi), manipulation.latents_from_seeds(self.generator, [spec],
-                                                                                     self.mean, psi))
+                                                                                          self.mean, psi))
             return cached
         ident = self.identities.get(spec)
         if ident is None:
@@ -398,7 +398,7 @@ class RegionEditor:
             for attribute, seed in (("shape", state.resample_shape[k]), ("texture", state.resample_texture[k])):
                 if seed is not None:
                     start = manipulation.resample_codes(self.generator, start, [k], attribute, 1, self.mean, state.psi,
-                                                   seed=seed)
+                                                        seed=seed)
         return blend_codes(start, reference, state.shape, state.texture), source_global, source
 
     def _location(self, state):
@@ -412,7 +412,7 @@ class RegionEditor:
 
         def view():
             rgb, seg = render_views(self.generator, codes, styles_global, self._location(state), self.opt,
-                                        self.mean, semantics=semantics, psi=state.psi)
+                                    self.mean, semantics=semantics, psi=state.psi)
             return rgb[0].float().cpu(), color_segmap(seg[0])
         return key, view
 
@@ -423,7 +423,7 @@ class RegionEditor:
 
         def shape():
             surface = render_surface(self.generator, self.surface_generator, codes, self._location(state),
-                                         self.opt, self.mean, psi=state.psi)
+                                     self.opt, self.mean, psi=state.psi)
             try:
                 return shade_surface(surface, self.size)
             except MeshError:

@@ -539,7 +539,7 @@ def augment(images, labels, generator, shift):
         dx, dy = (torch.randint(-shift, shift + 1, (2,), generator=generator)).tolist()
         pad = (shift, shift, shift, shift)
         images = F.pad(images, pad, mode="replicate")[..., shift + dy:shift + dy + images.shape[-2],
-                                                       shift + dx:shift + dx + images.shape[-1]]
+                                                      shift + dx:shift + dx + images.shape[-1]]
         labels = F.pad(labels[:, None].float(), pad, mode="replicate")[:, 0].long()[
             ..., shift + dy:shift + dy + labels.shape[-2], shift + dx:shift + dx + labels.shape[-1]]
     return images, labels

@@ -226,7 +226,7 @@ def locality(generator, opt, mean, psi, pairs, attributes, min_area, chunk=8, pr
     example = None
     for p in tqdm(range(pairs), desc="locality pairs", disable=not progress):
         codes, styles = manipulation.latents_from_seeds(generator, [LOCALITY_SEED + 2 * p, LOCALITY_SEED + 2 * p + 1],
-                                                   mean, psi)
+                                                        mean, psi)
         edits = [manipulation.swap_region_codes(codes[:1], codes[1:], [k], a) for a in attributes for k in range(n_regions)]
         batch = torch.cat([codes[:1]] + edits)
         # Source and edits rendered the same way, so pixels an edit leaves alone match to round-off.
@@ -258,7 +258,7 @@ def locality(generator, opt, mean, psi, pairs, attributes, min_area, chunk=8, pr
             example = (rgb.cpu(), source_seg.cpu(), deltas.cpu())
     summary = {a: [{"pairs": len(e["ratio"]),
                     **{key: (float(np.mean(e[key])) if e[key] else None) for key in ("area", "outside", "inside",
-                                                                                      "ratio")}}
+                                                                                     "ratio")}}
                    for e in stats[a]] for a in attributes}
     return summary, example
 
@@ -287,7 +287,7 @@ def placement_problems(labels):
     problems = []
     for i in range(labels.shape[0]):
         part = {name: (labels[i] == index[name]).float() for name in ("face", "eye", "mouth", "nose", "hair",
-                                                                       "neck+cloth")}
+                                                                      "neck+cloth")}
         area = {name: float(mask.mean()) for name, mask in part.items()}
         if area["face"] <= max(area["eye"], area["mouth"], area["nose"]):
             problems.append(f"portrait {i}: face not the largest part")

@@ -94,7 +94,7 @@ def find_cuda_home(wanted=None, search=None):
         except OSError:
             pass
     candidates += search if search is not None else ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"),
-                                                                                reverse=True)
+                                                                                 reverse=True)
     found = []
     for path in candidates:
         if _valid_cuda_home(path) and os.path.realpath(path) not in [os.path.realpath(p) for p in found]:

@@ -144,7 +144,7 @@ class FastRender(torch.autograd.Function):
         ctx.leaves = [t.detach().requires_grad_(need) for t, need in zip(tensors, needs)]
         if spec.keep:
             outs, ctx.kept = render_all(renderer, spec, ctx.leaves, keep_sdf0=True, chunk=spec.grad_chunk,
-                                                keep=spec.keep)
+                                        keep=spec.keep)
         else:
             outs, ctx.kept = render_all(renderer, spec, ctx.leaves, keep_sdf0=True), []
         return tuple(outs)
@@ -298,7 +298,7 @@ def render_chunk(renderer, spec, tensors, b, sl, lean=False):
     sdf = (sdf0 + delta_sdf).reshape(n, s, 1)
     noise = spec.noise[b, sl] if spec.noise is not None else None
     weights = renderer.volume_weights(sdf.unsqueeze(0), z.unsqueeze(0), rays_d.unsqueeze(0), noise=noise,
-                            beta=p["beta"])[0]  # [n, S, 1]
+                                      beta=p["beta"])[0]  # [n, S, 1]
 
     # The feature and colour heads are linear, so they are applied where they cost least (same
     # values up to rounding): rgb_k = W_c (W_f [h; v] + b_f) + b_c uses the composed 3×C matrix
@@ -364,7 +364,7 @@ def render_all(renderer, spec, tensors, keep_sdf0=False, chunk=None, keep=0):
     return (outs, kept) if keep else outs
 
 def forward(renderer, cam_poses, focal, near, far, styles, return_eikonal=False, return_sdf=None,
-                  return_xyz=None, semantics=None, ray_chunk=None, compute_dtype=None):
+            return_xyz=None, semantics=None, ray_chunk=None, compute_dtype=None):
     """The fast render; `compute_dtype` (bf16, or None: the weights' dtype) is the dtype of the trunk's
     hidden layers and heads (common/precision.py)."""
     return_sdf = renderer.return_sdf if return_sdf is None else return_sdf
@@ -397,9 +397,9 @@ def forward(renderer, cam_poses, focal, near, far, styles, return_eikonal=False,
     region_weights = renderer.semantic_weights(semantics, rays_o)
     selected = None if region_weights is None else torch.nonzero(region_weights).flatten().tolist()
     spec = FastSpec(rays_o=rays_o.detach(), rays_d=rays_d.detach(), viewdirs=viewdirs.detach(),
-                     near=near_r.detach(), far=far_r.detach(), z=z, noise=noise, init=init,
-                     selected=selected, keys=keys, chunk=chunk, grad_chunk=grad_chunk, sdf0=None, keep=0,
-                     dtype=compute_dtype)
+                    near=near_r.detach(), far=far_r.detach(), z=z, noise=noise, init=init,
+                    selected=selected, keys=keys, chunk=chunk, grad_chunk=grad_chunk, sdf0=None, keep=0,
+                    dtype=compute_dtype)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         keep_mib = renderer.fast_keep_mib
         if keep_mib is None:

@@ -55,7 +55,7 @@ def parse_options(argv=None, add_arguments=None, title="script", output=None):
     if output is not None:
         path, flag = output(opt, own)
         check_output(path, flag, "folder", inputs=(opt.training.trained_ckpt, opt.inference.latents,
-                                                    opt.dataset.dataset_path))
+                                                   opt.dataset.dataset_path))
     if opt.training.trained_ckpt:  # a checkpoint that knows its architecture needs no model flags
         config = saved_config(opt.training.trained_ckpt)
         if config is not None:

@@ -116,7 +116,7 @@ def test_edit_without_chosen_codes_renders_the_source_exactly(tiny):
     locations = manipulation.edit_locations(opt, 2)
     untouched = manipulation.swap_region_codes(codes[:1], codes[1:], [], "both")
     rgb, seg = manipulation.render_identities(generator, torch.cat([codes[:1], untouched]), styles[:1].repeat(2, 1),
-                                         locations, opt, mean)
+                                              locations, opt, mean)
     assert torch.equal(rgb[0], rgb[1]) and torch.equal(seg[0], seg[1])
     # ...while a real swap changes the picture (the check above is not vacuous).
     swapped = manipulation.swap_region_codes(codes[:1], codes[1:], list(range(NUM_REGIONS)), "both")
@@ -133,8 +133,8 @@ def test_edit_semantics_writes_grid_and_latents_that_round_trip(tiny, tmp_path):
     path, opt, generator, mean = tiny
     out = tmp_path / "edit"
     edit_semantics.main(argv("--trained_ckpt", path, *RUN, "--source", "3", "--reference", "8", "--regions",
-                         "hair,mouth", "--attribute", "texture", "--n_views", "2", "--interpolate", "3",
-                         "--resample", "2", "--out_dir", out))
+                             "hair,mouth", "--attribute", "texture", "--n_views", "2", "--interpolate", "3",
+                             "--resample", "2", "--out_dir", out))
     codes, styles = manipulation.latents_from_seeds(generator, [3, 8], mean, 0.7)
     expected = manipulation.swap_region_codes(codes[:1], codes[1:], [3, 7], "texture")
     data = load_latents(out / "edit_latents.pt", style_dim=32, n_regions=NUM_REGIONS)
@@ -147,7 +147,7 @@ def test_edit_semantics_writes_grid_and_latents_that_round_trip(tiny, tmp_path):
     # Grid: source, seg, reference, seg, edited, seg, |Δ| over 2 views; rows are what the codes render.
     grid = split_grid(out / "edit_grid.png", 7, 2, 16)
     rgb, _ = manipulation.render_identities(generator, torch.cat([codes, expected]), torch.cat([styles, styles[:1]]),
-                                       manipulation.edit_locations(opt, 2), opt, mean)
+                                            manipulation.edit_locations(opt, 2), opt, mean)
     pixels = imaging.to_uint8(rgb)
     for row, identity in ((0, 0), (2, 1), (4, 2)):
         for view in range(2):
@@ -164,7 +164,7 @@ def test_edit_semantics_writes_grid_and_latents_that_round_trip(tiny, tmp_path):
     # source's, so the edited rows reproduce the source rows exactly, and both the file's rendering.
     again = tmp_path / "again"
     edit_semantics.main(argv("--trained_ckpt", path, *RUN, "--source", out / "edit_latents.pt", "--reference", "8",
-                         "--regions", "7,3", "--attribute", "texture", "--n_views", "2", "--out_dir", again))
+                             "--regions", "7,3", "--attribute", "texture", "--n_views", "2", "--out_dir", again))
     grid2 = split_grid(again / "edit_grid.png", 7, 2, 16)
     for view in range(2):
         assert np.array_equal(grid2[4][view], grid2[0][view]) and np.array_equal(grid2[5][view], grid2[1][view])
@@ -183,7 +183,7 @@ def test_inference_full_accepts_edited_latents(tiny, tmp_path):
     edited = manipulation.swap_region_codes(codes, manipulation.latents_from_seeds(generator, [9], mean, 0.7)[0], [7])
     save_latents(tmp_path / "edit.pt", edited, styles)
     inference_Full.main(argv("--trained_ckpt", path, *RUN, "--latents", tmp_path / "edit.pt", "--results_dir",
-                         tmp_path / "inf", "--no_surface_renderings"))
+                             tmp_path / "inf", "--no_surface_renderings"))
     row = np.asarray(Image.open(tmp_path / "inf" / "0_img.png").convert("RGB"))
     assert row.shape == (16, 160, 3)  # the published 10-view sweep
     first = manipulation.edit_locations(opt, 0)[:1]
@@ -224,7 +224,7 @@ def test_invert_script_writes_image_and_latents(tiny, tmp_path):
     label[:4] = 13  # hair on top, skin elsewhere (CelebAMask-HQ ids)
     np.save(tmp_path / "face_mask.npy", label)
     invert.main(argv("--trained_ckpt", path, *RUN, "--image", tmp_path / "face.png", "--mask",
-                 tmp_path / "face_mask.npy", "--steps", "1", "--n_views", "1", "--out_dir", tmp_path / "inv"))
+                     tmp_path / "face_mask.npy", "--steps", "1", "--n_views", "1", "--out_dir", tmp_path / "inv"))
     grid = split_grid(tmp_path / "inv" / "face_inversion.png", 2, 3, 16)
     assert np.array_equal(grid[0][0], imaging.to_uint8(rgb[0]))  # the target, as read back
     assert (grid[1][0][:4] == [107, 137, 198]).all() and (grid[1][0][4:] == [239, 234, 90]).all()

@@ -225,7 +225,7 @@ def test_stage2_feature_loss_gradients_match_reference():
     torch.manual_seed(4)
     w = g_ref.map_styles(torch.randn(2, opt.model.style_dim, dtype=torch.float64)).detach()
     codes = w.unsqueeze(1).repeat(1, g_ref.n_latent, 1) + 0.1 * torch.randn(2, g_ref.n_latent, w.shape[-1],
-                                                                           dtype=torch.float64)
+                                                                            dtype=torch.float64)
     results = []
     for g in (g_ref, g_fast):
         g.freeze_renderer()

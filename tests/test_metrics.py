@@ -181,7 +181,7 @@ def sphere():
     codes, styles = manipulation.latents_from_seeds(generator, [0], mean, 1.0)
     locations = torch.tensor([[-0.3, 0.0], [0.3, 0.0]])
     rgb, seg, rgb_low, xyz, cam = measures.render_batch(generator, codes.expand(2, -1, -1), styles.expand(2, -1),
-                                                          locations, opt.camera, mean, 1.0, return_xyz=True)
+                                                        locations, opt.camera, mean, 1.0, return_xyz=True)
     return dict(generator=generator, opt=opt, mean=mean, xyz=xyz, cam=cam, rgb_low=rgb_low)
 
 
@@ -222,7 +222,7 @@ def test_reprojection_of_a_shifted_pair_does_not(sphere):
 
 def test_consistency_metric_on_the_sphere(sphere):
     results, _ = measures.consistency(sphere["generator"], sphere["opt"], sphere["mean"], 1.0, 1, 0.3,
-                                        progress=False)
+                                      progress=False)
     assert 0.15 < results["visible"][0] < 0.3
     assert results["colour_error_renderer"][0] < 0.02
     assert results["seg_agreement"][0] > 0.5

@@ -222,7 +222,7 @@ def test_full_generator_runs_in_both_dtypes_and_semantics_only_change_features(d
     with torch.no_grad():
         mean = g.mean_latent(64)
         (rgb, seg_high), thumb, xyz, sdf, mask, seg = g([z], *cam, truncation=0.7, truncation_latent=mean,
-                                                         randomize_noise=False, return_xyz=True, return_sdf=True)
+                                                        randomize_noise=False, return_xyz=True, return_sdf=True)
         (rgb_s, seg_high_s), thumb_s, xyz_s, sdf_s, mask_s, seg_s = g(
             [z], *cam, truncation=0.7, truncation_latent=mean, randomize_noise=False, return_xyz=True,
             return_sdf=True, semantics=parse_regions("eye,mouth"))

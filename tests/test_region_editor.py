@@ -154,7 +154,7 @@ def test_edit_matches_edit_semantics_swap_and_render(tiny):
     assert torch.equal(source, src) and torch.equal(styles, src_global)
     assert torch.equal(codes, manipulation.swap_region_codes(src, ref, [7], "texture"))
     rgb, _ = render_views(editor.generator, codes, styles, torch.tensor([[0.1, 0.0]]), editor.opt, editor.mean,
-                              psi=0.7)
+                          psi=0.7)
     assert np.array_equal(editor.render(s)["images"]["image"], imaging.to_uint8(rgb[0]))
 
 

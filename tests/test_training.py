@@ -708,7 +708,7 @@ def test_ddp_ranks_start_gan_training_from_one_optimiser_state(tmp_path):
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "PYTHONWARNINGS": "ignore"}
     argv = [str(a) for a in MODEL + ["--batch", 2, "--sphere_init_iter", 2]]
     ranks = [subprocess.Popen([sys.executable, str(script), str(tmp_path), *argv], env={**env, "RANK": str(r),
-                                                                                          "LOCAL_RANK": str(r)},
+                                                                                        "LOCAL_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     try:
         results = [rank.communicate(timeout=200) for rank in ranks]

@@ -130,7 +130,7 @@ class Replay(draws.Draws):
         if c["extrinsics"].shape[0] != batch:
             raise ReplayError(f"{batch} cameras asked, published drew {c['extrinsics'].shape[0]}")
         return tuple(c[k].to(device=device, dtype=torch.float64) for k in ("extrinsics", "focal", "near", "far",
-                                                                          "viewpoint"))
+                                                                           "viewpoint"))
 
     def labels(self, n_regions, batch, device):
         labels = self._take("labels")

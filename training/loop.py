@@ -39,7 +39,7 @@ def validate(opt):
         checks["--ema_decay"] = (t.ema_decay, "[0, 1)")
     checks["--d_channel_scale"] = (opt.model.d_channel_scale, "> 0")
     checks.update({f"--{name}": (t[name], ">= 1") for name in ("batch", "chunk", "sample_every", "save_every",
-                                                                 "val_n_sample", "sync_every")})
+                                                               "val_n_sample", "sync_every")})
     checks.update({f"--{name}": (t[name], ">= 0") for name in ("iter", "sphere_init_iter")})
     if t.num_workers is not None:
         checks["--num_workers"] = (t.num_workers, ">= 0")
@@ -290,7 +290,7 @@ def finish_run(run, opt, g_ema, last_iter, name):
     It carries its architecture options ("config"), so `--trained_ckpt` alone rebuilds it."""
     if run.main:
         save_checkpoint({"g_ema": g_ema.state_dict(), "iter": last_iter, "config": architecture_config(opt)},
-             os.path.join(run.exp_dir, name))
+                        os.path.join(run.exp_dir, name))
     run.logger.finish()
     dist_utils.synchronize()
     return run.exp_dir

@@ -231,7 +231,7 @@ def stage1_g_phase(m, opt, i):
         g_gan_semantic = g_nonsaturating_loss(part_pred)
         g_loss = g_gan + g_view + g_eikonal + g_min_surf + (g_class + g_gan_semantic) * t.Semantic_D_lambda
         _check_finite(m, {"g_gan": g_gan, "g_view": g_view, "g_eikonal": g_eikonal, "g_min_surf": g_min_surf,
-                         "g_semantic": g_class + g_gan_semantic}, i)
+                          "g_semantic": g_class + g_gan_semantic}, i)
         g_loss.backward()
         records.append(_record(g_gan_loss=g_gan, g_view_loss=g_view, g_eikonal=g_eikonal,
                                g_minimal_surface=g_min_surf, g_class_loss=g_class,
