@@ -114,8 +114,8 @@ def parse_metrics(spec):
 
 def check_settings(own, chosen):
     check_ranges({f"--{name}": (own[name], ">= 1") for name in ("n", "render_batch", "kid_subsets", "n_pairs",
-                                                                "n_consistency", "n_inversions", "inversion_steps", "n_diversity",
-                                                                "parser_epochs")})
+                                                                "n_consistency", "n_inversions", "inversion_steps",
+                                                                "n_diversity", "parser_epochs")})
     if ("fid" in chosen or "kid" in chosen) and own.n < 2:
         raise UsageError("--n must be at least 2 for fid/kid")
     check_ranges({"--psi": (own.psi, "(0, 1]"), "--min_area": (own.min_area, "[0, 1)"),

@@ -3,7 +3,8 @@
 Bad input (a flag, a file, a device, an output path) raises `UsageError` or a subclass of it — every
 user-facing error class of the project derives from it — and `run_command` turns it into one line on
 stderr and exit status 1 instead of a traceback (every script's main is decorated with `command`).
-Anything else is a programming error and raises with its traceback. `check_output` refuses an output path that cannot be used, before any work.
+Anything else is a programming error and raises with its traceback. `check_output` refuses an output
+path that cannot be used, before any work.
 """
 import functools
 import os

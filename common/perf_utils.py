@@ -23,6 +23,14 @@ _M_ARENA_MAX = -8
 _configured = None
 
 
+def _libc_function(name):
+    """glibc's function `name` (ctypes), or None where there is no glibc or no such function."""
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def configure_allocator(enable=None):
     """Call once at startup (before the big allocations). Returns True when glibc accepted it.
 
@@ -36,10 +44,8 @@ def configure_allocator(enable=None):
     _configured = False
     if not enable:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = _libc_function("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
@@ -60,10 +66,8 @@ def release_free_memory():
     one-off peak (an inversion in the editor) that memory would stay resident for good. Returns True
     when some memory was released.
     """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
+    trim = _libc_function("malloc_trim")
+    if trim is None:
         return False
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int

@@ -96,13 +96,6 @@ def resolve(requested, device, out=sys.stderr):
     return "bf16"
 
 
-def autocast(mode, device):
-    """The autocast context of a resolved mode: bf16 autocast on `device`'s type, or a context that
-    does nothing (fp32)."""
-    device_type = torch.device(device).type
-    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=(mode == "bf16"))
-
-
 def compute_dtype(device_type):
     """The low-precision dtype the current thread's autocast asks for on `device_type`, or None when autocast
     is off there (what the renderer reads on entry, before it turns autocast off)."""
@@ -169,7 +162,7 @@ def apply(mode, device, *modules):
 
 def from_options(opt, device, *modules, out=sys.stderr):
     """resolve(opt.experiment.precision) and apply it to `modules`: the resolved mode."""
-    mode = resolve(opt.experiment.get("precision", "fp32"), device, out=out)
+    mode = resolve(opt.experiment.precision, device, out=out)
     apply(mode, device, *modules)
     return mode
 

@@ -3,13 +3,13 @@ editing, inversion, metrics), and the shared start of an inference run.
 
 The published inference procedure (SPEC §15), which every script follows through these modules:
   * w = style(z), truncated once by hand towards the renderer mean with ψ, repeated into the 18
-    per-region codes; the decoder's global style is the same w (latents.identity_latents);
+    per-region codes; the decoder's global style is the same w (rendering.latents.identity_latents);
   * the generator is called with input_is_latent, truncation=ψ (so the renderer codes are truncated a
     second time, as the published script does), randomize_noise=False, styles_global=[w]
-    (rendering.render_views, from the views of camera.view_locations);
+    (rendering.inference.render_codes, from the views of rendering.camera.view_locations);
   * evaluation rendering: 64 samples per ray, static view directions, no jitter (build_generator).
 A renderer-only copy of the generator at 128×128 with 128 samples (focal ×2, same weights) provides
-the surface points and the SDF volume for shapes and meshes (rendering.render_surface).
+the surface points and the SDF volume for shapes and meshes (rendering.inference.render_surface).
 """
 import os
 

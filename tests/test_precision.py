@@ -278,7 +278,7 @@ def test_cuda_auto_and_autocast():
     device = torch.device("cuda")
     native = torch.cuda.get_device_capability() >= (8, 0)
     assert precision.resolve("auto", device) == ("bf16" if native else "fp32")
-    with precision.autocast("bf16", device):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
         assert precision.compute_dtype("cuda") == torch.bfloat16
         assert torch.mm(torch.randn(8, 8, device=device), torch.randn(8, 8, device=device)).dtype == torch.bfloat16
 
