@@ -45,6 +45,10 @@ class BaseOptions:
                                 help="(new) with --continue_training: the optimisers start afresh; --ckpt may be a "
                                      "checkpoint without optimiser states (tools/strip_optimizers.py)")
         experiment.add_argument("--seed", type=int, default=None, help="(new) random seed")
+        experiment.add_argument("--reseed", action="store_true",
+                                help="(new) with --continue_training: the random streams start afresh from --seed "
+                                     "(recorded as the run's seed) instead of going on from the checkpoint's; "
+                                     "a second run of the same continuation, to measure run-to-run noise")
         experiment.add_argument("--device", type=str, default=None,
                                 help="(new) torch device, e.g. cpu or cuda:0 (default: CUDA if available, else CPU)")
         experiment.add_argument("--precision", type=str.lower, default="fp32", choices=["fp32", "bf16", "auto"],

@@ -70,7 +70,7 @@ def train(argv=None):
     ckpt, resume_path = run.ckpt, run.resume_path
 
     resolution = opt.model.renderer_spatial_output_dim
-    seed = int(ckpt["seed"]) if ckpt is not None and "seed" in ckpt else loop.choose_seed(opt)
+    seed = loop.run_seed(opt, ckpt)
     seed_everything(seed, rank)
 
     try:
@@ -92,7 +92,8 @@ def train(argv=None):
         load_state_strict(sd, ckpt["sd"], resume_path, "semantic discriminator")
         loop.restore_optimizers(opt, ckpt, resume_path, {"g_optim": g_optim, "gd_optim": gd_optim, "sd_optim": sd_optim})
         start_iter = int(ckpt["iter"]) + 1
-        randomness.restore_rng(ckpt, seed, start_iter)
+        if not opt.experiment.reseed:
+            randomness.restore_rng(ckpt, seed, start_iter)
         del ckpt
     elif not t.no_sphere_init:
         sphere_init(m, opt, os.path.join(stage_dir, "sdf_init_models_0000000.pt"), main)

@@ -85,7 +85,7 @@ def train(argv=None):
     resolution = opt.model.renderer_spatial_output_dim
     if ckpt is None:
         stage1_path = renderer_path(opt)
-    seed = int(ckpt["seed"]) if ckpt is not None and "seed" in ckpt else loop.choose_seed(opt)
+    seed = loop.run_seed(opt, ckpt)
     seed_everything(seed, rank)
 
     try:
@@ -110,7 +110,8 @@ def train(argv=None):
         loop.restore_optimizers(opt, ckpt, resume_path, {"g_optim": g_optim, "d_optim": d_optim})
         start_iter = int(ckpt["iter"]) + 1
         mean_path_length = float(ckpt.get("mean_path_length", 0.0))
-        randomness.restore_rng(ckpt, seed, start_iter)
+        if not opt.experiment.reseed:
+            randomness.restore_rng(ckpt, seed, start_iter)
         del ckpt
 
     g.train()

@@ -312,6 +312,25 @@ def test_resume_from_a_checkpoint_stripped_of_its_optimisers(data, tmp_path):
         strip.strip(slim, tmp_path / "again.pt")
 
 
+def test_reseed_starts_fresh_random_streams_on_a_resumed_run(data, tmp_path):
+    """--reseed: the continuation draws from --seed's streams, not the checkpoint's, so two seeds give two
+    runs of the same continuation (run-to-run noise), the same seed gives the same run, and the new seed is
+    recorded; without --continue_training it is refused in one line."""
+    train_CNeRF.train(args(data, tmp_path / "a", "exp", "--iter", 2))
+    start = tmp_path / "a" / "exp" / "volume_renderer" / "models_0000001.pt"
+    runs = {"kept": (), "seed5": ("--reseed", "--seed", 5), "again5": ("--reseed", "--seed", 5),
+            "seed6": ("--reseed", "--seed", 6)}
+    for name, extra in runs.items():
+        train_CNeRF.train(args(data, tmp_path / name, "exp", "--iter", 4, "--continue_training", "--ckpt", start,
+                               *extra))
+    last = {name: load_checkpoint(tmp_path / name / "exp" / "volume_renderer" / "models_0000003.pt") for name in runs}
+    assert last["kept"]["seed"] == 3 and last["seed5"]["seed"] == 5 and last["seed6"]["seed"] == 6
+    assert tensors_equal(last["seed5"]["g"], last["again5"]["g"])
+    assert differing(last["seed5"]["g"], last["seed6"]["g"]) and differing(last["seed5"]["g"], last["kept"]["g"])
+    with pytest.raises(UsageError, match="--reseed: only with --continue_training"):
+        train_CNeRF.train(args(data, tmp_path / "b", "exp", "--iter", 2, "--reseed"))
+
+
 def test_resume_takes_the_architecture_from_the_checkpoint(data, tmp_path):
     """--d_channel_scale (and every model flag) is saved with the run: resuming needs none of them, and a
     contradicting one stops with one line naming the flag and the checkpoint."""

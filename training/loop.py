@@ -46,6 +46,8 @@ def validate(opt):
     if opt.rendering.keep_graph_mib is not None:
         checks["--keep_graph_mib"] = (opt.rendering.keep_graph_mib, ">= 0")
     check_ranges(checks, TrainingError)
+    if opt.experiment.reseed and not opt.experiment.continue_training:
+        raise TrainingError("--reseed: only with --continue_training (a new run takes --seed anyway)")
 
 
 def _non_finite(losses):
@@ -243,6 +245,14 @@ def _to_device(value, device):
     if isinstance(value, (list, tuple)):
         return type(value)(_to_device(v, device) for v in value)
     return value
+
+
+def run_seed(opt, ckpt):
+    """The seed of a run: a resumed run keeps its checkpoint's (its RNG streams go on from the checkpoint),
+    unless --reseed, which starts them afresh from --seed (or a random one)."""
+    if ckpt is not None and "seed" in ckpt and not opt.experiment.reseed:
+        return int(ckpt["seed"])
+    return choose_seed(opt)
 
 
 def choose_seed(opt):
