@@ -16,7 +16,7 @@ if str(ROOT) not in sys.path:
 
 from common.checkpoint import architecture_config, load_checkpoint, load_generator, save_checkpoint  # noqa: E402
 from rendering import loading as gen  # noqa: E402
-from tools import export_generator, plot_losses  # noqa: E402
+from tools import compare_runs, export_generator, plot_losses  # noqa: E402
 
 TINY = ["--size", "32", "--renderer_spatial_output_dim", "16", "--style_dim", "16", "--width", "16",
         "--N_samples", "4", "--channel_multiplier", "1"]
@@ -61,6 +61,48 @@ def test_plot_losses_bad_input_is_one_line(tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip() == f"error: {bad}:2: not a loss record ('not json')"
     assert not (tmp_path / "x.png").exists()
+
+
+def test_compare_runs_averages_each_measure_over_the_window(tmp_path):
+    """compare_runs: loss means over the window's iterations, tracker means over the checkpoints in it
+    (nested measures flattened, descriptions left out), differences to the first run, and the overlay."""
+    for name, offset in (("a", 0.0), ("b", 0.5)):
+        write_log(tmp_path / f"{name}.jsonl", [{"step": i, "g": i + offset, "d": 1.0} for i in range(10)])
+        (tmp_path / f"{name}.json").write_text(json.dumps([
+            {"iter": i, "n": 16, "first_seed": 100, "psi": 0.7, "problems": ["eye high"],
+             "renderer": {"shown": {"eye": i + offset}, "swap": {"region": "hair", "ratio": 0.1 * i}}}
+            for i in (0, 5, 9)]))
+    runs = [f"{name}={tmp_path / name}.jsonl,{tmp_path / name}.json" for name in "ab"]
+    out = tmp_path / "cmp"
+    compare_runs.main([*runs, "--out", str(out), "--window", "4:9"])
+    result = json.loads((out / "comparison.json").read_text())
+    measures = result["measures"]
+    assert result["window"] == [4, 9] and result["checkpoints"] == {"a": [5, 9], "b": [5, 9]}
+    assert measures["loss g"] == {"a": 6.5, "b": 7.0} and measures["loss d"] == {"a": 1.0, "b": 1.0}
+    assert measures["track renderer.shown.eye"] == {"a": 7.0, "b": 7.5}
+    assert abs(measures["track renderer.swap.ratio"]["a"] - 0.7) < 1e-9
+    assert not any("region" in name or "problems" in name for name in measures)
+    assert "| loss g | 6.5 | 7 | +0.5 |" in (out / "comparison.md").read_text()
+    with Image.open(out / "curves.png") as image:
+        assert (np.asarray(image.convert("RGB")).std(axis=(0, 1)) > 10).all()
+    default = compare_runs.compare([("a", str(tmp_path / "a.jsonl"), None), ("b", str(tmp_path / "b.jsonl"), None)])
+    assert default["window"] == [5, 9] and default["checkpoints"] == {"a": [], "b": []}  # second half of 0..9
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["a=x.jsonl"], "give at least two runs to compare"),
+    (["a", "b=x.jsonl"], "run 'a': expected NAME=LOSSES.jsonl[,TRACK.json]"),
+    (["a=x.jsonl", "a=x.jsonl"], "two runs have the same NAME"),
+    (["a=x.jsonl", "b=x.jsonl", "--window", "9:4"], "--window '9:4': expected FIRST:LAST iterations, FIRST <= LAST"),
+    (["a=x.jsonl", "b=missing.jsonl"], "missing.jsonl: file not found"),
+])
+def test_compare_runs_bad_input_is_one_line(tmp_path, argv, message):
+    write_log(tmp_path / "x.jsonl", [{"step": 0, "g": 1.0}])
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "compare_runs.py"), *argv, "--out", "cmp"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.strip() == f"error: {message}"
+    assert not (tmp_path / "cmp").exists()
 
 
 def test_export_half_precision_loads_as_float32(tmp_path):
