@@ -311,8 +311,10 @@ def mask_leak(seg, labels):
 
 
 def _region_check(rgb, labels, swapped, region):
-    """Which regions labels [N,H,W] show (portraits showing each, mean area fraction), their placement
-    problems, and the swap's mean |Δ| (RGB mean) inside `region`'s pixels and outside them."""
+    """Which regions labels [N,H,W] show (portraits showing each, mean area fraction and its spread over
+    the portraits), how much two portraits' labels differ (metrics.pairwise_difference: the head's variety,
+    the camera being the same), their placement problems, and the swap's mean |Δ| (RGB mean) inside
+    `region`'s pixels and outside them."""
     area = torch.stack([(labels == k).float().mean((1, 2)) for k in range(len(REGION_NAMES))], 1)  # [N,K]
     delta = (swapped - rgb).abs().mean(1)
     inside_mask = labels == region
@@ -320,6 +322,8 @@ def _region_check(rgb, labels, swapped, region):
     outside = float(delta[~inside_mask].mean()) if (~inside_mask).any() else 0.0
     return {"shown": {name: int((area[:, k] > 0).sum()) for k, name in enumerate(REGION_NAMES)},
             "area": {name: float(area[:, k].mean()) for k, name in enumerate(REGION_NAMES)},
+            "spread": {name: float(area[:, k].std(unbiased=False)) for k, name in enumerate(REGION_NAMES)},
+            "pairwise_difference": metrics.pairwise_difference(labels) if len(labels) >= 2 else 0.0,
             "problems": placement_problems(labels),
             "swap": {"region": REGION_NAMES[region], "inside": inside, "outside": outside,
                      "ratio": outside / inside if inside > 0 else math.inf}}

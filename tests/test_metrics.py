@@ -455,6 +455,10 @@ def test_portrait_check_counts_regions_and_measures_the_swap(sphere):
     for k, name in enumerate(REGION_NAMES):
         assert other["shown"][name] == int(sum(bool((labels[i] == k).any()) for i in range(2)))
         assert other["area"][name] == pytest.approx(float((labels == k).float().mean()), abs=1e-6)
+        fractions = (labels == k).float().mean((1, 2))
+        assert other["spread"][name] == pytest.approx(abs(float(fractions[0] - fractions[1])) / 2, abs=1e-6)
+    assert other["pairwise_difference"] == pytest.approx(float((labels[0] != labels[1]).float().mean()), abs=1e-6)
+    assert same["pairwise_difference"] == 0.0 and set(same["spread"].values()) == {0.0}
     delta = (other["swapped"] - other["rgb"]).abs().mean(1)
     face = labels == REGION_NAMES.index("face")
     if face.any():

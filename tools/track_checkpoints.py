@@ -8,7 +8,8 @@
 For each training checkpoint `models_NNNNNNN.pt` of the folder (every --every iterations, and the last),
 its EMA generator renders --n frontal portraits (seeds first_seed..first_seed+n-1, ψ --psi) and a hair texture
 swap, measured as tests/test_shipped_model.py measures them (evaluation.measures.portrait_check): how many portraits show each
-region, placement problems, the swap's |Δ| outside/inside the hair — for the output (stage 2) and for the
+region, how much the portraits differ (each region's area spread, the pairwise difference of their segs),
+placement problems, the swap's |Δ| outside/inside the hair — for the output (stage 2) and for the
 volume renderer's own low-res image and seg (both stages), with the renderer seg's off-region leak
 (evaluation.measures.mask_leak: a hair texture swap reaches every pixel where the hair's seg is not zero). Writes,
 under --out:
