@@ -9,7 +9,7 @@ changes nothing: no hook is installed and no cast is made, so fp32 and float64 r
 for bit as without this module.
 
 What runs in bf16 (`apply(mode, device, *modules)` installs it on built models; nothing else changes):
-  * the StyleGAN2 decoder, the feature transfer and the three discriminators run under
+  * the StyleGAN2 decoder, the feature transfer and the three discriminators (but their mask branches) run under
     torch.autocast(device, bfloat16): their convolutions, transposed convolutions and linear layers
     take bf16 operands (accumulating in fp32); elementwise work (bias + leaky ReLU, noise, blur
     padding) follows PyTorch's promotion and is mostly fp32. A module's floating outputs are cast
@@ -33,6 +33,14 @@ What stays fp32 (float64 in a float64 run), and why:
   * everything after the heads: Δsdf, sdf0 + Δsdf, the SDF-to-density step (sigmoid(-sdf/β)/β),
     alpha, the transmittance cumprod and the volume integration, the rendered images, masks and
     features; the eikonal gradient's last product (W_0ᵀ δ_0, a 3-row matmul) and the /span scale;
+  * the discriminators' mask branches (`convs_seg`: the segmentation input's convolutions, up to where
+    they join the image branch). The R1 penalty on the masks is the gradient of D's output with respect
+    to a near one-hot 9-channel input, weighted by --r1_seg (100–1000): with the branch in bf16, on the
+    committed stage-1 snapshot and real portraits, that penalty came out 14–19 % low on every batch and
+    the gradient it gives D's weights had cosine 0.75–0.76 with fp32's (the image penalty: within 0.4 %);
+    with the first conv alone in fp32 the penalty was right but the cosine still 0.79; with the branch in
+    fp32, penalty within 0.05 % and cosine ≥ 0.998. A 300-iteration stage-1 run with the branch in bf16
+    drifted from fp32 in its R1 and viewpoint losses (docs/how_the_shipped_model_was_made.md, "bfloat16").
   * the renderer's reference path (render_path: reference) and every camera-differentiable render
     (inversion with a learnt camera): fp32 throughout.
 Measurements that decided it (one core of this project's Xeon, AVX-512 BF16 + AMX, torch 2.14.1):
@@ -48,6 +56,9 @@ import threading
 import torch
 
 MODES = ("fp32", "bf16", "auto")
+# Submodules that stay fp32 inside a bf16 model (module docstring): the mapping networks and the
+# discriminators' mask branches.
+FP32_PARTS = ("style", "convs_seg")
 
 _warned = set()
 _local = threading.local()
@@ -141,8 +152,9 @@ def _region(module, device_type, enabled):
 
 def apply(mode, device, *modules):
     """Install a resolved mode on built models (Generator or discriminator modules; None entries are
-    skipped). fp32 installs nothing. bf16: each module runs under bf16 autocast, its `style` mapping
-    networks (the generator's and the decoder's) stay fp32, its outputs come back as float32; the
+    skipped). fp32 installs nothing. bf16: each module runs under bf16 autocast, its FP32_PARTS (the
+    `style` mapping networks, the discriminators' `convs_seg` mask branches) stay fp32, its outputs come
+    back as float32; the
     renderer picks the mode up from the autocast state. Returns the hook handles (remove() undoes)."""
     if mode == "fp32":
         return []
@@ -155,7 +167,7 @@ def apply(mode, device, *modules):
             continue
         handles += _region(module, device_type, True)
         for name, sub in module.named_modules():
-            if name == "style" or name.endswith(".style"):
+            if name.rsplit(".", 1)[-1] in FP32_PARTS:
                 handles += _region(sub, device_type, False)
     return handles
 
