@@ -9,7 +9,8 @@ changes nothing: no hook is installed and no cast is made, so fp32 and float64 r
 for bit as without this module.
 
 What runs in bf16 (`apply(mode, device, *modules)` installs it on built models; nothing else changes):
-  * the StyleGAN2 decoder, the feature transfer and the three discriminators (but their mask branches) run under
+  * the StyleGAN2 decoder, the feature transfer and the two whole-image discriminators (not their mask
+    branches) run under
     torch.autocast(device, bfloat16): their convolutions, transposed convolutions and linear layers
     take bf16 operands (accumulating in fp32); elementwise work (bias + leaky ReLU, noise, blur
     padding) follows PyTorch's promotion and is mostly fp32. A module's floating outputs are cast
@@ -41,6 +42,10 @@ What stays fp32 (float64 in a float64 run), and why:
     with the first conv alone in fp32 the penalty was right but the cosine still 0.79; with the branch in
     fp32, penalty within 0.05 % and cosine ≥ 0.998. A 300-iteration stage-1 run with the branch in bf16
     drifted from fp32 in its R1 and viewpoint losses (docs/how_the_shipped_model_was_made.md, "bfloat16").
+  * stage 1's semantic discriminator (train_CNeRF.py does not hand it to apply()): it judges one region
+    at a time, the image times that region's mask, and with it in bf16 (mask branch fp32) its R1
+    penalties were off by up to 7.5 % and their weight gradient's cosine 0.98 for some regions (its
+    losses shape the small regions; at 32 px and a quarter of the published width it is cheap).
   * the renderer's reference path (render_path: reference) and every camera-differentiable render
     (inversion with a learnt camera): fp32 throughout.
 Measurements that decided it (one core of this project's Xeon, AVX-512 BF16 + AMX, torch 2.14.1):

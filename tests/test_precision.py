@@ -205,6 +205,67 @@ def test_bf16_stage1_gradients_agree_with_fp32_on_the_trained_snapshot():
                 assert cosine > 0.99, f"{name}: cosine {cosine:.4f} with fp32 (keep_mib {keep_mib})"
 
 
+def snapshot_discriminators():
+    """The committed stage-1 snapshot's global discriminator (train mode) and its options."""
+    from common.checkpoint import apply_saved_config, load_checkpoint
+    from options import BaseOptions
+    from training import steps
+
+    ckpt = load_checkpoint(SNAPSHOT)
+    parser = BaseOptions()
+    parser.initialize()
+    opt = parser.parse(["--device", "cpu"])
+    apply_saved_config(opt, ckpt["opt"], parser.parser.get_default, str(SNAPSHOT))
+    _, _, gd, _ = steps.build_stage1(opt, torch.device("cpu"))
+    gd.load_state_dict({k: v.float() for k, v in ckpt["gd"].items()})
+    return gd.train(), opt
+
+
+@pytest.mark.skipif(not SNAPSHOT.is_file(), reason=f"{SNAPSHOT.name} is not in this checkout")
+def test_bf16_r1_penalties_agree_with_fp32_on_the_trained_snapshot(tmp_path):
+    """The global discriminator's R1 penalties on real portraits with their label maps (near one-hot masks),
+    on the committed stage-1 snapshot: in bf16 each is within 2 % of fp32's and the weight gradient of the
+    weighted sum points where fp32's does (cosine >= 0.99; measured: within 0.5 %, cosine 1.0000). With the
+    mask branch in bf16 the mask penalty came out 14-19 % low and the cosine was 0.76, which is why
+    common/precision.py keeps `convs_seg` in fp32 (and the semantic discriminator, off by up to 7.5 % even
+    so, wholly fp32: train_CNeRF.py does not hand it to precision.apply)."""
+    from PIL import Image
+
+    from dataset import process_item
+    from losses import d_r1_loss
+    from tools.synthetic_portraits import make_portraits
+
+    torch.set_num_threads(1)
+    gd, opt = snapshot_discriminators()
+    res = opt.model.renderer_spatial_output_dim
+    images, masks = make_portraits(str(tmp_path), n=4, size=128, seed=5)
+    items = []
+    for name in sorted(Path(images).iterdir()):
+        label = Image.open(Path(masks) / name.name).resize((res, res), Image.NEAREST)
+        items.append(process_item(Image.open(name).convert("RGB").resize((res, res), Image.LANCZOS), label,
+                                  False, nerf_resolution=res))
+    img, seg = torch.stack([item[0] for item in items]), torch.stack([item[2] for item in items])
+    inputs = {"global": (gd, img, seg)}
+
+    def penalties(d, x, s):
+        d.zero_grad(set_to_none=True)
+        x, s = x.clone().requires_grad_(True), s.clone().requires_grad_(True)
+        pred = d(x, s)[0]
+        p_img, p_seg = d_r1_loss(pred, (x, s))
+        (opt.training.r1_img * p_img + opt.training.r1_seg * p_seg).backward()
+        grad = torch.cat([p.grad.flatten() for p in d.parameters() if p.grad is not None])
+        return float(p_img), float(p_seg), grad
+
+    ref = {name: penalties(*args) for name, args in inputs.items()}
+    precision.apply("bf16", "cpu", gd)
+    for name, args in inputs.items():
+        p_img, p_seg, grad = penalties(*args)
+        assert p_img == pytest.approx(ref[name][0], rel=0.02), name
+        assert p_seg == pytest.approx(ref[name][1], rel=0.02), name
+        cosine = F.cosine_similarity(grad, ref[name][2], 0)
+        assert cosine > 0.99, f"{name}: R1 weight gradient cosine {cosine:.4f} with fp32"
+
+
 def test_bf16_kept_and_rerendered_chunk_graphs_give_the_same_gradients():
     g, _ = small_generator()
     g.train()
