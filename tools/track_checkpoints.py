@@ -138,7 +138,8 @@ def track(folder, out, n=16, every=100, psi=0.7, mean_samples=2000, progress=Tru
         check = measure(path, list(range(first_seed, first_seed + n)), psi, mean_samples)
         imaging.save_image(os.path.join(out, f"portraits_{i:07d}.png"), picture(check))
         record = {"iter": i, "n": check["n"], "first_seed": first_seed, "psi": psi, "renderer": check["renderer"]}
-        record.update({key: check[key] for key in ("shown", "area", "problems", "swap") if key in check})
+        record.update({key: check[key] for key in ("shown", "area", "spread", "pairwise_difference", "problems", "swap")
+                       if key in check})
         records.append(record)
         records.sort(key=lambda r: r["iter"])
         write_json(log, records, indent=1)
