@@ -25,7 +25,7 @@ step() { echo; echo "== $* ($((SECONDS - start)) s)"; }
 
 # ---------------------------------------------------------------------------- 1. training runs
 tiny=(--renderer_spatial_output_dim 16 --style_dim 64 --width 32 --N_samples 12 --channel_multiplier 1
-      --d_channel_scale 0.25 --device cpu --seed 0)
+      --d_channel_scale 0.25 --device cpu --seed 0 --precision auto)
 step "synthetic portraits"
 "$py" tools/synthetic_portraits.py --out "$out/portraits" --n 200 --size 64 --seed 0
 step "LMDB with masks"
@@ -51,7 +51,7 @@ if [ ! -f "$model" ]; then
   model="$ckpts/demo/demo_full_pipeline.pt"
 fi
 # The checkpoints carry their architecture options: --trained_ckpt is the only model flag needed.
-m=(--trained_ckpt "$model" --device cpu --seed 0 --truncation_mean 2000)
+m=(--trained_ckpt "$model" --device cpu --seed 0 --truncation_mean 2000 --precision auto)
 fast_render=(--inference_samples 32 --surface_resolution 64 --surface_samples 64)
 step "portraits over a camera sweep, with segmentations, shapes and meshes"
 "$py" inference_Full.py "${m[@]}" "${fast_render[@]}" --results_dir "$results/portraits" --identities 4 \

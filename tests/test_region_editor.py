@@ -305,3 +305,14 @@ def test_port_check_takes_a_port_left_in_time_wait_and_refuses_one_in_use():
         busy.listen()
         with pytest.raises(UsageError, match=r"^--host 127\.0\.0\.1 --port \d+: cannot listen there"):
             editor.check_port("127.0.0.1", busy.getsockname()[1])
+
+
+def test_editor_draws_in_bf16_where_native_and_other_commands_stay_fp32():
+    """The editor's --precision defaults to auto (issue 25: bf16 only where the hardware does it natively);
+    the shared default, which every other command keeps, is the published fp32; a flag overrides both."""
+    import editor
+    from rendering import loading as gen
+
+    assert gen.parse_options([], editor.add_arguments, "editor")[0].experiment.precision == "auto"
+    assert gen.parse_options(["--precision", "fp32"], editor.add_arguments, "editor")[0].experiment.precision == "fp32"
+    assert gen.parse_options([])[0].experiment.precision == "fp32"
