@@ -45,7 +45,9 @@ What stays fp32 (float64 in a float64 run), and why:
   * stage 1's semantic discriminator (train_CNeRF.py does not hand it to apply()): it judges one region
     at a time, the image times that region's mask, and with it in bf16 (mask branch fp32) its R1
     penalties were off by up to 7.5 % and their weight gradient's cosine 0.98 for some regions (its
-    losses shape the small regions; at 32 px and a quarter of the published width it is cheap).
+    losses shape the small regions). Both fp32 parts are cheap at the synthetic recipe's quarter-width
+    discriminators (stage-1 iterations 0.77× fp32's) but take back most of the gain at full width
+    (tools/bench.py stage1_small 0.90×; BENCHMARKS.md says how to win it back).
   * the renderer's reference path (render_path: reference) and every camera-differentiable render
     (inversion with a learnt camera): fp32 throughout.
 Measurements that decided it (one core of this project's Xeon, AVX-512 BF16 + AMX, torch 2.14.1):
@@ -159,8 +161,8 @@ def apply(mode, device, *modules):
     """Install a resolved mode on built models (Generator or discriminator modules; None entries are
     skipped). fp32 installs nothing. bf16: each module runs under bf16 autocast, its FP32_PARTS (the
     `style` mapping networks, the discriminators' `convs_seg` mask branches) stay fp32, its outputs come
-    back as float32; the
-    renderer picks the mode up from the autocast state. Returns the hook handles (remove() undoes)."""
+    back as float32; the renderer picks the mode up from the autocast state. Returns the hook handles
+    (remove() undoes)."""
     if mode == "fp32":
         return []
     if mode != "bf16":
