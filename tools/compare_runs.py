@@ -106,10 +106,11 @@ def track_measures(track, window):
     return {f"track {name}": float(np.mean([m[name] for m in inside if name in m])) for name in names}
 
 
-def compare(runs, window=None):
+def compare(runs, window=None, curves=None):
     """{"window": [first, last], "runs": [names], "measures": {measure: {run name: value}},
-    "checkpoints": {run name: tracked iterations in the window}} for [(name, losses, track or None)]."""
-    curves = [read_log(losses) for _, losses, _ in runs]
+    "checkpoints": {run name: tracked iterations in the window}} for [(name, losses, track or None)];
+    `curves`: the runs' loss logs (read_log), when the caller has read them already."""
+    curves = curves or [read_log(losses) for _, losses, _ in runs]
     window = tuple(window) if window else default_window(curves)
     tracks = [read_track(track) if track else {} for _, _, track in runs]
     table = {}
@@ -136,9 +137,9 @@ def markdown(result):
     return "\n".join(lines) + "\n"
 
 
-def plot(runs, out, window, smooth=50):
-    """Every loss in a panel of its own, each run's moving average overlaid; the window shaded."""
-    curves = [read_log(losses) for _, losses, _ in runs]
+def plot(names, curves, out, window, smooth=50):
+    """Every loss in a panel of its own, each run's moving average (`curves`: read_log per run, in the order of
+    `names`) overlaid; the window shaded."""
     names = sorted({name for run_curves in curves for name in run_curves})
     rows = -(-len(names) // COLUMNS)
     figure, axes = plt.subplots(rows, COLUMNS, figsize=(3.2 * COLUMNS, 2.5 * rows), squeeze=False)
@@ -146,7 +147,7 @@ def plot(runs, out, window, smooth=50):
         if index >= len(names):
             axis.axis("off")
             continue
-        for colour, (run, _, _), run_curves in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], runs, curves):
+        for colour, run, run_curves in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], names, curves):
             if names[index] in run_curves:
                 steps, values = run_curves[names[index]]
                 axis.plot(steps, moving_average(values, smooth), color=colour, linewidth=1.2, label=run)
@@ -176,9 +177,10 @@ def main(argv=None):
     window = parse_window(args.window) if args.window else None
     inputs = [path for _, losses, track in runs for path in (losses, track) if path]
     check_output(args.out, "--out", "folder", inputs=inputs)
-    result = compare(runs, window)
+    curves = [read_log(losses) for _, losses, _ in runs]
+    result = compare(runs, window, curves)
     os.makedirs(args.out, exist_ok=True)
-    plot(runs, os.path.join(args.out, "curves.png"), result["window"], args.smooth)
+    plot(result["runs"], curves, os.path.join(args.out, "curves.png"), result["window"], args.smooth)
     write_json(os.path.join(args.out, "comparison.json"), result, indent=1)
     write_text(os.path.join(args.out, "comparison.md"), markdown(result))
     print(markdown(result))
