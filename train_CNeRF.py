@@ -82,8 +82,7 @@ def train(argv=None):
     g_optim, gd_optim, sd_optim = steps.stage1_optimizers(opt, g, gd, sd)
     m = Munch(g=g, g_module=g, gd=gd, sd=sd, g_optim=g_optim, gd_optim=gd_optim, sd_optim=sd_optim,
               device=device, resolution=resolution, guard=loop.FiniteGuard())
-    # --precision (fp32 changes nothing); the semantic discriminator stays fp32 (common/precision.py says why)
-    precision.from_options(opt, device, g, g_ema, gd)
+    precision.from_options(opt, device, g, g_ema, gd, sd)  # --precision; fp32 changes nothing
 
     start_iter = 0
     if ckpt is not None:

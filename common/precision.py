@@ -9,11 +9,10 @@ changes nothing: no hook is installed and no cast is made, so fp32 and float64 r
 for bit as without this module.
 
 What runs in bf16 (`apply(mode, device, *modules)` installs it on built models; nothing else changes):
-  * the StyleGAN2 decoder, the feature transfer and the two whole-image discriminators (not their mask
-    branches) run under
-    torch.autocast(device, bfloat16): their convolutions, transposed convolutions and linear layers
-    take bf16 operands (accumulating in fp32); elementwise work (bias + leaky ReLU, noise, blur
-    padding) follows PyTorch's promotion and is mostly fp32. A module's floating outputs are cast
+  * the StyleGAN2 decoder, the feature transfer and the discriminators (except on the real images of an
+    R1 step, below) run under torch.autocast(device, bfloat16): their convolutions, transposed
+    convolutions and linear layers take bf16 operands (accumulating in fp32); elementwise work (bias +
+    leaky ReLU, noise, blur padding) follows PyTorch's promotion and is mostly fp32. A module's floating outputs are cast
     back to float32 when it returns, so losses, their reductions, the R1 / path-length penalties'
     final products, the optimisers (whose states and master weights are the fp32 parameters: autocast
     casts copies, cached only within one forward) and the EMA never see bf16.
@@ -34,20 +33,17 @@ What stays fp32 (float64 in a float64 run), and why:
   * everything after the heads: Δsdf, sdf0 + Δsdf, the SDF-to-density step (sigmoid(-sdf/β)/β),
     alpha, the transmittance cumprod and the volume integration, the rendered images, masks and
     features; the eikonal gradient's last product (W_0ᵀ δ_0, a 3-row matmul) and the /span scale;
-  * the discriminators' mask branches (`convs_seg`: the segmentation input's convolutions, up to where
-    they join the image branch). The R1 penalty on the masks is the gradient of D's output with respect
-    to a near one-hot 9-channel input, weighted by --r1_seg (100–1000): with the branch in bf16, on the
-    committed stage-1 snapshot and real portraits, that penalty came out 14–19 % low on every batch and
-    the gradient it gives D's weights had cosine 0.75–0.76 with fp32's (the image penalty: within 0.4 %);
-    with the first conv alone in fp32 the penalty was right but the cosine still 0.79; with the branch in
-    fp32, penalty within 0.05 % and cosine ≥ 0.998. A 300-iteration stage-1 run with the branch in bf16
+  * a discriminator's pass on the real images when the R1 penalty is taken (every stage-1 iteration,
+    every d_reg_every-th in stage 2): training/steps.penalised_real_pass runs it inside full_precision(),
+    and the penalty's double backward follows that fp32 graph. The R1 penalty on the masks is the gradient
+    of D's output with respect to a near one-hot 9-channel input, weighted by --r1_seg (100–1000). In bf16,
+    on the committed stage-1 snapshot and real portraits, the global D's came out 14–19 % low and the
+    gradient it gives D's weights had cosine 0.71–0.76 with fp32's (the image penalty: within 0.4 %); the
+    semantic D's were off by up to 7.5 %, cosine 0.97. Keeping the mask branches (`convs_seg`) fp32 in
+    every pass fixed the global D but not the semantic one; a 300-iteration stage-1 run with them in bf16
     drifted from fp32 in its R1 and viewpoint losses (docs/how_the_shipped_model_was_made.md, "bfloat16").
-  * stage 1's semantic discriminator (train_CNeRF.py does not hand it to apply()): it judges one region
-    at a time, the image times that region's mask, and with it in bf16 (mask branch fp32) its R1
-    penalties were off by up to 7.5 % and their weight gradient's cosine 0.98 for some regions (its
-    losses shape the small regions). Both fp32 parts are cheap at the synthetic recipe's quarter-width
-    discriminators (stage-1 iterations 0.77× fp32's) but take back most of the gain at full width
-    (tools/bench.py stage1_small 0.90×; BENCHMARKS.md says how to win it back).
+    The fake images' pass and the generator's pass through D stay bf16: on the snapshot's own renders the
+    gradients they give the generator's image and masks have cosine >= 0.997 with fp32's.
   * the renderer's reference path (render_path: reference) and every camera-differentiable render
     (inversion with a learnt camera): fp32 throughout.
 Measurements that decided it (one core of this project's Xeon, AVX-512 BF16 + AMX, torch 2.14.1):
@@ -57,15 +53,15 @@ Measurements that decided it (one core of this project's Xeon, AVX-512 BF16 + AM
   rows) gain only from the halved reads. See BENCHMARKS.md for the workloads and the picture test
   (tests/test_precision.py) for the agreement with fp32.
 """
+import contextlib
 import sys
 import threading
 
 import torch
 
 MODES = ("fp32", "bf16", "auto")
-# Submodules that stay fp32 inside a bf16 model (module docstring): the mapping networks and the
-# discriminators' mask branches.
-FP32_PARTS = ("style", "convs_seg")
+# Submodules that stay fp32 inside a bf16 model (module docstring): the mapping networks.
+FP32_PARTS = ("style",)
 
 _warned = set()
 _local = threading.local()
@@ -141,12 +137,25 @@ def _stack():
     return _local.stack
 
 
+@contextlib.contextmanager
+def full_precision():
+    """Inside, on this thread, the modules apply() made bf16 run in fp32 (their hooks enter autocast disabled),
+    for the passes whose input gradients are penalised: the real images' pass under the R1 penalty."""
+    _local.full = getattr(_local, "full", 0) + 1
+    try:
+        yield
+    finally:
+        _local.full -= 1
+
+
 def _region(module, device_type, enabled):
     """Forward hooks that run `module` inside torch.autocast(device_type, bf16, enabled) — enabled=False
-    keeps it fp32 inside a bf16 region — and cast its outputs to float32. The context is entered in the
-    pre-hook and left in the (always called) post-hook, on the calling thread."""
+    keeps it fp32 inside a bf16 region, and so does full_precision() — and cast its outputs to float32.
+    The context is entered in the pre-hook and left in the (always called) post-hook, on the calling
+    thread."""
     def enter(_module, _args):
-        context = torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled)
+        on = enabled and not getattr(_local, "full", 0)
+        context = torch.autocast(device_type, dtype=torch.bfloat16, enabled=on)
         context.__enter__()
         _stack().append(context)
 
@@ -159,10 +168,10 @@ def _region(module, device_type, enabled):
 
 def apply(mode, device, *modules):
     """Install a resolved mode on built models (Generator or discriminator modules; None entries are
-    skipped). fp32 installs nothing. bf16: each module runs under bf16 autocast, its FP32_PARTS (the
-    `style` mapping networks, the discriminators' `convs_seg` mask branches) stay fp32, its outputs come
-    back as float32; the renderer picks the mode up from the autocast state. Returns the hook handles
-    (remove() undoes)."""
+    skipped). fp32 installs nothing. bf16: each module runs under bf16 autocast (fp32 inside
+    full_precision()), its FP32_PARTS (the `style` mapping networks) stay fp32, its outputs come back as
+    float32; the renderer picks the mode up from the autocast state. Returns the hook handles (remove()
+    undoes)."""
     if mode == "fp32":
         return []
     if mode != "bf16":

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import distributed as dist_utils
-from common import draws
+from common import draws, precision
 from losses import (
     classification_loss,
     d_logistic_loss,
@@ -92,6 +92,13 @@ def _record(**values):
     return {k: v.detach() if torch.is_tensor(v) else v for k, v in values.items()}
 
 
+def penalised_real_pass(discriminator, img, seg):
+    """discriminator(img, seg) on real inputs whose gradients the R1 penalty takes: in fp32 under
+    --precision bf16 (common/precision.py: a bf16 pass gets the mask penalty 14-19 % low), the same call in fp32."""
+    with precision.full_precision():
+        return discriminator(img, seg)
+
+
 def split_outputs(out, return_sdf, return_eikonal):
     """Generator tuple ((hi, seg_hi), rgb_low, [sdf], [eikonal], seg_low) → (rgb_low, sdf, eikonal, seg_low)."""
     index = 2
@@ -164,7 +171,7 @@ def global_d_phase(m, opt, real_img, real_mask, i):
     d_view = _view_loss(t, fake_view, gt_view)
     img_r = real_img.detach().requires_grad_(True)
     seg_r = real_mask.detach().requires_grad_(True)
-    real_pred, _ = m.gd(img_r, seg_r)
+    real_pred, _ = penalised_real_pass(m.gd, img_r, seg_r)
     d_gan = d_logistic_loss(real_pred, fake_pred)
     r1, penalty_img, penalty_seg = r1_image_and_mask(real_pred, img_r, seg_r, t.r1_img, t.r1_seg)
     d_loss = d_gan + r1 + d_view
@@ -187,7 +194,7 @@ def semantic_d_phase(m, opt, real_img, real_mask, gen_imgs, gen_segs, i):
     fake_component = pick_channel(gen_segs, labels)
     img_r = real_img.detach().requires_grad_(True)
     mask_r = pick_channel(real_mask, labels).detach().requires_grad_(True)
-    real_part, real_class = m.sd(img_r, mask_r)
+    real_part, real_class = penalised_real_pass(m.sd, img_r, mask_r)
     fake_part, fake_class = m.sd(gen_imgs, fake_component)
     class_loss = classification_loss(real_class, labels) + classification_loss(fake_class, labels)
     gan_loss = d_logistic_loss(real_part, fake_part)
@@ -286,7 +293,7 @@ def stage2_d_phase(m, opt, real_img, real_mask, i):
         if regularize:
             img_r.requires_grad_(True)
             seg_r.requires_grad_(True)
-        real_pred = m.d(img_r, seg_r)
+        real_pred = penalised_real_pass(m.d, img_r, seg_r) if regularize else m.d(img_r, seg_r)
         d_gan = d_logistic_loss(real_pred, fake_pred)
         values = {}
         if regularize:
