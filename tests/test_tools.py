@@ -63,7 +63,7 @@ def test_plot_losses_bad_input_is_one_line(tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
-def test_compare_runs_averages_each_measure_over_the_window(tmp_path):
+def test_compare_runs_averages_each_measure_over_the_window(tmp_path, monkeypatch):
     """compare_runs: loss means over the window's iterations, tracker means over the checkpoints in it
     (nested measures flattened, descriptions left out), differences to the first run, and the overlay."""
     for name, offset in (("a", 0.0), ("b", 0.5)):
@@ -74,7 +74,16 @@ def test_compare_runs_averages_each_measure_over_the_window(tmp_path):
             for i in (0, 5, 9)]))
     runs = [f"{name}={tmp_path / name}.jsonl,{tmp_path / name}.json" for name in "ab"]
     out = tmp_path / "cmp"
+    saved = compare_runs.imaging.save_figure
+    legends = []
+
+    def save_figure(path, figure, **kwargs):
+        legends.append([axis.get_legend_handles_labels()[1] for axis in figure.axes if axis.get_title()])
+        saved(path, figure, **kwargs)
+
+    monkeypatch.setattr(compare_runs.imaging, "save_figure", save_figure)
     compare_runs.main([*runs, "--out", str(out), "--window", "4:9"])
+    assert legends == [[["a", "b"], ["a", "b"]]]  # a panel per loss (d, g), a curve per run, named by the run
     result = json.loads((out / "comparison.json").read_text())
     measures = result["measures"]
     assert result["window"] == [4, 9] and result["checkpoints"] == {"a": [5, 9], "b": [5, 9]}

@@ -140,19 +140,19 @@ def markdown(result):
 def plot(names, curves, out, window, smooth=50):
     """Every loss in a panel of its own, each run's moving average (`curves`: read_log per run, in the order of
     `names`) overlaid; the window shaded."""
-    names = sorted({name for run_curves in curves for name in run_curves})
-    rows = -(-len(names) // COLUMNS)
+    losses = sorted({loss for run_curves in curves for loss in run_curves})
+    rows = -(-len(losses) // COLUMNS)
     figure, axes = plt.subplots(rows, COLUMNS, figsize=(3.2 * COLUMNS, 2.5 * rows), squeeze=False)
     for index, axis in enumerate(axes.flat):
-        if index >= len(names):
+        if index >= len(losses):
             axis.axis("off")
             continue
         for colour, run, run_curves in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], names, curves):
-            if names[index] in run_curves:
-                steps, values = run_curves[names[index]]
+            if losses[index] in run_curves:
+                steps, values = run_curves[losses[index]]
                 axis.plot(steps, moving_average(values, smooth), color=colour, linewidth=1.2, label=run)
         axis.axvspan(window[0], window[1], color="0.9", zorder=0)
-        axis.set_title(names[index], fontsize=9)
+        axis.set_title(losses[index], fontsize=9)
         axis.tick_params(labelsize=7)
     axes.flat[0].legend(fontsize=7)
     figure.tight_layout()
