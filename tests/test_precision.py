@@ -137,13 +137,19 @@ def test_reference_render_path_stays_fp32():
     assert torch.equal(fp32, bf16)
 
 
-def test_discriminator_outputs_are_float32_and_close():
+def bf16_discriminator():
+    """A small random global discriminator made bf16, its inputs, and its fp32 outputs on them (before apply)."""
     torch.manual_seed(0)
     opt = default_options(SMALL)
     d = VolumeRenderDiscriminator(dict(opt.model, n_render=9))
     img, seg = torch.randn(4, 3, 16, 16), torch.rand(4, 9, 16, 16)
     ref = d(img, seg)
     precision.apply("bf16", "cpu", d)
+    return d, img, seg, ref
+
+
+def test_discriminator_outputs_are_float32_and_close():
+    d, img, seg, ref = bf16_discriminator()
     got = d(img, seg)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
     assert not torch.equal(ref[0], got[0])  # it did run in bf16
@@ -151,12 +157,7 @@ def test_discriminator_outputs_are_float32_and_close():
 
 
 def test_full_precision_runs_a_bf16_module_in_fp32_on_its_thread_only():
-    torch.manual_seed(0)
-    opt = default_options(SMALL)
-    d = VolumeRenderDiscriminator(dict(opt.model, n_render=9))
-    img, seg = torch.randn(4, 3, 16, 16), torch.rand(4, 9, 16, 16)
-    ref = d(img, seg)
-    precision.apply("bf16", "cpu", d)
+    d, img, seg, ref = bf16_discriminator()
     with precision.full_precision():
         exact = d(img, seg)
         with precision.full_precision():  # nested: still fp32, and the outer one holds after the inner ends
