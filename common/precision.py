@@ -12,10 +12,10 @@ What runs in bf16 (`apply(mode, device, *modules)` installs it on built models; 
   * the StyleGAN2 decoder, the feature transfer and the discriminators (except on the real images of an
     R1 step, below) run under torch.autocast(device, bfloat16): their convolutions, transposed
     convolutions and linear layers take bf16 operands (accumulating in fp32); elementwise work (bias +
-    leaky ReLU, noise, blur padding) follows PyTorch's promotion and is mostly fp32. A module's floating outputs are cast
-    back to float32 when it returns, so losses, their reductions, the R1 / path-length penalties'
-    final products, the optimisers (whose states and master weights are the fp32 parameters: autocast
-    casts copies, cached only within one forward) and the EMA never see bf16.
+    leaky ReLU, noise, blur padding) follows PyTorch's promotion and is mostly fp32. A module's floating
+    outputs are cast back to float32 when it returns, so losses, their reductions, the R1 / path-length
+    penalties' final products, the optimisers (whose states and master weights are the fp32
+    parameters: autocast casts copies, cached only within one forward) and the EMA never see bf16.
   * the renderer (VolumeFeatureRenderer.forward) reads the autocast state on entry and then turns
     autocast off: its fast path (rendering/fast_render.py) casts by hand instead. In bf16 the
     trunk's hidden FiLM-SIREN layers (the [K, C, C] × [K, C, P] batched matmuls that are stage 1's
