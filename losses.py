@@ -41,6 +41,19 @@ def eikonal_loss(eikonal_term, sdf=None, beta=100):
     return eik, torch.exp(-beta * torch.abs(sdf)).mean()
 
 
+def mode_seeking_loss(seg, noise):
+    """(new, not in the published method) Mode seeking on the rendered masks: minus the mean, over the
+    pairs of samples (0, 1), (2, 3), ..., of how far their masks are apart per unit of latent distance,
+    mean |seg_a - seg_b| / mean |z_a - z_b| (the ratio of mode-seeking GANs, Mao et al. 2019, kept linear:
+    its inverse form pushes hardest exactly when the masks are the same, as after a collapse). seg:
+    [B, K, R, R] with B even; noise: the list of latent tensors [B, D] that drew them (two with style
+    mixing; both count)."""
+    z = torch.cat(noise, 1)
+    seg_gap = (seg[0::2] - seg[1::2]).abs().flatten(1).mean(1)
+    z_gap = (z[0::2] - z[1::2]).abs().mean(1)
+    return -(seg_gap / z_gap).mean()
+
+
 def classification_loss(logits, labels):
     return F.cross_entropy(logits, labels)
 

@@ -81,6 +81,9 @@ class BaseOptions:
         training.add_argument("--eikonal_lambda", type=finite_float, default=0.1, help="eikonal loss weight")
         training.add_argument("--min_surf_lambda", type=finite_float, default=0.001, help="minimal surface loss weight")
         training.add_argument("--min_surf_beta", type=finite_float, default=100.0, help="minimal surface loss beta")
+        training.add_argument("--diversity_lambda", type=finite_float, default=0.0,
+                              help="(new) stage 1: weight of a mode-seeking term on the rendered masks, which "
+                                   "pairs the samples of a generator chunk under one camera (0: published)")
         training.add_argument("--path_regularize", type=finite_float, default=2, help="path-length regularisation weight")
         training.add_argument("--path_batch_shrink", type=int, default=2, help="batch shrink for path-length reg.")
         training.add_argument("--wandb", action="store_true", help="log with Weights & Biases")

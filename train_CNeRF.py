@@ -127,11 +127,14 @@ def train(argv=None):
 
         m.guard.check()
         d, sd_record, g_last = records[0][1], records[1][1], records[-1][1]
-        shown = dist_utils.reduce_loss_dict({
+        shown = {
             "d": d["d_loss"], "d_r1": d["r1_loss"], "d_view": d["d_view_loss"], "sd": sd_record["sd_loss"],
             "sd_cls": sd_record["s_d_class_loss"], "g": g_last["g_loss"], "g_view": g_last["g_view_loss"],
             "eikonal": g_last["g_eikonal"], "min_surf": g_last["g_minimal_surface"],
-            "g_sem": g_last["g_class_loss"] + g_last["g_gan_semantic_loss"]}, device=device)
+            "g_sem": g_last["g_class_loss"] + g_last["g_gan_semantic_loss"]}
+        if "g_diversity" in g_last:
+            shown["g_diversity"] = g_last["g_diversity"]
+        shown = dist_utils.reduce_loss_dict(shown, device=device)
         if main:
             bar.set_postfix(d=f"{shown['d']:.3f}", sd=f"{shown['sd']:.3f}", g=f"{shown['g']:.3f}",
                             view=f"{shown['g_view']:.3f}", eik=f"{shown['eikonal']:.3f}")

@@ -127,6 +127,51 @@ def test_stage1_writes_published_files_and_trains(stage1):
     assert {"d", "sd", "g", "eikonal"} <= set(records[0]) and all(np.isfinite(v) for v in records[1].values())
 
 
+def test_mode_seeking_loss_is_the_mask_gap_per_latent_gap_of_each_pair():
+    from losses import mode_seeking_loss
+    torch.manual_seed(0)
+    seg = torch.rand(4, 9, 8, 8)
+    z = torch.randn(4, 32)
+    gaps = [float((seg[a] - seg[a + 1]).abs().mean() / (z[a] - z[a + 1]).abs().mean()) for a in (0, 2)]
+    assert float(mode_seeking_loss(seg, [z])) == pytest.approx(-sum(gaps) / 2, rel=1e-6)
+    # A pair drawn twice from one latent with one mask adds nothing; style mixing's two latents both count.
+    same = torch.cat([seg[:2], seg[:1], seg[:1]])
+    assert float(mode_seeking_loss(same, [z])) == pytest.approx(-gaps[0] / 2, rel=1e-6)
+    assert float(mode_seeking_loss(seg, [z, z])) == pytest.approx(float(mode_seeking_loss(seg, [z])), rel=1e-6)
+    # Descending the loss moves each pair's masks apart.
+    seg.requires_grad_(True)
+    mode_seeking_loss(seg, [z]).backward()
+    moved = seg.detach() - 0.01 * seg.grad
+    assert ((moved[0::2] - moved[1::2]).abs() > (seg[0::2] - seg[1::2]).abs().detach()).all()
+
+
+def test_diversity_term_renders_each_pair_under_one_camera(data, tmp_path, monkeypatch):
+    """--diversity_lambda: the generator phase's pairs share a camera and its loss carries the term; at 0 (the
+    published default) every sample has its own camera."""
+    import json
+    seen = []
+    forward = Generator.forward
+
+    def recording(self, styles, cam_poses, *rest, **options):
+        if torch.is_grad_enabled() and options.get("return_eikonal"):  # the generator phase
+            seen.append(cam_poses.detach().clone())
+        return forward(self, styles, cam_poses, *rest, **options)
+
+    monkeypatch.setattr(Generator, "forward", recording)
+    for weight in (0, 5):
+        seen.clear()
+        folder = tmp_path / str(weight)
+        train_CNeRF.train(args(data, folder, "exp", "--iter", 1, "--chunk", 2, "--diversity_lambda", weight))
+        (cam,) = seen
+        assert torch.equal(cam[0], cam[1]) == (weight > 0)
+        record = json.loads((folder / "exp" / "volume_renderer" / "losses.jsonl").read_text().splitlines()[0])
+        assert ("g_diversity" in record) == (weight > 0)
+    assert record["g_diversity"] < 0
+    with pytest.raises(SystemExit) as exit_info:
+        train_CNeRF.main(args(data, tmp_path / "odd", "exp", "--iter", 1, "--diversity_lambda", 1))
+    assert "--chunk must be even, not 1" in str(exit_info.value.code)
+
+
 def test_stage1_sphere_init_runs_with_the_gan_optimiser(stage1):
     """The published sphere initialisation steps the generator's GAN optimiser, whose state carries on:
     after 2 sphere-init steps and 2 iterations, Adam has counted 2 steps for the initial SDF network

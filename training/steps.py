@@ -24,6 +24,7 @@ from losses import (
     eikonal_loss,
     g_nonsaturating_loss,
     g_path_regularize,
+    mode_seeking_loss,
     r1_image_and_mask,
     viewpoints_loss,
 )
@@ -223,6 +224,8 @@ def stage1_g_phase(m, opt, i):
         n = t.chunk  # published: every generator chunk has --chunk samples, also when it does not divide --batch
         noise = rand.mixing_noise(n, opt.model.style_dim, t.mixing, m.device)
         cam, focal, near, far, gt_view = rand.camera(opt.camera, n, m.device, m.resolution)
+        if t.diversity_lambda > 0:  # each pair under one camera: their masks then differ by identity only
+            cam, focal, near, far, gt_view = (x[0::2].repeat_interleave(2, 0) for x in (cam, focal, near, far, gt_view))
         out = m.g(noise, cam, focal, near, far, return_sdf=want_sdf, return_eikonal=want_eik)
         fake_img, sdf, eikonal_term, fake_seg = split_outputs(out, want_sdf, want_eik)
         fake_pred, fake_view = m.gd(fake_img, fake_seg)
@@ -237,15 +240,19 @@ def stage1_g_phase(m, opt, i):
         g_class = classification_loss(class_pred, labels)
         g_gan_semantic = g_nonsaturating_loss(part_pred)
         g_loss = g_gan + g_view + g_eikonal + g_min_surf + (g_class + g_gan_semantic) * t.Semantic_D_lambda
+        extra = {}
+        if t.diversity_lambda > 0:
+            extra["g_diversity"] = t.diversity_lambda * mode_seeking_loss(fake_seg, noise)
+            g_loss = g_loss + extra["g_diversity"]
         _check_finite(m, {"g_gan": g_gan, "g_view": g_view, "g_eikonal": g_eikonal, "g_min_surf": g_min_surf,
-                          "g_semantic": g_class + g_gan_semantic}, i)
+                          "g_semantic": g_class + g_gan_semantic, **extra}, i)
         g_loss.backward()
         records.append(_record(g_gan_loss=g_gan, g_view_loss=g_view, g_eikonal=g_eikonal,
                                g_minimal_surface=g_min_surf, g_class_loss=g_class,
                                g_gan_semantic_loss=g_gan_semantic, g_loss=g_loss, fake_pred=fake_pred,
                                fake_viewpoint_pred=fake_view, fake_part_pred=part_pred,
                                fake_class_pred=class_pred, semantic_label=labels, fake_img=fake_img,
-                               fake_seg=fake_seg, sdf=sdf, eikonal_term=eikonal_term))
+                               fake_seg=fake_seg, sdf=sdf, eikonal_term=eikonal_term, **extra))
     m.g_optim.step()
     m.g.zero_grad(set_to_none=True)
     return records
