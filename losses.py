@@ -43,15 +43,18 @@ def eikonal_loss(eikonal_term, sdf=None, beta=100):
 
 def mode_seeking_loss(seg, noise):
     """(new, not in the published method) Mode seeking on the rendered masks: minus the mean, over the
-    pairs of samples (0, 1), (2, 3), ..., of how far their masks are apart per unit of latent distance,
-    mean |seg_a - seg_b| / mean |z_a - z_b| (the ratio of mode-seeking GANs, Mao et al. 2019, kept linear:
-    its inverse form pushes hardest exactly when the masks are the same, as after a collapse). seg:
-    [B, K, R, R] with B even; noise: the list of latent tensors [B, D] that drew them (two with style
-    mixing; both count)."""
+    pairs of samples (0, 1), (2, 3), ..., of how far their region maps are apart per unit of latent
+    distance, mean |p_a - p_b| / mean |z_a - z_b| (the ratio of mode-seeking GANs, Mao et al. 2019, kept
+    linear: its inverse form pushes hardest exactly when the maps are the same, as after a collapse).
+    p is the per-pixel softmax of the masks over the regions: the rendered masks are raw and unbounded,
+    and on them the term grows by scaling the masks up instead of moving the regions. seg: [B, K, R, R]
+    with B even; noise: the list of latent tensors [B, D] that drew them (two with style mixing; both
+    count)."""
     z = torch.cat(noise, 1)
-    seg_gap = (seg[0::2] - seg[1::2]).abs().flatten(1).mean(1)
+    p = seg.softmax(1)
+    map_gap = (p[0::2] - p[1::2]).abs().flatten(1).mean(1)
     z_gap = (z[0::2] - z[1::2]).abs().mean(1)
-    return -(seg_gap / z_gap).mean()
+    return -(map_gap / z_gap).mean()
 
 
 def classification_loss(logits, labels):

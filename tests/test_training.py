@@ -130,19 +130,21 @@ def test_stage1_writes_published_files_and_trains(stage1):
 def test_mode_seeking_loss_is_the_mask_gap_per_latent_gap_of_each_pair():
     from losses import mode_seeking_loss
     torch.manual_seed(0)
-    seg = torch.rand(4, 9, 8, 8)
+    seg = torch.rand(4, 9, 8, 8) * 4
     z = torch.randn(4, 32)
-    gaps = [float((seg[a] - seg[a + 1]).abs().mean() / (z[a] - z[a + 1]).abs().mean()) for a in (0, 2)]
+    p = seg.softmax(1)
+    gaps = [float((p[a] - p[a + 1]).abs().mean() / (z[a] - z[a + 1]).abs().mean()) for a in (0, 2)]
     assert float(mode_seeking_loss(seg, [z])) == pytest.approx(-sum(gaps) / 2, rel=1e-6)
     # A pair drawn twice from one latent with one mask adds nothing; style mixing's two latents both count.
     same = torch.cat([seg[:2], seg[:1], seg[:1]])
     assert float(mode_seeking_loss(same, [z])) == pytest.approx(-gaps[0] / 2, rel=1e-6)
     assert float(mode_seeking_loss(seg, [z, z])) == pytest.approx(float(mode_seeking_loss(seg, [z])), rel=1e-6)
-    # Descending the loss moves each pair's masks apart.
+    # The same value added to every region's mask does not count, and descending the loss moves each pair's region maps apart.
+    assert float(mode_seeking_loss(seg + 5, [z])) == pytest.approx(float(mode_seeking_loss(seg, [z])), rel=1e-5)
     seg.requires_grad_(True)
     mode_seeking_loss(seg, [z]).backward()
-    moved = seg.detach() - 0.01 * seg.grad
-    assert ((moved[0::2] - moved[1::2]).abs() > (seg[0::2] - seg[1::2]).abs().detach()).all()
+    moved = (seg.detach() - 0.1 * seg.grad).softmax(1)
+    assert (moved[0::2] - moved[1::2]).abs().sum() > (p[0::2] - p[1::2]).abs().sum()
 
 
 def test_diversity_term_renders_each_pair_under_one_camera(data, tmp_path, monkeypatch):
