@@ -45,7 +45,7 @@ def mode_seeking_loss(seg, noise):
     """(new, not in the published method) Mode seeking on the rendered masks: minus the mean, over the
     pairs of samples (0, 1), (2, 3), ..., of how far their region maps are apart per unit of latent
     distance, mean |p_a - p_b| / mean |z_a - z_b| (the ratio of mode-seeking GANs, Mao et al. 2019, kept
-    linear: its inverse form pushes hardest exactly when the maps are the same, as after a collapse).
+    linear: the gradient of their inverse form grows as 1/ratio² when the maps coincide, as after a collapse).
     p is the per-pixel softmax of the masks over the regions: the rendered masks are raw and unbounded,
     and on them the term grows by scaling the masks up instead of moving the regions. seg: [B, K, R, R]
     with B even; noise: the list of latent tensors [B, D] that drew them (two with style mixing; both

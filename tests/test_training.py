@@ -139,7 +139,8 @@ def test_mode_seeking_loss_is_the_mask_gap_per_latent_gap_of_each_pair():
     same = torch.cat([seg[:2], seg[:1], seg[:1]])
     assert float(mode_seeking_loss(same, [z])) == pytest.approx(-gaps[0] / 2, rel=1e-6)
     assert float(mode_seeking_loss(seg, [z, z])) == pytest.approx(float(mode_seeking_loss(seg, [z])), rel=1e-6)
-    # The same value added to every region's mask does not count, and descending the loss moves each pair's region maps apart.
+    # The same value added to every region's mask does not count, and descending the loss moves each pair's
+    # region maps apart.
     assert float(mode_seeking_loss(seg + 5, [z])) == pytest.approx(float(mode_seeking_loss(seg, [z])), rel=1e-5)
     seg.requires_grad_(True)
     mode_seeking_loss(seg, [z]).backward()
