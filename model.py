@@ -449,6 +449,25 @@ def minibatch_stddev(x, group_size=4):
     return torch.cat([x, y], 1)
 
 
+def pack_samples(x, pack):
+    """PacGAN packing (--d_pack, new; Lin et al. 2018): [B, C, H, W] → [B/pack, pack·C, H, W], so that a
+    discriminator judges `pack` samples at once and can see when they are all alike. Sample j is packed
+    with j + B/pack, j + 2B/pack, …: never with its neighbour, which in the generator phase of
+    --diversity_lambda shares its camera (no real pack does)."""
+    if pack == 1:
+        return x
+    batch = x.shape[0]
+    return x.reshape(pack, batch // pack, *x.shape[1:]).transpose(0, 1).reshape(
+        batch // pack, pack * x.shape[1], *x.shape[2:])
+
+
+def unpack_samples(y, pack):
+    """A per-sample head's output of packed inputs, [B/pack, pack·K] → [B, K] in the input order."""
+    if pack == 1:
+        return y
+    return y.reshape(y.shape[0], pack, -1).transpose(0, 1).reshape(y.shape[0] * pack, -1)
+
+
 class DiscConv(nn.Module):
     """nn.Conv2d (bias only when not activated) + optional leaky ReLU (gain 1) with a uniform-init bias."""
 
@@ -550,16 +569,19 @@ class VolumeRenderDiscriminator(nn.Module):
         # (the conformance check) get the published viewpoint head.
         self.viewpoint_loss = not opt.get("no_viewpoint_loss", False)
         n_seg = opt.n_render
+        self.pack = opt.get("d_pack", 1)
         channels = scaled_channels(VOLUME_D_CHANNELS, opt.d_channel_scale)
-        self.convs_img, in_channel = _volume_branch(3, init_size, channels, 2)
-        self.convs_seg, _ = _volume_branch(n_seg, init_size, channels, 2)
-        self.final_conv = DiscConv(in_channel + 1, 3 if self.viewpoint_loss else 1, 2)
+        self.convs_img, in_channel = _volume_branch(3 * self.pack, init_size, channels, 2)
+        self.convs_seg, _ = _volume_branch(n_seg * self.pack, init_size, channels, 2)
+        self.final_conv = DiscConv(in_channel + 1, 1 + 2 * self.pack if self.viewpoint_loss else 1, 2)
 
     def forward(self, img, seg):
+        """Logits [B/d_pack, 1] (one per pack) and viewpoints [B, 2] (one per sample)."""
+        img, seg = pack_samples(img, self.pack), pack_samples(seg, self.pack)
         out = minibatch_stddev(self.convs_img(img) + self.convs_seg(seg))
         out = self.final_conv(out)
         gan_pred = out[:, 0:1].reshape(-1, 1)
-        viewpoint = out[:, 1:].reshape(-1, 2) if self.viewpoint_loss else None
+        viewpoint = unpack_samples(out[:, 1:].reshape(out.shape[0], -1), self.pack) if self.viewpoint_loss else None
         return gan_pred, viewpoint
 
 
@@ -571,20 +593,23 @@ class ComponentDualBranchDiscriminator(nn.Module):
         opt = _opt(opt)
         init_size = opt.renderer_spatial_output_dim
         n_classes = opt.n_render
+        self.pack = opt.get("d_pack", 1)
         channels = scaled_channels(SEMANTIC_D_CHANNELS, opt.d_channel_scale)
-        self.convs_img, in_channel = _volume_branch(3, init_size, channels, 4)
-        self.convs_seg, _ = _volume_branch(1, init_size, channels, 4, activate_first=False)
+        self.convs_img, in_channel = _volume_branch(3 * self.pack, init_size, channels, 4)
+        self.convs_seg, _ = _volume_branch(self.pack, init_size, channels, 4, activate_first=False)
         self.final_conv = DiscConv(in_channel + 1, channels[4], 3)
         flat = channels[4] * 2 * 2
         self.final_linear = nn.Sequential(EqualLinear(flat, channels[4], activation="fused_lrelu"),
                                           EqualLinear(channels[4], 1))
         self.class_linear = nn.Sequential(EqualLinear(flat, channels[4], activation="fused_lrelu"),
-                                          EqualLinear(channels[4], n_classes))
+                                          EqualLinear(channels[4], n_classes * self.pack))
 
     def forward(self, img, mask):
-        out = minibatch_stddev(self.convs_img(img * mask) + self.convs_seg(mask))
+        """Logits [B/d_pack, 1] (one per pack) and region-class logits [B, n_render] (one per sample)."""
+        img, mask = pack_samples(img * mask, self.pack), pack_samples(mask, self.pack)
+        out = minibatch_stddev(self.convs_img(img) + self.convs_seg(mask))
         out = self.final_conv(out).reshape(img.shape[0], -1)
-        return self.final_linear(out), self.class_linear(out)
+        return self.final_linear(out), unpack_samples(self.class_linear(out), self.pack)
 
 
 class Discriminator(nn.Module):
@@ -595,6 +620,7 @@ class Discriminator(nn.Module):
         opt = _opt(opt)
         size = opt.size
         n_seg = opt.n_render
+        self.pack = opt.get("d_pack", 1)
         channels = scaled_channels(decoder_channels(opt.channel_multiplier), opt.d_channel_scale)
         log_size = int(math.log2(size))
 
@@ -606,13 +632,15 @@ class Discriminator(nn.Module):
                 in_channel = channels[2 ** (i - 1)]
             return nn.Sequential(*convs)
 
-        self.convs_img = branch(3)
-        self.convs_seg = branch(n_seg)
+        self.convs_img = branch(3 * self.pack)
+        self.convs_seg = branch(n_seg * self.pack)
         self.final_conv = ConvLayer(channels[4] + 1, channels[4], 3)
         self.final_linear = nn.Sequential(EqualLinear(channels[4] * 4 * 4, channels[4], activation="fused_lrelu"),
                                           EqualLinear(channels[4], 1))
 
     def forward(self, img, seg):
+        """Logits [B/d_pack, 1], one per pack."""
+        img, seg = pack_samples(img, self.pack), pack_samples(seg, self.pack)
         out = minibatch_stddev(self.convs_img(img) + self.convs_seg(seg))
         out = self.final_conv(out).reshape(img.shape[0], -1)
         return self.final_linear(out)

@@ -130,6 +130,8 @@ class BaseOptions:
         model.add_argument("--n_wcode", type=int, default=9, help="number of per-region code pairs")
         model.add_argument("--d_channel_scale", type=finite_float, default=1.0,
                            help="(new) scale of every discriminator's channel widths (1 = the published widths)")
+        model.add_argument("--d_pack", type=int, default=1,
+                           help="(new) PacGAN: every discriminator judges packs of this many samples (1 = published)")
 
         camera = p.add_argument_group("camera")
         camera.add_argument("--uniform", action="store_true", help="uniform instead of normal camera sampling")

@@ -20,7 +20,7 @@ GENERATOR_ENTRIES = ("g_ema", "g")
 # checkpoints carry them as "config", so `--trained_ckpt FILE` alone rebuilds the model.
 ARCHITECTURE_OPTIONS = {
     "model": ("size", "style_dim", "channel_multiplier", "lr_mapping", "renderer_spatial_output_dim", "n_wcode",
-              "d_channel_scale"),
+              "d_channel_scale", "d_pack"),
     "rendering": ("n_render", "depth", "width", "no_sdf", "no_z_normalize", "N_samples", "no_offset_sampling"),
     "camera": ("uniform", "azim", "elev", "fov", "dist_radius"),
 }

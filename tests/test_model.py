@@ -316,3 +316,43 @@ def test_check_ranges_names_the_first_flag_out_of_range():
         check_ranges({"--batch": (0, ">= 1")}, StageError)
     with pytest.raises(ValueError, match="bad range rule"):
         check_ranges({"--x": (1, "at least one")})
+
+
+def test_packing_groups_distant_samples_and_unpacking_restores_the_order():
+    """--d_pack: sample j is packed with j + B/pack (never with its neighbour), channels sample-major;
+    a per-sample head's output comes back in the input order."""
+    from model import pack_samples, unpack_samples
+    x = torch.arange(6 * 2, dtype=torch.float32).reshape(6, 2, 1, 1)
+    packed = pack_samples(x, 2)
+    assert packed.shape == (3, 4, 1, 1)
+    assert torch.equal(packed[1].flatten(), torch.cat([x[1], x[4]]).flatten())
+    per_sample = torch.stack([packed[:, :2].flatten(1), packed[:, 2:].flatten(1)], 1).reshape(3, 4)
+    assert torch.equal(unpack_samples(per_sample, 2), x.flatten(1))
+    assert pack_samples(x, 1) is x and unpack_samples(per_sample, 1) is per_sample
+
+
+@pytest.mark.parametrize("which", ["global", "semantic", "stage2"])
+def test_packed_discriminators_judge_each_pack_and_keep_per_sample_heads(which, monkeypatch):
+    """One logit per pack, which moves with its own samples only; viewpoint and region-class heads stay
+    one row per sample."""
+    import model
+    from model import ComponentDualBranchDiscriminator, Discriminator, VolumeRenderDiscriminator
+    # the minibatch-stddev channel couples all packs by design: a constant channel here isolates the packing
+    monkeypatch.setattr(model, "minibatch_stddev", lambda x: torch.cat([x, torch.zeros_like(x[:, :1])], 1))
+    opt = default_options(TINY + ["--d_pack", "2", "--d_channel_scale", "0.125", "--size", "16"])
+    build = {"global": VolumeRenderDiscriminator, "semantic": ComponentDualBranchDiscriminator,
+             "stage2": Discriminator}[which]
+    torch.manual_seed(0)
+    d = build(dict(opt.model, n_render=9))
+    channels = 1 if which == "semantic" else 9
+    img, seg = torch.randn(4, 3, 16, 16), torch.rand(4, channels, 16, 16)
+    out = d(img, seg)
+    logits = out[0] if isinstance(out, tuple) else out
+    assert logits.shape == (2, 1)
+    if which != "stage2":
+        assert out[1].shape == (4, 2 if which == "global" else 9)
+    img2 = img.clone()
+    img2[2] += 1  # sample 2 is in pack 0 (with sample 0; packing neighbours would put it in pack 1)
+    out2 = d(img2, seg)
+    logits2 = out2[0] if isinstance(out2, tuple) else out2
+    assert torch.equal(logits2[1], logits[1]) and not torch.equal(logits2[0], logits[0])

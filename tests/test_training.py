@@ -793,3 +793,21 @@ def test_ddp_ranks_start_gan_training_from_one_optimiser_state(tmp_path):
     for averaged in (r0["averaged"], r1["averaged"]):
         assert all(torch.equal(a, b) for a, b in zip(averaged, r0["expected"]))
     assert torch.equal(r0["averaged"][1], r0["expected"][1]) and r0["averaged"][1].abs().sum() > 0
+
+
+def test_packed_discriminators_train_resume_and_refuse_uneven_batches(data, tmp_path):
+    """--d_pack 2: a stage-1 iteration trains discriminators whose first convolutions take two samples,
+    resuming restores the packing, and a batch, chunk or diversity chunk the packs cannot divide is one line."""
+    train_CNeRF.train(args(data, tmp_path, "exp", "--iter", 1, "--d_pack", 2, "--chunk", 2, "--no_sphere_init"))
+    first = load_checkpoint(tmp_path / "exp" / "volume_renderer" / "models_0000000.pt")
+    assert first["gd"]["convs_img.0.conv.weight"].shape[1] == 6 and first["sd"]["convs_seg.0.conv.weight"].shape[1] == 2
+    resume = ["--dataset_path", str(data), "--checkpoints_dir", str(tmp_path), "--expname", "exp", *TRAIN,
+              "--chunk", 2, "--iter", 2, "--continue_training", "--ckpt", 0]
+    train_CNeRF.train(list(map(str, resume)))  # no --d_pack: it comes with the checkpoint
+    assert load_checkpoint(tmp_path / "exp" / "volume_renderer" / "models_0000001.pt")["iter"] == 1
+    for extra, words in ((("--chunk", 1), "--chunk must be a multiple of it, not 1"),
+                         (("--batch", 3, "--chunk", 3), "--batch must be a multiple of it, not 3"),
+                         (("--chunk", 2, "--diversity_lambda", 1), "--chunk must be a multiple of 4, not 2")):
+        with pytest.raises(SystemExit) as exit_info:
+            train_CNeRF.main(args(data, tmp_path / "bad", "exp", "--iter", 1, "--d_pack", 2, *extra))
+        assert words in str(exit_info.value.code)

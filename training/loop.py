@@ -45,7 +45,16 @@ def validate(opt):
         checks["--num_workers"] = (t.num_workers, ">= 0")
     if opt.rendering.keep_graph_mib is not None:
         checks["--keep_graph_mib"] = (opt.rendering.keep_graph_mib, ">= 0")
+    checks["--d_pack"] = (opt.model.d_pack, ">= 1")
     check_ranges(checks, TrainingError)
+    pack = opt.model.d_pack
+    for name in ("batch", "chunk"):
+        if t[name] % pack:
+            raise TrainingError(f"--d_pack {pack}: the discriminators judge packs of {pack} samples, "
+                                f"--{name} must be a multiple of it, not {t[name]}")
+    if t.diversity_lambda > 0 and pack > 1 and t.chunk % (2 * pack):
+        raise TrainingError(f"--d_pack {pack} with --diversity_lambda: --chunk must be a multiple of {2 * pack}, "
+                            f"not {t.chunk} (a pack must not hold a pair that shares a camera)")
     if t.diversity_lambda > 0 and t.chunk % 2:
         raise TrainingError(f"--diversity_lambda pairs the samples of a generator chunk: --chunk must be even, "
                             f"not {t.chunk}")
