@@ -811,3 +811,21 @@ def test_packed_discriminators_train_resume_and_refuse_uneven_batches(data, tmp_
         with pytest.raises(SystemExit) as exit_info:
             train_CNeRF.main(args(data, tmp_path / "bad", "exp", "--iter", 1, "--d_pack", 2, *extra))
         assert words in str(exit_info.value.code)
+
+
+def test_resume_says_when_the_checkpoint_learning_rate_overrides_the_options(data, tmp_path, capsys):
+    """Resuming restores each optimiser's learning rate with its state (published behaviour, kept); a different
+    rate on the command line gets one note per optimiser, and --fresh_optimizers uses it."""
+    train_CNeRF.train(args(data, tmp_path, "exp", "--iter", 1, "--no_sphere_init"))
+    resume = args(data, tmp_path, "exp", "--iter", 2, "--continue_training", "--ckpt", 0, "--vol_g_lr", 1e-3)
+    capsys.readouterr()
+    train_CNeRF.train(resume)
+    err = capsys.readouterr().err
+    assert "note: g_optim resumes at the checkpoint's learning rate 2e-05, not the options' 0.001" in err
+    assert "gd_optim" not in err  # its rate was not changed
+    saved = load_checkpoint(tmp_path / "exp" / "volume_renderer" / "models_0000001.pt")
+    assert saved["g_optim"]["param_groups"][0]["lr"] == 2e-5
+    train_CNeRF.train(resume + ["--fresh_optimizers"])
+    assert "note:" not in capsys.readouterr().err
+    saved = load_checkpoint(tmp_path / "exp" / "volume_renderer" / "models_0000001.pt")
+    assert saved["g_optim"]["param_groups"][0]["lr"] == 1e-3

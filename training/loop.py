@@ -8,6 +8,7 @@ training step itself is in training/steps.py.
 import json
 import math
 import os
+import sys
 
 import torch
 from munch import Munch
@@ -287,7 +288,15 @@ def restore_optimizers(opt, ckpt, resume_path, optimizers):
         return
     try:
         for key, optimizer in optimizers.items():
+            asked = [group["lr"] for group in optimizer.param_groups]
             optimizer.load_state_dict(ckpt[key])
+            restored = [group["lr"] for group in optimizer.param_groups]
+            if restored != asked and dist_utils.is_main_process():
+                # torch's load_state_dict restores the learning rate too (as in the published code): say so, a
+                # rate given on the command line of a resume does nothing without --fresh_optimizers
+                print(f"note: {key} resumes at the checkpoint's learning rate {restored[0]:g}, not the options' "
+                      f"{asked[0]:g} (--fresh_optimizers starts new optimisers at the options' rates)",
+                      file=sys.stderr)
     except (ValueError, KeyError, RuntimeError) as error:
         raise CheckpointError(f"{resume_path}: optimiser state does not fit ({error})") from None
 
