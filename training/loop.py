@@ -53,8 +53,9 @@ def validate(opt):
         if t[name] % pack:
             raise TrainingError(f"--d_pack {pack}: the discriminators judge packs of {pack} samples, "
                                 f"--{name} must be a multiple of it, not {t[name]}")
-    if t.diversity_lambda > 0 and pack > 1 and t.chunk % (2 * pack):
-        raise TrainingError(f"--d_pack {pack} with --diversity_lambda: --chunk must be a multiple of {2 * pack}, "
+    if t.diversity_lambda > 0 and pack > 1 and t.chunk < 2 * pack:
+        # packs take every (chunk/pack)-th sample: with a stride of 1 a pack would hold a camera-sharing pair
+        raise TrainingError(f"--d_pack {pack} with --diversity_lambda: --chunk must be at least {2 * pack}, "
                             f"not {t.chunk} (a pack must not hold a pair that shares a camera)")
     if t.diversity_lambda > 0 and t.chunk % 2:
         raise TrainingError(f"--diversity_lambda pairs the samples of a generator chunk: --chunk must be even, "
