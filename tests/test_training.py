@@ -805,6 +805,8 @@ def test_packed_discriminators_train_resume_and_refuse_uneven_batches(data, tmp_
               "--chunk", 2, "--iter", 2, "--continue_training", "--ckpt", 0]
     train_CNeRF.train(list(map(str, resume)))  # no --d_pack: it comes with the checkpoint
     assert load_checkpoint(tmp_path / "exp" / "volume_renderer" / "models_0000001.pt")["iter"] == 1
+    with pytest.raises(loop.TrainingError, match="--d_pack 2: .* --batch must be a multiple of it, not 3"):
+        train_CNeRF.train(list(map(str, resume + ["--batch", 3, "--chunk", 3])))  # the checkpoint's packing counts
     for extra, words in ((("--chunk", 1), "--chunk must be a multiple of it, not 1"),
                          (("--batch", 3, "--chunk", 3), "--batch must be a multiple of it, not 3"),
                          (("--chunk", 2, "--diversity_lambda", 1), "--chunk must be at least 4, not 2")):

@@ -48,6 +48,18 @@ def validate(opt):
         checks["--keep_graph_mib"] = (opt.rendering.keep_graph_mib, ">= 0")
     checks["--d_pack"] = (opt.model.d_pack, ">= 1")
     check_ranges(checks, TrainingError)
+    check_packing(opt)
+    if t.diversity_lambda > 0 and t.chunk % 2:
+        raise TrainingError(f"--diversity_lambda pairs the samples of a generator chunk: --chunk must be even, "
+                            f"not {t.chunk}")
+    if opt.experiment.reseed and not opt.experiment.continue_training:
+        raise TrainingError("--reseed: only with --continue_training (a new run takes --seed anyway)")
+
+
+def check_packing(opt):
+    """--batch and --chunk against the discriminators' packs (--d_pack): checked with the options, and again
+    once a resume has taken the run's own --d_pack from its checkpoint."""
+    t = opt.training
     pack = opt.model.d_pack
     for name in ("batch", "chunk"):
         if t[name] % pack:
@@ -57,11 +69,6 @@ def validate(opt):
         # packs take every (chunk/pack)-th sample: with a stride of 1 a pack would hold a camera-sharing pair
         raise TrainingError(f"--d_pack {pack} with --diversity_lambda: --chunk must be at least {2 * pack}, "
                             f"not {t.chunk} (a pack must not hold a pair that shares a camera)")
-    if t.diversity_lambda > 0 and t.chunk % 2:
-        raise TrainingError(f"--diversity_lambda pairs the samples of a generator chunk: --chunk must be even, "
-                            f"not {t.chunk}")
-    if opt.experiment.reseed and not opt.experiment.continue_training:
-        raise TrainingError("--reseed: only with --continue_training (a new run takes --seed anyway)")
 
 
 def _non_finite(losses):
@@ -237,6 +244,7 @@ def start_run(opt, stage, number, required_keys):
             parser = BaseOptions()
             parser.initialize()
             apply_saved_config(opt, run.ckpt["opt"], parser.parser.get_default, run.resume_path)
+            check_packing(opt)
     return run
 
 
