@@ -82,6 +82,8 @@ def train(argv=None):
     g_optim, gd_optim, sd_optim = steps.stage1_optimizers(opt, g, gd, sd)
     m = Munch(g=g, g_module=g, gd=gd, sd=sd, g_optim=g_optim, gd_optim=gd_optim, sd_optim=sd_optim,
               device=device, resolution=resolution, guard=loop.FiniteGuard())
+    if t.area_lambda > 0:
+        m.area_target = steps.area_target(dataset, t.chunk, device, progress=main)
     precision.from_options(opt, device, g, g_ema, gd, sd)  # --precision; fp32 changes nothing
 
     start_iter = 0
@@ -132,8 +134,9 @@ def train(argv=None):
             "sd_cls": sd_record["s_d_class_loss"], "g": g_last["g_loss"], "g_view": g_last["g_view_loss"],
             "eikonal": g_last["g_eikonal"], "min_surf": g_last["g_minimal_surface"],
             "g_sem": g_last["g_class_loss"] + g_last["g_gan_semantic_loss"]}
-        if "g_diversity" in g_last:
-            shown["g_diversity"] = g_last["g_diversity"]
+        for extra in ("g_diversity", "g_area"):
+            if extra in g_last:
+                shown[extra] = g_last[extra]
         shown = dist_utils.reduce_loss_dict(shown, device=device)
         if main:
             bar.set_postfix(d=f"{shown['d']:.3f}", sd=f"{shown['sd']:.3f}", g=f"{shown['g']:.3f}",

@@ -148,6 +148,62 @@ def test_mode_seeking_loss_is_the_mask_gap_per_latent_gap_of_each_pair():
     assert (moved[0::2] - moved[1::2]).abs().sum() > (p[0::2] - p[1::2]).abs().sum()
 
 
+def test_area_distribution_loss_compares_the_chunks_sorted_areas_with_the_data_quantiles():
+    from losses import area_distribution_loss
+
+    def masks(areas, size=10):
+        """Masks whose region k covers the first areas[b][k]·size² pixels of sample b, as large logits."""
+        seg = torch.full((len(areas), 3, size * size), -30.0)
+        for b, row in enumerate(areas):
+            start = 0
+            for k, area in enumerate(row):
+                count = round(area * size * size)
+                seg[b, k, start:start + count] = 30.0
+                start += count
+        return seg.view(len(areas), 3, size, size)
+
+    quantiles = torch.tensor([[0.5, 0.1, 0.2], [0.7, 0.2, 0.3]])  # per region, rising
+    spread = torch.tensor([0.1, 0.05, 0.1])
+    # The data's own spread, in either order in the chunk: nothing to move.
+    assert float(area_distribution_loss(masks([[0.7, 0.1, 0.2], [0.5, 0.2, 0.3]]), quantiles, spread)) < 1e-6
+    # One head for both latents (the data's mean areas): per region |Δ| 0.1, 0.05, 0.05 over its spread.
+    same = masks([[0.6, 0.15, 0.25]] * 2)
+    assert float(area_distribution_loss(same, quantiles, spread)) == pytest.approx((1 + 1 + 0.5) / 3, rel=1e-4)
+    # Descending it parts the two heads' backgrounds: the one with less background is pushed to less still.
+    seg = (0.1 * same + 0.01 * torch.randn_like(same)).requires_grad_(True)  # unsaturated logits
+    area_distribution_loss(seg, quantiles, spread).backward()
+    smaller = int(seg.detach().softmax(1)[:, 0].mean((1, 2)).argmin())
+    assert float(seg.grad[smaller, 0].sum()) > 0 > float(seg.grad[1 - smaller, 0].sum())
+
+
+def test_area_term_reads_the_data_and_rides_the_generator_loss(data, tmp_path):
+    """--area_lambda: the target is the label maps' quantiles and spread; an iteration logs the weighted term;
+    a chunk of one is refused (it has no spread)."""
+    import json
+
+    from dataset import MultiResolutionDataset
+    from evaluation.metrics import area_fractions
+    dataset = MultiResolutionDataset(str(data), resolution=8, nerf_resolution=8)
+    quantiles, spread = training_steps.area_target(dataset, 3, "cpu", progress=False)
+    assert quantiles.shape == (3, len(REGION_NAMES)) and spread.shape == (len(REGION_NAMES),)
+    from common.regions import label19_to_regions
+    areas = area_fractions(np.stack([label19_to_regions(dataset.load(i)[1]) for i in range(len(dataset))]),
+                           len(REGION_NAMES))
+    face, background = REGION_NAMES.index("face"), REGION_NAMES.index("background")
+    assert float(quantiles[1, face]) == pytest.approx(float(areas[:, face].median()), abs=1e-6)  # 6 maps: the mean
+    assert float(quantiles[0, background]) < float(quantiles[2, background])  # of the middle two, and rising
+    assert float(spread[face]) == pytest.approx(max(float(areas[:, face].std(unbiased=False)), 0.005), rel=1e-5)
+    assert float(spread[REGION_NAMES.index("ear")]) >= training_steps.AREA_SPREAD_FLOOR
+    folder = tmp_path / "area"
+    train_CNeRF.train(args(data, folder, "exp", "--iter", 1, "--chunk", 2, "--area_lambda", 2))
+    record = json.loads((folder / "exp" / "volume_renderer" / "losses.jsonl").read_text().splitlines()[0])
+    assert record["g_area"] > 0 and np.isfinite(record["g_area"])
+    with pytest.raises(SystemExit) as exit_info:
+        train_CNeRF.main(args(data, tmp_path / "one", "exp", "--iter", 1, "--area_lambda", 1))
+    assert "--area_lambda" in str(exit_info.value.code) and "not 1" in str(exit_info.value.code)
+    assert not (tmp_path / "one").exists()
+
+
 def test_diversity_term_renders_each_pair_under_one_camera(data, tmp_path, monkeypatch):
     """--diversity_lambda: the generator phase's pairs share a camera and its loss carries the term; at 0 (the
     published default) every sample has its own camera."""

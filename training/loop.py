@@ -41,7 +41,8 @@ def validate(opt):
     checks["--d_channel_scale"] = (opt.model.d_channel_scale, "> 0")
     checks.update({f"--{name}": (t[name], ">= 1") for name in ("batch", "chunk", "sample_every", "save_every",
                                                                "val_n_sample", "sync_every")})
-    checks.update({f"--{name}": (t[name], ">= 0") for name in ("iter", "sphere_init_iter", "diversity_lambda")})
+    checks.update({f"--{name}": (t[name], ">= 0") for name in ("iter", "sphere_init_iter", "diversity_lambda",
+                                                               "area_lambda")})
     if t.num_workers is not None:
         checks["--num_workers"] = (t.num_workers, ">= 0")
     if opt.rendering.keep_graph_mib is not None:
@@ -52,6 +53,9 @@ def validate(opt):
     if t.diversity_lambda > 0 and t.chunk % 2:
         raise TrainingError(f"--diversity_lambda pairs the samples of a generator chunk: --chunk must be even, "
                             f"not {t.chunk}")
+    if t.area_lambda > 0 and t.chunk < 2:
+        raise TrainingError("--area_lambda compares the spread of a generator chunk with the data's: --chunk must "
+                            "be at least 2, not 1")
     if opt.experiment.reseed and not opt.experiment.continue_training:
         raise TrainingError("--reseed: only with --continue_training (a new run takes --seed anyway)")
 

@@ -13,12 +13,16 @@ record per chunk); `sphere_init_step` is one step of the sphere initialisation. 
 g_reg_every iterations path-length regularisation (`weighted_path_loss`). The EMA update stays in the
 loops (params.accumulate with `STAGE1_EMA` / `STAGE2_TRAINED` and params.ema_decay).
 """
+import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import distributed as dist_utils
 from common import draws, precision
+from common.regions import NUM_REGIONS, label19_to_regions
 from losses import (
+    area_distribution_loss,
     classification_loss,
     d_logistic_loss,
     eikonal_loss,
@@ -130,6 +134,27 @@ def _view_loss(t, pred, target):
 
 
 # ------------------------------------------------------------------------------------------- stage 1
+
+
+AREA_MAPS = 2000  # label maps --area_lambda reads at most (evenly spaced): quantiles of a chunk need no more
+AREA_SPREAD_FLOOR = 0.005  # a region the data hardly varies (or lacks) does not get an unbounded weight
+
+
+def area_target(dataset, n, device, max_maps=AREA_MAPS, progress=True):
+    """(new, --area_lambda) What area_distribution_loss compares a generator chunk of n with: the dataset label
+    maps' area fraction of each region (hard regions, undilated) at the quantile levels (i + 1/2)/n, [n, K], and
+    each region's standard deviation over the maps, floored at AREA_SPREAD_FLOOR, [K]."""
+    picked = np.unique(np.linspace(0, len(dataset) - 1, min(len(dataset), max_maps)).round().astype(np.int64))
+    areas = np.empty((len(picked), NUM_REGIONS))
+    for row, index in enumerate(tqdm(picked, desc="region areas of the label maps", disable=not progress,
+                                     leave=False)):
+        regions = label19_to_regions(dataset.load(int(index))[1])
+        areas[row] = np.bincount(regions.ravel(), minlength=NUM_REGIONS)[:NUM_REGIONS] / regions.size
+    levels = (np.arange(n) + 0.5) / n
+    quantiles = np.quantile(areas, levels, axis=0)
+    spread = np.maximum(areas.std(0), AREA_SPREAD_FLOOR)
+    return (torch.as_tensor(quantiles, dtype=torch.float32, device=device),
+            torch.as_tensor(spread, dtype=torch.float32, device=device))
 
 
 def sphere_init_step(m, opt, step):
@@ -244,6 +269,9 @@ def stage1_g_phase(m, opt, i):
         if t.diversity_lambda > 0:
             extra["g_diversity"] = t.diversity_lambda * mode_seeking_loss(fake_seg, noise)
             g_loss = g_loss + extra["g_diversity"]
+        if t.area_lambda > 0:
+            extra["g_area"] = t.area_lambda * area_distribution_loss(fake_seg, *m.area_target)
+            g_loss = g_loss + extra["g_area"]
         _check_finite(m, {"g_gan": g_gan, "g_view": g_view, "g_eikonal": g_eikonal, "g_min_surf": g_min_surf,
                           "g_semantic": g_class + g_gan_semantic, **extra}, i)
         g_loss.backward()
