@@ -59,13 +59,14 @@ def mode_seeking_loss(seg, noise):
 
 def area_distribution_loss(seg, quantiles, spread):
     """(new, not in the published method) How far a chunk's region areas are from the data's, as a
-    distribution: per region, the chunk's soft area fractions (per-pixel softmax of the masks over the
-    regions, averaged over the pixels), sorted, against the dataset label maps' area quantiles at the levels
-    (i + 1/2)/B -- a one-dimensional Wasserstein-1 distance between the chunk and the data -- divided by the
-    data's spread of that region, then averaged over the regions. A batch of one head the same for every
-    latent is far from the data's spread however realistic each head is, which no per-sample judgement sees.
+    distribution: per region, the chunk's areas -- each mask channel's mean, as the discriminators see the
+    masks (raw; real masks are 0/1, and a softmax over channels that near 0/1 would give every region about
+    the same share) -- sorted, against the real masks' area quantiles at the levels (i + 1/2)/B (a
+    one-dimensional Wasserstein-1 distance between the chunk and the data), divided by the data's spread of
+    that region, then averaged over the regions. A batch of one head for every latent is far from the data's
+    spread however realistic each head is, which no per-sample judgement sees.
     seg: [B, K, R, R] raw masks; quantiles: [B, K]; spread: [K] (positive)."""
-    area = seg.softmax(1).mean((2, 3))
+    area = seg.mean((2, 3))
     return ((area.sort(0).values - quantiles).abs().mean(0) / spread).mean()
 
 
