@@ -57,16 +57,20 @@ def mode_seeking_loss(seg, noise):
     return -(map_gap / z_gap).mean()
 
 
+AREA_TEMPERATURE = 0.1  # the rendered masks sit near 0/1: at 1 a softmax gives every region about a ninth
+
+
 def area_distribution_loss(seg, quantiles, spread):
     """(new, not in the published method) How far a chunk's region areas are from the data's, as a
-    distribution: per region, the chunk's areas -- each mask channel's mean, as the discriminators see the
-    masks (raw; real masks are 0/1, and a softmax over channels that near 0/1 would give every region about
-    the same share) -- sorted, against the real masks' area quantiles at the levels (i + 1/2)/B (a
-    one-dimensional Wasserstein-1 distance between the chunk and the data), divided by the data's spread of
-    that region, then averaged over the regions. A batch of one head for every latent is far from the data's
-    spread however realistic each head is, which no per-sample judgement sees.
+    distribution: per region, the chunk's areas -- the fraction of pixels each region wins, softly: a softmax
+    over the regions of the masks / AREA_TEMPERATURE, averaged over the pixels, so that only moving a region's
+    border changes its area, not a faint haze of it everywhere (raw channel means can be matched that way) --
+    sorted, against the data's area quantiles at the levels (i + 1/2)/B (a one-dimensional Wasserstein-1
+    distance between the chunk and the data), divided by the data's spread of that region, then averaged over
+    the regions. A batch of one head for every latent is far from the data's spread however realistic each
+    head is, which no per-sample judgement sees.
     seg: [B, K, R, R] raw masks; quantiles: [B, K]; spread: [K] (positive)."""
-    area = seg.mean((2, 3))
+    area = (seg / AREA_TEMPERATURE).softmax(1).mean((2, 3))
     return ((area.sort(0).values - quantiles).abs().mean(0) / spread).mean()
 
 

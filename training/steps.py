@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 import distributed as dist_utils
 from common import draws, precision
-from dataset import label_to_mask
+from common.regions import NUM_REGIONS, label19_to_regions
 from losses import (
     area_distribution_loss,
     classification_loss,
@@ -141,13 +141,14 @@ AREA_SPREAD_FLOOR = 0.005  # a region the data hardly varies (or lacks) does not
 
 
 def area_target(dataset, n, device, max_maps=AREA_MAPS, progress=True):
-    """(new, --area_lambda) What area_distribution_loss compares a generator chunk of n with: the area of each
-    channel of the real training masks (dataset.label_to_mask: dilated, as the discriminators see them) at the
-    quantile levels (i + 1/2)/n, [n, K], and each channel's standard deviation over the maps, floored at
+    """(new, --area_lambda) What area_distribution_loss compares a generator chunk of n with: the fraction of
+    each label map's pixels in each region (common.regions, undilated, as the diversity metric counts them) at
+    the quantile levels (i + 1/2)/n, [n, K], and each region's standard deviation over the maps, floored at
     AREA_SPREAD_FLOOR, [K]; from up to max_maps label maps, evenly spaced (flips do not change areas)."""
     picked = np.unique(np.linspace(0, len(dataset) - 1, min(len(dataset), max_maps)).round().astype(np.int64))
-    areas = np.stack([label_to_mask(dataset.load(int(index))[1]).mean((1, 2)) for index in
-                      tqdm(picked, desc="mask areas of the label maps", disable=not progress, leave=False)])
+    maps = [label19_to_regions(dataset.load(int(index))[1]) for index in
+            tqdm(picked, desc="region areas of the label maps", disable=not progress, leave=False)]
+    areas = np.stack([np.bincount(regions.ravel(), minlength=NUM_REGIONS) / regions.size for regions in maps])
     quantiles = np.quantile(areas, (np.arange(n) + 0.5) / n, axis=0)
     spread = np.maximum(areas.std(0), AREA_SPREAD_FLOOR)
     return (torch.as_tensor(quantiles, dtype=torch.float32, device=device),
