@@ -87,7 +87,7 @@ class BaseOptions:
         training.add_argument("--area_lambda", type=finite_float, default=0.0,
                               help="(new) stage 1: weight of a term matching, per region, the distribution of the "
                                    "rendered masks' area fractions over a generator chunk to the dataset label "
-                                   "maps' (needs --chunk >= 2; 0: published)")
+                                   "maps', the chunk under one camera (needs --chunk >= 2; 0: published)")
         training.add_argument("--path_regularize", type=finite_float, default=2, help="path-length regularisation weight")
         training.add_argument("--path_batch_shrink", type=int, default=2, help="batch shrink for path-length reg.")
         training.add_argument("--wandb", action="store_true", help="log with Weights & Biases")

@@ -185,9 +185,9 @@ def test_area_distribution_loss_compares_the_chunks_sorted_areas_with_the_data_q
     assert float(seg.grad[smaller, 0].sum()) > 0 > float(seg.grad[1 - smaller, 0].sum())
 
 
-def test_area_term_reads_the_data_and_rides_the_generator_loss(data, tmp_path):
-    """--area_lambda: the target is the label maps' region-area quantiles and spread; an iteration logs the
-    weighted term; a chunk of one is refused (it has no spread)."""
+def test_area_term_reads_the_data_and_rides_the_generator_loss(data, tmp_path, monkeypatch):
+    """--area_lambda: the target is the label maps' region-area quantiles and spread; the generator phase renders
+    its chunk under one camera and logs the weighted term; a chunk of one is refused (it has no spread)."""
     import json
 
     from common.regions import label19_to_regions
@@ -204,8 +204,19 @@ def test_area_term_reads_the_data_and_rides_the_generator_loss(data, tmp_path):
     assert float(quantiles[0, background]) < float(quantiles[2, background])
     assert float(spread[face]) == pytest.approx(max(float(areas[:, face].std(unbiased=False)), 0.005), rel=1e-5)
     assert float(spread.min()) == pytest.approx(training_steps.AREA_SPREAD_FLOOR)  # a region these maps never vary
+    seen = []
+    forward = Generator.forward
+
+    def recording(self, styles, cam_poses, *rest, **options):
+        if torch.is_grad_enabled() and options.get("return_eikonal"):  # the generator phase
+            seen.append(cam_poses.detach().clone())
+        return forward(self, styles, cam_poses, *rest, **options)
+
+    monkeypatch.setattr(Generator, "forward", recording)
     folder = tmp_path / "area"
-    train_CNeRF.train(args(data, folder, "exp", "--iter", 1, "--chunk", 2, "--area_lambda", 2))
+    train_CNeRF.train(args(data, folder, "exp", "--iter", 1, "--batch", 3, "--chunk", 3, "--area_lambda", 2))
+    (cam,) = seen
+    assert torch.equal(cam[0], cam[1]) and torch.equal(cam[0], cam[2])
     record = json.loads((folder / "exp" / "volume_renderer" / "losses.jsonl").read_text().splitlines()[0])
     assert record["g_area"] > 0 and np.isfinite(record["g_area"])
     with pytest.raises(SystemExit) as exit_info:

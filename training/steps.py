@@ -247,7 +247,9 @@ def stage1_g_phase(m, opt, i):
         n = t.chunk  # published: every generator chunk has --chunk samples, also when it does not divide --batch
         noise = rand.mixing_noise(n, opt.model.style_dim, t.mixing, m.device)
         cam, focal, near, far, gt_view = rand.camera(opt.camera, n, m.device, m.resolution)
-        if t.diversity_lambda > 0:  # each pair under one camera: their masks then differ by identity only
+        if t.area_lambda > 0:  # the chunk under one camera: its areas then spread by identity only, not by pose
+            cam, focal, near, far, gt_view = (x[:1].repeat_interleave(n, 0) for x in (cam, focal, near, far, gt_view))
+        elif t.diversity_lambda > 0:  # each pair under one camera: their masks then differ by identity only
             cam, focal, near, far, gt_view = (x[0::2].repeat_interleave(2, 0) for x in (cam, focal, near, far, gt_view))
         out = m.g(noise, cam, focal, near, far, return_sdf=want_sdf, return_eikonal=want_eik)
         fake_img, sdf, eikonal_term, fake_seg = split_outputs(out, want_sdf, want_eik)
