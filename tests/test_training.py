@@ -223,6 +223,10 @@ def test_area_term_reads_the_data_and_rides_the_generator_loss(data, tmp_path, m
         train_CNeRF.main(args(data, tmp_path / "one", "exp", "--iter", 1, "--area_lambda", 1))
     assert "--area_lambda" in str(exit_info.value.code) and "not 1" in str(exit_info.value.code)
     assert not (tmp_path / "one").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        train_CNeRF.main(args(data, tmp_path / "packed", "exp", "--iter", 1, "--chunk", 2, "--area_lambda", 1,
+                              "--d_pack", 2))
+    assert "--area_lambda" in str(exit_info.value.code) and "--d_pack 2" in str(exit_info.value.code)
 
 
 def test_diversity_term_renders_each_pair_under_one_camera(data, tmp_path, monkeypatch):

@@ -69,6 +69,10 @@ def check_packing(opt):
         if t[name] % pack:
             raise TrainingError(f"--d_pack {pack}: the discriminators judge packs of {pack} samples, "
                                 f"--{name} must be a multiple of it, not {t[name]}")
+    if t.area_lambda > 0 and pack > 1:
+        # the generator's packs would all share one camera, the discriminator's never: a tell of fakes
+        raise TrainingError(f"--area_lambda renders a generator chunk under one camera: not with --d_pack {pack} "
+                            f"(a pack of samples that share a camera gives the fakes away)")
     if t.diversity_lambda > 0 and pack > 1 and t.chunk < 2 * pack:
         # packs take every (chunk/pack)-th sample: with a stride of 1 a pack would hold a camera-sharing pair
         raise TrainingError(f"--d_pack {pack} with --diversity_lambda: --chunk must be at least {2 * pack}, "
