@@ -148,6 +148,20 @@ def test_mode_seeking_loss_is_the_mask_gap_per_latent_gap_of_each_pair():
     assert (moved[0::2] - moved[1::2]).abs().sum() > (p[0::2] - p[1::2]).abs().sum()
 
 
+def generator_phase_cameras(monkeypatch):
+    """A list that collects the camera poses of every generator-phase render (the ones with an eikonal term)."""
+    seen = []
+    forward = Generator.forward
+
+    def recording(self, styles, cam_poses, *rest, **options):
+        if torch.is_grad_enabled() and options.get("return_eikonal"):
+            seen.append(cam_poses.detach().clone())
+        return forward(self, styles, cam_poses, *rest, **options)
+
+    monkeypatch.setattr(Generator, "forward", recording)
+    return seen
+
+
 def test_area_distribution_loss_compares_the_chunks_sorted_areas_with_the_data_quantiles():
     from losses import AREA_TEMPERATURE, area_distribution_loss
 
@@ -204,15 +218,7 @@ def test_area_term_reads_the_data_and_rides_the_generator_loss(data, tmp_path, m
     assert float(quantiles[0, background]) < float(quantiles[2, background])
     assert float(spread[face]) == pytest.approx(max(float(areas[:, face].std(unbiased=False)), 0.005), rel=1e-5)
     assert float(spread.min()) == pytest.approx(training_steps.AREA_SPREAD_FLOOR)  # a region these maps never vary
-    seen = []
-    forward = Generator.forward
-
-    def recording(self, styles, cam_poses, *rest, **options):
-        if torch.is_grad_enabled() and options.get("return_eikonal"):  # the generator phase
-            seen.append(cam_poses.detach().clone())
-        return forward(self, styles, cam_poses, *rest, **options)
-
-    monkeypatch.setattr(Generator, "forward", recording)
+    seen = generator_phase_cameras(monkeypatch)
     folder = tmp_path / "area"
     train_CNeRF.train(args(data, folder, "exp", "--iter", 1, "--batch", 3, "--chunk", 3, "--area_lambda", 2))
     (cam,) = seen
@@ -233,15 +239,7 @@ def test_diversity_term_renders_each_pair_under_one_camera(data, tmp_path, monke
     """--diversity_lambda: the generator phase's pairs share a camera and its loss carries the term; at 0 (the
     published default) every sample has its own camera."""
     import json
-    seen = []
-    forward = Generator.forward
-
-    def recording(self, styles, cam_poses, *rest, **options):
-        if torch.is_grad_enabled() and options.get("return_eikonal"):  # the generator phase
-            seen.append(cam_poses.detach().clone())
-        return forward(self, styles, cam_poses, *rest, **options)
-
-    monkeypatch.setattr(Generator, "forward", recording)
+    seen = generator_phase_cameras(monkeypatch)
     for weight in (0, 5):
         seen.clear()
         folder = tmp_path / str(weight)
