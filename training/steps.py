@@ -21,6 +21,7 @@ from tqdm import tqdm
 import distributed as dist_utils
 from common import draws, precision
 from common.regions import NUM_REGIONS, label19_to_regions
+from evaluation.metrics import area_fractions
 from losses import (
     area_distribution_loss,
     classification_loss,
@@ -148,7 +149,7 @@ def area_target(dataset, n, device, max_maps=AREA_MAPS, progress=True):
     picked = np.unique(np.linspace(0, len(dataset) - 1, min(len(dataset), max_maps)).round().astype(np.int64))
     maps = [label19_to_regions(dataset.load(int(index))[1]) for index in
             tqdm(picked, desc="region areas of the label maps", disable=not progress, leave=False)]
-    areas = np.stack([np.bincount(regions.ravel(), minlength=NUM_REGIONS) / regions.size for regions in maps])
+    areas = area_fractions(np.stack(maps), NUM_REGIONS).numpy()
     quantiles = np.quantile(areas, (np.arange(n) + 0.5) / n, axis=0)
     spread = np.maximum(areas.std(0), AREA_SPREAD_FLOOR)
     return (torch.as_tensor(quantiles, dtype=torch.float32, device=device),
@@ -247,10 +248,12 @@ def stage1_g_phase(m, opt, i):
         n = t.chunk  # published: every generator chunk has --chunk samples, also when it does not divide --batch
         noise = rand.mixing_noise(n, opt.model.style_dim, t.mixing, m.device)
         cam, focal, near, far, gt_view = rand.camera(opt.camera, n, m.device, m.resolution)
-        if t.area_lambda > 0:  # the chunk under one camera: its areas then spread by identity only, not by pose
-            cam, focal, near, far, gt_view = (x[:1].repeat_interleave(n, 0) for x in (cam, focal, near, far, gt_view))
-        elif t.diversity_lambda > 0:  # each pair under one camera: their masks then differ by identity only
-            cam, focal, near, far, gt_view = (x[0::2].repeat_interleave(2, 0) for x in (cam, focal, near, far, gt_view))
+        # Samples that share a camera differ by identity only: the whole chunk for the area term (its areas must
+        # not spread by pose), each pair for the mode-seeking term.
+        shared = n if t.area_lambda > 0 else 2 if t.diversity_lambda > 0 else 1
+        if shared > 1:
+            cam, focal, near, far, gt_view = (x[0::shared].repeat_interleave(shared, 0)
+                                              for x in (cam, focal, near, far, gt_view))
         out = m.g(noise, cam, focal, near, far, return_sdf=want_sdf, return_eikonal=want_eik)
         fake_img, sdf, eikonal_term, fake_seg = split_outputs(out, want_sdf, want_eik)
         fake_pred, fake_view = m.gd(fake_img, fake_seg)
