@@ -30,9 +30,17 @@ class CheckpointError(UsageError):
     """A checkpoint that is missing, unreadable or of another configuration (one-line message)."""
 
 
+# Architecture options added after training checkpoints were first written, with the published value that a
+# checkpoint written before them was trained with (run 4's committed stage-1 snapshot has no d_pack).
+ADDED_LATER = {("model", "d_pack"): 1}
+
+
 def architecture_config(opt):
-    """The ARCHITECTURE_OPTIONS of an option tree, as plain values (what a final checkpoint stores)."""
-    return {group: {key: opt[group][key] for key in keys} for group, keys in ARCHITECTURE_OPTIONS.items()}
+    """The ARCHITECTURE_OPTIONS of an option tree, as plain values (what a final checkpoint stores); an
+    option tree saved before an option of ADDED_LATER existed gets its published value."""
+    return {group: {key: opt[group][key] if key in opt[group] or (group, key) not in ADDED_LATER
+                    else ADDED_LATER[group, key] for key in keys}
+            for group, keys in ARCHITECTURE_OPTIONS.items()}
 
 
 def saved_config(path):

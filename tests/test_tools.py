@@ -155,6 +155,11 @@ def test_export_of_a_training_checkpoint_takes_its_options(tmp_path):
     opt2, _ = gen.parse_options(["--trained_ckpt", str(shipped)])
     loaded = load_generator(gen.build_generator(opt2), str(shipped))
     assert all(torch.equal(v, generator.state_dict()[k]) for k, v in loaded.state_dict().items())
+    # An option tree saved before --d_pack existed (run 4's committed snapshot) exports with its published value.
+    del plain["model"]["d_pack"]
+    save_checkpoint({"g_ema": generator.state_dict(), "iter": 300, "opt": plain}, tmp_path / "models_0000299.pt")
+    export_generator.export(str(tmp_path / "models_0000299.pt"), str(tmp_path / "older.pt"))
+    assert load_checkpoint(tmp_path / "older.pt")["config"] == architecture_config(opt)
     save_checkpoint({"g_ema": generator.state_dict(), "opt": {"model": {}}}, tmp_path / "broken.pt")
     with pytest.raises(Exception, match="nor the 'opt' of a training checkpoint"):
         export_generator.export(str(tmp_path / "broken.pt"), str(tmp_path / "never.pt"))
