@@ -436,13 +436,16 @@ class Generator(nn.Module):
 # ------------------------------------------------------------------------------- discriminators
 
 
-def minibatch_stddev(x, group_size=4):
-    """Append the minibatch standard deviation as one extra channel (group min(B, 4))."""
+def minibatch_stddev(x, group_size=4, channels=1):
+    """Append the minibatch standard deviation as `channels` extra channels (group min(B, 4)): the features are
+    split into that many groups, and each group's standard deviation over the minibatch group is averaged to one
+    value. 1 is the published; more (--mbstd_channels, new) lets features that the camera barely moves, such as
+    colours, show a batch of one identity on their own instead of in one average with the rest."""
     batch, channel, height, width = x.shape
     group = min(batch, group_size)
     if batch % group != 0:  # published workaround (stage 2); elsewhere this case would crash
         group = 3 if batch % 3 == 0 else 2 if batch % 2 == 0 else 1
-    y = x.view(group, -1, 1, channel, height, width)
+    y = x.view(group, -1, channels, channel // channels, height, width)
     y = torch.sqrt(y.var(0, unbiased=False) + 1e-8)
     y = y.mean([2, 3, 4], keepdim=True).squeeze(2)
     y = y.repeat(group, 1, height, width)
@@ -558,6 +561,11 @@ def _volume_branch(in_channels, init_size, channels, stop_size, activate_first=T
     return nn.Sequential(*convs), in_channel
 
 
+def volume_d_last_width(d_channel_scale):
+    """The global stage-1 discriminator's width where the minibatch stddev is taken (at 2×2)."""
+    return scaled_channels(VOLUME_D_CHANNELS, d_channel_scale)[2]
+
+
 class VolumeRenderDiscriminator(nn.Module):
     """Stage-1 global discriminator on (low-res image, 9-channel mask): logit and viewpoint."""
 
@@ -570,15 +578,17 @@ class VolumeRenderDiscriminator(nn.Module):
         self.viewpoint_loss = not opt.get("no_viewpoint_loss", False)
         n_seg = opt.n_render
         self.pack = opt.get("d_pack", 1)
+        self.stddev_channels = opt.get("mbstd_channels", 1)
         channels = scaled_channels(VOLUME_D_CHANNELS, opt.d_channel_scale)
         self.convs_img, in_channel = _volume_branch(3 * self.pack, init_size, channels, 2)
         self.convs_seg, _ = _volume_branch(n_seg * self.pack, init_size, channels, 2)
-        self.final_conv = DiscConv(in_channel + 1, 1 + 2 * self.pack if self.viewpoint_loss else 1, 2)
+        self.final_conv = DiscConv(in_channel + self.stddev_channels, 1 + 2 * self.pack if self.viewpoint_loss else 1,
+                                   2)
 
     def forward(self, img, seg):
         """Logits [B/d_pack, 1] (one per pack) and viewpoints [B, 2] (one per sample)."""
         img, seg = pack_samples(img, self.pack), pack_samples(seg, self.pack)
-        out = minibatch_stddev(self.convs_img(img) + self.convs_seg(seg))
+        out = minibatch_stddev(self.convs_img(img) + self.convs_seg(seg), channels=self.stddev_channels)
         out = self.final_conv(out)
         gan_pred = out[:, 0:1].reshape(-1, 1)
         viewpoint = unpack_samples(out[:, 1:].reshape(out.shape[0], -1), self.pack) if self.viewpoint_loss else None

@@ -136,6 +136,9 @@ class BaseOptions:
                            help="(new) scale of every discriminator's channel widths (1 = the published widths)")
         model.add_argument("--d_pack", type=int, default=1,
                            help="(new) PacGAN: every discriminator judges packs of this many samples (1 = published)")
+        model.add_argument("--mbstd_channels", type=int, default=1,
+                           help="(new) the stage-1 global discriminator's minibatch-stddev channels, one per group of "
+                                "its features (1 = published)")
 
         camera = p.add_argument_group("camera")
         camera.add_argument("--uniform", action="store_true", help="uniform instead of normal camera sampling")

@@ -20,7 +20,7 @@ GENERATOR_ENTRIES = ("g_ema", "g")
 # checkpoints carry them as "config", so `--trained_ckpt FILE` alone rebuilds the model.
 ARCHITECTURE_OPTIONS = {
     "model": ("size", "style_dim", "channel_multiplier", "lr_mapping", "renderer_spatial_output_dim", "n_wcode",
-              "d_channel_scale", "d_pack"),
+              "d_channel_scale", "d_pack", "mbstd_channels"),
     "rendering": ("n_render", "depth", "width", "no_sdf", "no_z_normalize", "N_samples", "no_offset_sampling"),
     "camera": ("uniform", "azim", "elev", "fov", "dist_radius"),
 }
@@ -32,7 +32,7 @@ class CheckpointError(UsageError):
 
 # Architecture options added after training checkpoints were first written, with the published value that a
 # checkpoint written before them was trained with (run 4's committed stage-1 snapshot has no d_pack).
-ADDED_LATER = {("model", "d_pack"): 1}
+ADDED_LATER = {("model", "d_pack"): 1, ("model", "mbstd_channels"): 1}
 
 
 def architecture_config(opt):

@@ -331,6 +331,24 @@ def test_packing_groups_distant_samples_and_unpacking_restores_the_order():
     assert pack_samples(x, 1) is x and unpack_samples(per_sample, 1) is per_sample
 
 
+
+def test_minibatch_stddev_channels_split_the_features():
+    """--mbstd_channels F: one standard deviation per group of C/F features. A group that is the same in every
+    sample of a minibatch set reads sqrt(1e-8) for that set alone, and the F values average to the published
+    single channel."""
+    from model import minibatch_stddev
+    torch.manual_seed(0)
+    x = torch.randn(8, 6, 2, 2, dtype=torch.float64)
+    x[[2, 4, 6], 2:4] = x[0, 2:4]  # set 0 is samples 0, 2, 4, 6 (sample b joins set b mod 8/4)
+    out = minibatch_stddev(x, channels=3)
+    assert out.shape == (8, 9, 2, 2) and torch.equal(out[:, :6], x)
+    stds = out[:, 6:, 0, 0]
+    assert torch.equal(stds[0::2, 1], torch.full((4,), 1e-4, dtype=torch.float64))
+    assert stds[1::2, 1].min() > 0.1 and stds[:, [0, 2]].min() > 0.1
+    assert torch.allclose(out[:, 6:].mean(1), minibatch_stddev(x)[:, 6], atol=1e-12)
+    with pytest.raises(RuntimeError):
+        minibatch_stddev(x, channels=4)  # 6 features do not split into 4 groups (training refuses it first)
+
 @pytest.mark.parametrize("which", ["global", "semantic", "stage2"])
 def test_packed_discriminators_judge_each_pack_and_keep_per_sample_heads(which, monkeypatch):
     """One logit per pack, which moves with its own samples only; viewpoint and region-class heads stay
@@ -338,7 +356,8 @@ def test_packed_discriminators_judge_each_pack_and_keep_per_sample_heads(which, 
     import model
     from model import ComponentDualBranchDiscriminator, Discriminator, VolumeRenderDiscriminator
     # the minibatch-stddev channel couples all packs by design: a constant channel here isolates the packing
-    monkeypatch.setattr(model, "minibatch_stddev", lambda x: torch.cat([x, torch.zeros_like(x[:, :1])], 1))
+    monkeypatch.setattr(model, "minibatch_stddev",
+                        lambda x, channels=1: torch.cat([x, torch.zeros_like(x[:, :channels])], 1))
     opt = default_options(TINY + ["--d_pack", "2", "--d_channel_scale", "0.125", "--size", "16"])
     build = {"global": VolumeRenderDiscriminator, "semantic": ComponentDualBranchDiscriminator,
              "stage2": Discriminator}[which]

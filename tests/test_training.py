@@ -30,7 +30,7 @@ from common.checkpoint import CheckpointError, load_checkpoint, load_generator  
 from common.cli import UsageError  # noqa: E402
 from common.regions import REGION_NAMES  # noqa: E402
 from helpers import load_script  # noqa: E402
-from model import Generator  # noqa: E402
+from model import Generator, volume_d_last_width  # noqa: E402
 from options import default_options, model_options  # noqa: E402
 from training import data_order, loop, params, randomness  # noqa: E402
 from training import steps as training_steps  # noqa: E402
@@ -892,6 +892,26 @@ def test_packed_discriminators_train_resume_and_refuse_uneven_batches(data, tmp_
         with pytest.raises(SystemExit) as exit_info:
             train_CNeRF.main(args(data, tmp_path / "bad", "exp", "--iter", 1, "--d_pack", 2, *extra))
         assert words in str(exit_info.value.code)
+
+
+def test_stddev_channels_train_resume_and_refuse_a_width_they_do_not_divide(data, tmp_path):
+    """--mbstd_channels F: the global discriminator's last convolution takes F stddev channels, resuming takes F
+    from the checkpoint, and an F that does not divide the discriminator's width is one line, nothing written."""
+    opt = default_options(args(data, tmp_path, "exp"))
+    width = volume_d_last_width(opt.model.d_channel_scale)
+    divisor = next(f for f in range(2, width + 1) if width % f == 0)
+    train_CNeRF.train(args(data, tmp_path, "exp", "--iter", 1, "--mbstd_channels", divisor, "--no_sphere_init"))
+    first = load_checkpoint(tmp_path / "exp" / "volume_renderer" / "models_0000000.pt")
+    assert first["gd"]["final_conv.conv.weight"].shape[1] == width + divisor
+    resume = ["--dataset_path", str(data), "--checkpoints_dir", str(tmp_path), "--expname", "exp", *TRAIN,
+              "--iter", 2, "--continue_training", "--ckpt", 0]
+    train_CNeRF.train(list(map(str, resume)))  # no --mbstd_channels: it comes with the checkpoint
+    assert load_checkpoint(tmp_path / "exp" / "volume_renderer" / "models_0000001.pt")["iter"] == 1
+    with pytest.raises(SystemExit) as exit_info:
+        train_CNeRF.main(args(data, tmp_path / "bad", "exp", "--iter", 1, "--mbstd_channels", width + 1))
+    assert f"--mbstd_channels {width + 1}: " in str(exit_info.value.code)
+    assert f"must divide {width}" in str(exit_info.value.code)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_resume_says_when_the_checkpoint_learning_rate_overrides_the_options(data, tmp_path, capsys):

@@ -17,6 +17,7 @@ import distributed as dist_utils
 from common import devices
 from common.checkpoint import CheckpointError, apply_saved_config, architecture_config, load_checkpoint, save_checkpoint
 from common.cli import UsageError, check_output, run_command
+from model import volume_d_last_width
 from options import BaseOptions, check_ranges
 from training.randomness import gather_rng
 
@@ -48,7 +49,12 @@ def validate(opt):
     if opt.rendering.keep_graph_mib is not None:
         checks["--keep_graph_mib"] = (opt.rendering.keep_graph_mib, ">= 0")
     checks["--d_pack"] = (opt.model.d_pack, ">= 1")
+    checks["--mbstd_channels"] = (opt.model.mbstd_channels, ">= 1")
     check_ranges(checks, TrainingError)
+    width = volume_d_last_width(opt.model.d_channel_scale)
+    if width % opt.model.mbstd_channels:
+        raise TrainingError(f"--mbstd_channels {opt.model.mbstd_channels}: it splits the global discriminator's "
+                            f"{width} features into equal groups, so it must divide {width}")
     check_packing(opt)
     if t.diversity_lambda > 0 and t.chunk % 2:
         raise TrainingError(f"--diversity_lambda pairs the samples of a generator chunk: --chunk must be even, "
