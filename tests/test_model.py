@@ -331,7 +331,6 @@ def test_packing_groups_distant_samples_and_unpacking_restores_the_order():
     assert pack_samples(x, 1) is x and unpack_samples(per_sample, 1) is per_sample
 
 
-
 def test_minibatch_stddev_channels_split_the_features():
     """--mbstd_channels F: one standard deviation per group of C/F features. A group that is the same in every
     sample of a minibatch set reads sqrt(1e-8) for that set alone, and the F values average to the published
@@ -348,6 +347,7 @@ def test_minibatch_stddev_channels_split_the_features():
     assert torch.allclose(out[:, 6:].mean(1), minibatch_stddev(x)[:, 6], atol=1e-12)
     with pytest.raises(RuntimeError):
         minibatch_stddev(x, channels=4)  # 6 features do not split into 4 groups (training refuses it first)
+
 
 @pytest.mark.parametrize("which", ["global", "semantic", "stage2"])
 def test_packed_discriminators_judge_each_pack_and_keep_per_sample_heads(which, monkeypatch):
